@@ -1,0 +1,31 @@
+# The two set-up commands: `make demo` and `make test`. Both create .venv if missing.
+# CPU (default): torch is pinned to the CPU build. GPU: `make demo TORCH=torch` (PyPI's CUDA build)
+# or install torch yourself into .venv first, then `make demo TORCH=`.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+TORCH ?= torch==2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install clean-venv
+
+$(BIN)/python:
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): $(BIN)/python pyproject.toml
+	@if [ -n "$(TORCH)" ]; then $(BIN)/pip install --quiet "$(TORCH)"; fi
+	$(BIN)/pip install --quiet -e '.[test,report]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/respec launch configs/tiny.toml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,273 @@
+"""The actor runtime every role runs on: typed handlers, a bounded mailbox, a control link to the
+supervisor, and compute off the event loop.
+
+A role subclasses `Actor`, declares handlers with `@handles`, and optionally overrides
+`setup` (load models, before Ready), `main` (a long-running loop, e.g. the generator's) and
+`teardown`. The runtime runs three I/O tasks on uvloop:
+
+- control: the DEALER link to the supervisor. Pings are answered right here, never queued
+  behind work, so a role that is computing still proves it is alive.
+- inbox: the role's PULL socket; decoded messages go into a bounded mailbox. When the mailbox
+  is full this task waits, the socket's high-water mark fills, and senders wait in turn.
+- dispatch: takes messages from the mailbox and awaits their handler, one at a time.
+
+Heavy compute (model forwards, optimizer steps, collectives) goes through `run_blocking`, a
+worker thread, so the loop keeps answering. A handler that raises is logged and counted; the
+role keeps running. An exception in `setup` or `main` is fatal: it is reported to the
+supervisor (RoleFailed) and the process exits non-zero, to be restarted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import os
+import signal
+import time
+import traceback
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar, get_type_hints
+
+import structlog
+import zmq
+import zmq.asyncio
+
+from respec_async.config import Config
+from respec_async.endpoints import Endpoints, role_kind
+from transport.channels import Channel, Kind, open_channel
+from transport.schema import Ping, Pong, Ready, RoleEvent, RoleFailed, Shutdown
+from transport.security import Security, start_authenticator
+
+T = TypeVar("T")
+Handler = Callable[[Any, Any], Awaitable[None]]
+
+
+def handles(fn: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
+    """Mark `async def on_x(self, msg: SomeMessage)` as the handler for `SomeMessage`."""
+    fn.__respec_handler__ = True  # type: ignore[attr-defined]
+    return fn
+
+
+@dataclass
+class RoleContext:
+    """What a role process knows about its run."""
+
+    config: Config
+    run_dir: Path
+    name: str  # e.g. "generator-0"
+    endpoints: Endpoints
+    security: Security
+    restart_count: int = 0
+
+    @property
+    def kind(self) -> str:
+        return role_kind(self.name)
+
+    @property
+    def index(self) -> int:
+        return int(self.name.rsplit("-", 1)[1])
+
+
+class Actor:
+    mailbox_size: ClassVar[int] = 256
+    num_worker_threads: ClassVar[int] = 1
+
+    def __init__(self, ctx: RoleContext) -> None:
+        self.ctx = ctx
+        self.name = ctx.name
+        self.log = structlog.get_logger(ctx.kind)
+        self.state = "starting"
+        self.num_handled = 0
+        self.num_handler_errors = 0
+        self.handlers = self._collect_handlers()
+        self.mailbox: asyncio.Queue[Any] = asyncio.Queue(maxsize=self.mailbox_size)
+        self.stopped = asyncio.Event()
+        self.exit_code = 0
+        self.zmq = zmq.asyncio.Context()
+        self._executor = ThreadPoolExecutor(self.num_worker_threads, thread_name_prefix=ctx.name)
+        self._outboxes: dict[str, Channel] = {}
+        self._broadcast: Channel | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+        self.control: Channel | None = None
+        self.inbox: Channel | None = None
+
+    # --- what a role overrides --------------------------------------------------------
+
+    async def setup(self) -> None:
+        """Load what the role needs before it reports Ready."""
+
+    async def main(self) -> None:
+        """The role's own loop, if it has one; returning ends the role with exit code 0."""
+        await self.stopped.wait()
+
+    async def teardown(self) -> None:
+        """Release resources after the I/O tasks have stopped."""
+
+    # --- what a role calls ------------------------------------------------------------
+
+    async def send(self, to: str, message: Any) -> None:
+        """Push a message into another role's inbox (waits while its queue is full)."""
+        channel = self._outboxes.get(to)
+        if channel is None:
+            endpoint = self.ctx.endpoints.inboxes.get(to)
+            if endpoint is None:
+                raise KeyError(f"{self.name}: no role named {to!r} in this run")
+            channel = open_channel(
+                self.zmq, Kind.PUSH, endpoint, bind=False, security=self.ctx.security,
+                hwm=self.ctx.config.transport.hwm, name=f"{self.name}->{to}",
+            )
+            self._outboxes[to] = channel
+        await channel.send(message)
+
+    async def publish(self, message: Any) -> None:
+        """Send to every subscriber of this role's broadcast socket."""
+        if self._broadcast is None:
+            self._broadcast = open_channel(
+                self.zmq, Kind.PUB, self.ctx.endpoints.broadcasts[self.name], bind=True,
+                security=self.ctx.security, hwm=self.ctx.config.transport.hwm, name=f"{self.name}.pub",
+            )
+        await self._broadcast.send(message)
+
+    async def run_blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run `fn` in the role's worker thread; the event loop stays responsive meanwhile."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+
+    async def notify(self, event: str, **fields: str | int | float | bool) -> None:
+        """Show one line on the supervisor's console."""
+        if self.control is not None:
+            await self.control.send(RoleEvent(role=self.name, event=event, fields=fields))
+
+    def stop(self, exit_code: int = 0) -> None:
+        self.exit_code = exit_code
+        self.state = "stopping"
+        self.stopped.set()
+
+    @property
+    def num_dropped(self) -> int:
+        channels = [c for c in (self.control, self.inbox) if c is not None]
+        return sum(c.stats.num_dropped for c in channels)
+
+    # --- the runtime ------------------------------------------------------------------
+
+    def _collect_handlers(self) -> dict[type, Handler]:
+        handlers: dict[type, Handler] = {}
+        for _, method in inspect.getmembers(type(self), predicate=inspect.isfunction):
+            if not getattr(method, "__respec_handler__", False):
+                continue
+            params = list(inspect.signature(method).parameters)
+            hints = get_type_hints(method)
+            message_type = hints.get(params[1]) if len(params) > 1 else None
+            if message_type is None:
+                raise TypeError(f"handler {method.__qualname__} needs a typed message parameter")
+            handlers[message_type] = getattr(self, method.__name__)
+        return handlers
+
+    async def run(self) -> int:
+        cfg = self.ctx.config
+        if cfg.transport.scheme == "tcp":
+            start_authenticator(self.zmq, self.ctx.security)
+        self.control = open_channel(
+            self.zmq, Kind.DEALER, self.ctx.endpoints.supervisor, bind=False, security=self.ctx.security,
+            hwm=cfg.transport.hwm, identity=self.name.encode(), name=f"{self.name}.control",
+        )
+        self.inbox = open_channel(
+            self.zmq, Kind.PULL, self.ctx.endpoints.inboxes[self.name], bind=True,
+            security=self.ctx.security, hwm=cfg.transport.hwm, name=f"{self.name}.inbox",
+        )
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.stop)
+        loop.add_signal_handler(signal.SIGINT, lambda: None)  # the supervisor decides; it sends Shutdown
+        self._tasks = [
+            asyncio.create_task(self._control_loop(), name="control"),
+            asyncio.create_task(self._inbox_loop(), name="inbox"),
+            asyncio.create_task(self._dispatch_loop(), name="dispatch"),
+        ]
+        try:
+            await self.setup()
+            self.state = "running"
+            await self.control.send(Ready(role=self.name, pid=os.getpid(), restart_count=self.ctx.restart_count))
+            self.log.info("role.ready", pid=os.getpid(), restart_count=self.ctx.restart_count)
+            main = asyncio.create_task(self.main(), name="main")
+            stop = asyncio.create_task(self.stopped.wait(), name="stop")
+            done, _ = await asyncio.wait({main, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if main in done:
+                main.result()  # re-raise a failure of the role's loop
+                self.stop(self.exit_code)
+            else:
+                main.cancel()
+                await asyncio.gather(main, return_exceptions=True)
+        except Exception as exc:
+            self.log.error("role.failed", error=repr(exc), traceback=traceback.format_exc())
+            await self._report_failure(exc)
+            self.exit_code = 1
+        finally:
+            await self._shutdown()
+        return self.exit_code
+
+    async def _report_failure(self, exc: BaseException) -> None:
+        if self.control is None:
+            return
+        try:
+            await asyncio.wait_for(self.control.send(RoleFailed(role=self.name, error=repr(exc)[:2000])), 1.0)
+        except Exception:
+            pass
+
+    async def _shutdown(self) -> None:
+        self.state = "stopping"
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        try:
+            await self.teardown()
+        finally:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self.zmq.destroy(linger=0)
+            self.log.info("role.stopped", exit_code=self.exit_code, num_handled=self.num_handled,
+                          num_dropped=self.num_dropped)
+
+    async def _control_loop(self) -> None:
+        assert self.control is not None
+        while True:
+            envelope = await self.control.recv()
+            message = envelope.message
+            if isinstance(message, Ping):
+                await self.control.send(Pong(
+                    seq=message.seq, role=self.name, state=self.state, mailbox_size=self.mailbox.qsize(),
+                    num_handled=self.num_handled, num_dropped=self.num_dropped,
+                ))
+            elif isinstance(message, Shutdown):
+                self.log.info("role.shutdown_requested", reason=message.reason)
+                self.stop(0)
+            else:
+                await self.mailbox.put(message)
+
+    async def _inbox_loop(self) -> None:
+        assert self.inbox is not None
+        while True:
+            envelope = await self.inbox.recv()
+            await self.mailbox.put(envelope.message)
+
+    async def _dispatch_loop(self) -> None:
+        while True:
+            message = await self.mailbox.get()
+            handler = self.handlers.get(type(message))
+            if handler is None:
+                self.log.warning("message.unhandled", type=type(message).__name__)
+                continue
+            started = time.perf_counter()
+            try:
+                await handler(message)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.num_handler_errors += 1
+                self.log.error("handler.failed", type=type(message).__name__, error=repr(exc),
+                               traceback=traceback.format_exc())
+            self.num_handled += 1
+            self.log.debug("message.handled", type=type(message).__name__,
+                           seconds=round(time.perf_counter() - started, 6))

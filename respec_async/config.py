@@ -1,0 +1,199 @@
+"""The typed run configuration: one `msgspec.Struct` per section, decoded from TOML.
+
+Every knob a user tunes has one home here, with its default and a short comment. `load_config`
+reads a TOML file, applies `--set a.b=c` overrides (dotted paths, TOML-typed values), and
+validates everything before anything starts: an unknown key, a wrong type or an out-of-range
+value raises `ConfigError` naming the file, the dotted key and what was expected.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
+PosInt = Annotated[int, msgspec.Meta(ge=1)]
+PosFloat = Annotated[float, msgspec.Meta(gt=0)]
+NonNegFloat = Annotated[float, msgspec.Meta(ge=0)]
+
+
+class Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Base of config sections: unknown keys are errors, not silently ignored."""
+
+
+class RunSection(Section):
+    name: str = "run"  # run name; the run directory is <root>/<name>-<timestamp>
+    root: str = "runs"  # where run directories are created
+    seed: int = 0  # global seed; each role derives its own from it
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class SupervisorSection(Section):
+    ready_timeout_s: PosFloat = 120.0  # a role that is not Ready by then fails the start, by name
+    ping_interval_s: PosFloat = 1.0  # how often each role is pinged
+    ping_timeout_s: PosFloat = 20.0  # a role silent for this long is restarted as hung
+    max_restarts: NonNegInt = 3  # restarts allowed per role within restart_window_s
+    restart_window_s: PosFloat = 300.0
+    restart_backoff_s: NonNegFloat = 0.5  # first restart delay; doubles on each further restart
+    shutdown_grace_s: PosFloat = 10.0  # after this, roles still alive are killed
+    live_status: bool = True  # redraw a status table on the console (off when not a TTY)
+
+
+class TransportSection(Section):
+    scheme: Literal["ipc", "tcp"] = "ipc"  # ipc: sockets in the run directory; tcp: host:port
+    host: str = "127.0.0.1"  # tcp only: the address roles bind and connect to
+    insecure: bool = False  # tcp only: true turns CURVE encryption and authentication off
+    hwm: PosInt = 64  # high-water mark (messages) per socket: beyond it senders wait
+
+
+class RolesSection(Section):
+    """How many processes of each role the supervisor starts."""
+
+    generator: NonNegInt = 1
+    reward: NonNegInt = 1
+    trainer: Annotated[int, msgspec.Meta(ge=0, le=1)] = 1
+    drafter_learner: Annotated[int, msgspec.Meta(ge=0, le=1)] = 0
+    echo: NonNegInt = 0  # diagnostic role that answers Echo messages (connectivity checks, tests)
+
+
+class EchoSection(Section):
+    num_rounds: NonNegInt = 0  # echo-0 drives this many round trips, then finishes (0 = serve)
+
+
+class Config(Section):
+    run: RunSection = msgspec.field(default_factory=RunSection)
+    supervisor: SupervisorSection = msgspec.field(default_factory=SupervisorSection)
+    transport: TransportSection = msgspec.field(default_factory=TransportSection)
+    roles: RolesSection = msgspec.field(default_factory=RolesSection)
+    echo: EchoSection = msgspec.field(default_factory=EchoSection)
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the file and the dotted key."""
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=c` -> (["a", "b"], value), the value read as TOML (bare words become strings)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", key):
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE with a dotted key, e.g. supervisor.max_restarts=5")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {text!r}: {part!r} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def _dotted(validation_message: str) -> tuple[str, str]:
+    """Split msgspec's 'what - at `$.a.b`' into ('a.b', what), naming unknown fields too."""
+    what, _, where = validation_message.rpartition(" - at `")
+    if not _:
+        what, where = validation_message, "$`"
+    key = where.rstrip("`").removeprefix("$").lstrip(".")
+    unknown = re.search(r"unknown field `([^`]+)`", what)
+    if unknown:
+        key = f"{key}.{unknown.group(1)}" if key else unknown.group(1)
+        what = "unknown key"
+    missing = re.search(r"missing required field `([^`]+)`", what)
+    if missing:
+        key = f"{key}.{missing.group(1)}" if key else missing.group(1)
+    return key or "<root>", what
+
+
+def _lookup(raw: dict[str, Any], dotted_key: str) -> Any:
+    node: Any = raw
+    for part in dotted_key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "<config>") -> Config:
+    try:
+        config = msgspec.convert(raw, Config)
+    except msgspec.ValidationError as exc:
+        key, what = _dotted(str(exc))
+        given = _lookup(raw, key)
+        if given is not None and "got" not in what and what != "unknown key":
+            what = f"{what}, got {given!r}"
+        raise ConfigError(f"{source}: {key}: {what}") from None
+    check_config(config, source)
+    return config
+
+
+def check_config(config: Config, source: str) -> None:
+    """Cross-field rules that a single field's type cannot express."""
+    s = config.supervisor
+    if s.ping_timeout_s <= s.ping_interval_s:
+        raise ConfigError(
+            f"{source}: supervisor.ping_timeout_s: must be greater than supervisor.ping_interval_s "
+            f"({s.ping_timeout_s} <= {s.ping_interval_s})"
+        )
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    source = f"{path}" + (" (with --set overrides)" if overrides else "")
+    return config_from_dict(apply_overrides(raw, overrides), source)
+
+
+def config_to_dict(config: Config) -> dict[str, Any]:
+    return msgspec.to_builtins(config)
+
+
+def config_to_toml(config: Config) -> str:
+    """The resolved config as TOML text (what `respec config show` prints)."""
+    lines: list[str] = []
+
+    def emit(prefix: str, table: dict[str, Any]) -> None:
+        scalars = {k: v for k, v in table.items() if not isinstance(v, dict)}
+        if prefix and scalars:
+            lines.append(f"[{prefix}]")
+        for k, v in scalars.items():
+            lines.append(f"{k} = {_toml_value(v)}")
+        if scalars:
+            lines.append("")
+        for k, v in table.items():
+            if isinstance(v, dict):
+                emit(f"{prefix}.{k}" if prefix else k, v)
+
+    emit("", config_to_dict(config))
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return msgspec.json.encode(value).decode()
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} as TOML")

@@ -1,0 +1,92 @@
+"""Where every role listens: assigned once by the supervisor, saved in the run directory.
+
+Each role instance ("generator-0", "trainer-0", ...) binds one PULL inbox that any peer can
+push typed messages to, and may bind one PUB socket for broadcasts (announcements such as new
+weight versions). The supervisor binds a ROUTER that roles connect to for the control plane
+(Ready, Ping/Pong, Shutdown). ipc:// endpoints live in a 0700 socket directory of the run;
+tcp:// endpoints get free ports on the configured host.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from pathlib import Path
+
+import msgspec
+
+from respec_async.config import Config
+
+# Linux limits a unix socket path to 107 bytes; leave room for the socket file names.
+_MAX_SOCKET_DIR_LEN = 70
+
+
+class Endpoints(msgspec.Struct, kw_only=True):
+    supervisor: str
+    inboxes: dict[str, str]
+    broadcasts: dict[str, str]
+    torch_dist: str  # tcp://host:port rendezvous for torch.distributed weight broadcasts
+
+    def save(self, path: Path) -> None:
+        path.write_bytes(msgspec.json.encode(self))
+
+    @classmethod
+    def load(cls, path: Path) -> Endpoints:
+        return msgspec.json.decode(path.read_bytes(), type=cls)
+
+
+def role_names(config: Config) -> list[str]:
+    """Every role instance the config asks for, in start order (trainer last: it drives)."""
+    counts = msgspec.to_builtins(config.roles)
+    order = ["echo", "reward", "drafter_learner", "generator", "trainer"]
+    return [f"{kind}-{i}" for kind in order for i in range(counts.get(kind, 0))]
+
+
+def role_kind(name: str) -> str:
+    return name.rsplit("-", 1)[0]
+
+
+def free_tcp_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def socket_dir(run_dir: Path) -> Path:
+    """A 0700 directory for ipc sockets: inside the run when the path is short enough, else a
+    private temp dir linked from the run directory."""
+    inside = run_dir / "sock"
+    if inside.exists():
+        return inside.resolve()
+    if len(str(inside.resolve())) <= _MAX_SOCKET_DIR_LEN:
+        inside.mkdir(mode=0o700)
+        return inside.resolve()
+    outside = Path(tempfile.mkdtemp(prefix="respec-"))
+    os.chmod(outside, 0o700)
+    inside.symlink_to(outside, target_is_directory=True)
+    return outside
+
+
+def assign_endpoints(config: Config, run_dir: Path) -> Endpoints:
+    names = role_names(config)
+    torch_dist = f"tcp://127.0.0.1:{free_tcp_port('127.0.0.1')}"
+    if config.transport.scheme == "ipc":
+        sock = socket_dir(run_dir)
+        return Endpoints(
+            supervisor=f"ipc://{sock}/supervisor",
+            inboxes={n: f"ipc://{sock}/{n}.in" for n in names},
+            broadcasts={n: f"ipc://{sock}/{n}.pub" for n in names},
+            torch_dist=torch_dist,
+        )
+    host = config.transport.host
+
+    def tcp() -> str:
+        return f"tcp://{host}:{free_tcp_port(host)}"
+
+    return Endpoints(
+        supervisor=tcp(),
+        inboxes={n: tcp() for n in names},
+        broadcasts={n: tcp() for n in names},
+        torch_dist=f"tcp://{host}:{free_tcp_port(host)}",
+    )

@@ -1,0 +1,343 @@
+"""The supervisor: the one process a user starts (`respec launch CONFIG`).
+
+It creates the run directory, assigns endpoints, starts every configured role as its own OS
+process (`python -m roles NAME`), waits for each role's Ready, pings every role, restarts a
+role that dies or stops answering (at most `max_restarts` within `restart_window_s`, with
+doubling backoff; past that the run fails and says why), and on SIGINT/SIGTERM stops all roles:
+a Shutdown message, then SIGTERM, then SIGKILL after the grace period. Children also get
+PDEATHSIG, so even a SIGKILLed supervisor leaves no orphans.
+
+The run is complete when its driver role (the trainer; echo-0 in a diagnostic run) exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+import structlog
+import zmq
+import zmq.asyncio
+
+from respec_async.config import Config, config_to_toml
+from respec_async.endpoints import Endpoints, assign_endpoints, role_names
+from respec_async.status import StatusView
+from transport.channels import Channel, Kind, open_channel
+from transport.schema import Ping, Pong, Ready, RoleEvent, RoleFailed, Shutdown
+from transport.security import Security, start_authenticator
+
+log = structlog.get_logger("supervisor")
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: the kernel sends SIGKILL to the role if the supervisor dies first."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+class RunFailed(RuntimeError):
+    """The run cannot go on; the message says which role and why."""
+
+
+@dataclass
+class RoleProcess:
+    name: str
+    popen: subprocess.Popen[bytes] | None = None
+    state: str = "pending"  # pending | starting | running | done | restarting | failed | stopped
+    restart_times: collections.deque[float] = field(default_factory=collections.deque)
+    num_restarts: int = 0
+    started_at: float = 0.0
+    last_pong_at: float = 0.0
+    last_failure: str = ""
+    mailbox_size: int = 0
+    num_handled: int = 0
+
+    @property
+    def pid(self) -> int | None:
+        return self.popen.pid if self.popen else None
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+
+def create_run_dir(config: Config) -> Path:
+    root = Path(config.run.root)
+    root.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = root / f"{config.run.name}-{stamp}"
+    suffix = 0
+    while run_dir.exists():
+        suffix += 1
+        run_dir = root / f"{config.run.name}-{stamp}-{suffix}"
+    run_dir.mkdir(mode=0o700)
+    return run_dir.resolve()
+
+
+def prepare_run_dir(config: Config, run_dir: Path) -> Endpoints:
+    """Write what every role reads at start: resolved config, endpoints, keys."""
+    (run_dir / "logs").mkdir(exist_ok=True)
+    (run_dir / "config.json").write_bytes(msgspec.json.encode(config))
+    (run_dir / "config.toml").write_text(config_to_toml(config))
+    endpoints = assign_endpoints(config, run_dir)
+    endpoints.save(run_dir / "endpoints.json")
+    if config.transport.scheme == "tcp" and not config.transport.insecure:
+        Security.generate().save(run_dir / "keys.json")
+    return endpoints
+
+
+class Supervisor:
+    def __init__(self, config: Config, run_dir: Path) -> None:
+        self.config = config
+        self.run_dir = run_dir
+        self.endpoints = Endpoints.load(run_dir / "endpoints.json")
+        keys = run_dir / "keys.json"
+        self.security = Security.load(keys) if keys.exists() else Security(insecure=True)
+        self.roles = {name: RoleProcess(name) for name in role_names(config)}
+        self.driver = self._driver_name()
+        self.zmq = zmq.asyncio.Context()
+        self.control: Channel | None = None
+        self.stopping = asyncio.Event()
+        self.stop_reason = ""
+        self.failure: str | None = None
+        self.ready = {name: asyncio.Event() for name in self.roles}
+        self.status = StatusView(self, live=config.supervisor.live_status)
+        self._ping_seq = 0
+
+    def _driver_name(self) -> str | None:
+        if self.config.roles.trainer:
+            return "trainer-0"
+        if self.config.roles.echo and self.config.echo.num_rounds:
+            return "echo-0"
+        return None
+
+    # --- processes --------------------------------------------------------------------
+
+    def _spawn(self, role: RoleProcess) -> None:
+        log_path = self.run_dir / "logs" / f"{role.name}.log"
+        with open(log_path, "ab") as out:
+            role.popen = subprocess.Popen(
+                [sys.executable, "-m", "roles", role.name, "--run-dir", str(self.run_dir),
+                 "--restart-count", str(role.num_restarts)],
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                preexec_fn=_die_with_parent, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        role.state = "starting"
+        role.started_at = role.last_pong_at = time.monotonic()
+        self.ready[role.name].clear()
+        log.info("role.started", role=role.name, pid=role.popen.pid, restarts=role.num_restarts)
+
+    async def _wait_ready(self, names: list[str]) -> None:
+        timeout = self.config.supervisor.ready_timeout_s
+        deadline = time.monotonic() + timeout
+        while not self.stopping.is_set() and not all(self.ready[n].is_set() for n in names):
+            if time.monotonic() > deadline:
+                missing = [n for n in names if not self.ready[n].is_set()]
+                detail = "; ".join(f"{n}: {self._why_not_ready(n)}" for n in missing)
+                raise RunFailed(f"role(s) not ready within {timeout:g}s: {detail}")
+            await asyncio.sleep(0.05)
+
+    def _why_not_ready(self, name: str) -> str:
+        role = self.roles[name]
+        if role.last_failure:
+            return role.last_failure
+        if role.popen is not None and role.popen.poll() is not None:
+            return f"exited with code {role.popen.returncode} (see logs/{name}.log)"
+        return f"still starting (see logs/{name}.log)"
+
+    def _restart_or_fail(self, role: RoleProcess, why: str) -> None:
+        cfg = self.config.supervisor
+        now = time.monotonic()
+        while role.restart_times and now - role.restart_times[0] > cfg.restart_window_s:
+            role.restart_times.popleft()
+        role.last_failure = why
+        if len(role.restart_times) >= cfg.max_restarts:
+            role.state = "failed"
+            self.fail(f"{role.name} {why}; it was restarted {len(role.restart_times)} times within "
+                      f"{cfg.restart_window_s:g}s (max_restarts = {cfg.max_restarts}); see logs/{role.name}.log")
+            return
+        delay = cfg.restart_backoff_s * (2 ** len(role.restart_times))
+        role.restart_times.append(now)
+        role.num_restarts += 1
+        role.state = "restarting"
+        log.warning("role.restarting", role=role.name, why=why, delay_s=delay, restarts=role.num_restarts)
+        asyncio.get_running_loop().call_later(delay, self._respawn, role)
+
+    def _respawn(self, role: RoleProcess) -> None:
+        if self.stopping.is_set():
+            return
+        self._spawn(role)
+
+    def fail(self, reason: str) -> None:
+        if self.failure is None:
+            self.failure = reason
+            log.error("run.failed", reason=reason)
+        self.request_stop(f"run failed: {reason}")
+
+    def request_stop(self, reason: str) -> None:
+        if not self.stopping.is_set():
+            self.stop_reason = reason
+            log.info("run.stopping", reason=reason)
+            self.stopping.set()
+
+    # --- control plane ----------------------------------------------------------------
+
+    async def _control_loop(self) -> None:
+        assert self.control is not None
+        while True:
+            envelope = await self.control.recv()
+            message, sender = envelope.message, (envelope.identity or b"").decode()
+            role = self.roles.get(sender)
+            if role is None:
+                log.warning("control.unknown_peer", peer=sender, type=type(message).__name__)
+                continue
+            if isinstance(message, Ready):
+                if role.popen is None or message.pid != role.popen.pid:
+                    continue  # a late message from a previous incarnation
+                role.state = "running"
+                role.last_pong_at = time.monotonic()
+                self.ready[role.name].set()
+                log.info("role.ready", role=role.name, pid=message.pid,
+                         seconds=round(time.monotonic() - role.started_at, 2))
+            elif isinstance(message, Pong):
+                role.last_pong_at = time.monotonic()
+                role.mailbox_size = message.mailbox_size
+                role.num_handled = message.num_handled
+            elif isinstance(message, RoleFailed):
+                role.last_failure = f"failed: {message.error}"
+                log.error("role.failed", role=role.name, error=message.error)
+            elif isinstance(message, RoleEvent):
+                log.info(message.event, role=role.name, **message.fields)
+
+    async def _ping_loop(self) -> None:
+        assert self.control is not None
+        interval = self.config.supervisor.ping_interval_s
+        while True:
+            self._ping_seq += 1
+            for role in self.roles.values():
+                if role.state == "running" and role.alive():
+                    try:
+                        await self.control.send(Ping(seq=self._ping_seq, sent_at=time.time()), role.name.encode())
+                    except zmq.ZMQError:
+                        pass  # not connected yet / just died: the watch loop decides
+            await asyncio.sleep(interval)
+
+    async def _watch_loop(self) -> None:
+        cfg = self.config.supervisor
+        while True:
+            now = time.monotonic()
+            for role in self.roles.values():
+                if role.state not in ("starting", "running") or role.popen is None:
+                    continue
+                code = role.popen.poll()
+                if code is None:
+                    if role.state == "running" and now - role.last_pong_at > cfg.ping_timeout_s:
+                        silent = now - role.last_pong_at
+                        role.popen.kill()
+                        role.popen.wait()
+                        self._restart_or_fail(role, f"stopped answering pings for {silent:.1f}s (killed)")
+                    continue
+                if code == 0:
+                    role.state = "done"
+                    log.info("role.done", role=role.name)
+                    if role.name == self.driver:
+                        self.request_stop(f"{role.name} finished")
+                    continue
+                how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+                if role.last_failure.startswith("failed:"):
+                    how += f" ({role.last_failure})"
+                self._restart_or_fail(role, how)
+            await asyncio.sleep(0.1)
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.request_stop, f"received {signal.Signals(sig).name}")
+        if self.config.transport.scheme == "tcp":
+            start_authenticator(self.zmq, self.security)
+        self.control = open_channel(
+            self.zmq, Kind.ROUTER, self.endpoints.supervisor, bind=True, security=self.security,
+            hwm=max(self.config.transport.hwm, 1000), name="supervisor.control",
+        )
+        log.info("run.started", run_dir=str(self.run_dir), roles=list(self.roles), driver=self.driver)
+        tasks = [asyncio.create_task(self._control_loop(), name="control")]
+        try:
+            for role in self.roles.values():
+                self._spawn(role)
+            tasks.append(asyncio.create_task(self._watch_loop(), name="watch"))
+            await self._wait_ready(list(self.roles))
+            if not self.stopping.is_set():
+                log.info("run.ready", num_roles=len(self.roles))
+            tasks.append(asyncio.create_task(self._ping_loop(), name="ping"))
+            tasks.append(asyncio.create_task(self.status.run(), name="status"))
+            await self.stopping.wait()
+        except RunFailed as exc:
+            self.fail(str(exc))
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self._stop_all()
+            self.status.close()
+            self.zmq.destroy(linger=0)
+        if self.failure:
+            log.error("run.finished", ok=False, reason=self.failure, run_dir=str(self.run_dir))
+            return 1
+        log.info("run.finished", ok=True, reason=self.stop_reason, run_dir=str(self.run_dir))
+        return 0
+
+    async def _stop_all(self) -> None:
+        grace = self.config.supervisor.shutdown_grace_s
+        live = [r for r in self.roles.values() if r.alive()]
+        if self.control is not None:
+            for role in live:
+                try:
+                    await self.control.send(Shutdown(reason=self.stop_reason), role.name.encode())
+                except zmq.ZMQError:
+                    pass
+        for sig, wait_s in ((None, grace / 2), (signal.SIGTERM, grace / 2), (signal.SIGKILL, 5.0)):
+            live = [r for r in live if r.alive()]
+            if not live:
+                break
+            if sig is not None:
+                log.warning("roles.signal", signal=sig.name, roles=[r.name for r in live])
+                for role in live:
+                    role.popen.send_signal(sig)  # type: ignore[union-attr]
+            deadline = time.monotonic() + wait_s
+            while time.monotonic() < deadline and any(r.alive() for r in live):
+                await asyncio.sleep(0.05)
+        for role in self.roles.values():
+            if role.popen is not None:
+                role.popen.wait()
+                if role.state not in ("done", "failed"):
+                    role.state = "stopped"
+
+
+def launch(config: Config, run_dir: Path | None = None) -> int:
+    """Create (or reuse) the run directory and supervise the run; returns the exit code."""
+    import uvloop
+
+    run_dir = run_dir or create_run_dir(config)
+    prepare_run_dir(config, run_dir)
+    from respec_async.logs import configure_logging
+
+    configure_logging(run_dir / "logs" / "supervisor.jsonl", role="supervisor", level=config.run.log_level)
+
+    async def main() -> int:
+        return await Supervisor(config, run_dir).run()
+
+    return uvloop.run(main())

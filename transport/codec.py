@@ -1,0 +1,144 @@
+"""Frames <-> messages: msgpack header plus one zero-copy frame per tensor.
+
+A message becomes `[header, tensor_0, tensor_1, ...]`. Every `torch.Tensor` field is encoded in
+the header as `[dtype, shape, frame_index]` and its bytes travel as their own frame, taken from
+the tensor's memory without a copy (ZeroMQ sends the buffer as is). On receive, tensors are
+`torch.frombuffer` views over the received frames, again without a copy. Nothing is pickled.
+
+Anything that does not decode cleanly (bad msgpack, unknown tag, a tensor whose frame is
+missing or whose length disagrees with dtype x shape, an unknown dtype) raises `DecodeError`,
+which channels count and drop.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+import torch
+
+from transport.schema import Message
+
+# Wire names for the dtypes we carry; anything else is refused on both ends.
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+
+Frame = bytes | memoryview
+
+
+class DecodeError(Exception):
+    """A received message could not be decoded; `reason` is a short label for metrics."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+def tensor_frame(tensor: torch.Tensor) -> memoryview:
+    """The tensor's bytes as a flat memoryview, without a copy when it is contiguous on CPU."""
+    t = tensor.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous().reshape(-1)
+    if t.numel() == 0:
+        return memoryview(b"")
+    # Viewing as uint8 handles every dtype, bfloat16 included, which numpy cannot represent.
+    return memoryview(t.view(torch.uint8).numpy())
+
+
+def tensor_from_frame(buffer: Frame, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:
+    """A tensor viewing `buffer` (no copy); raises DecodeError when the sizes disagree."""
+    numel = math.prod(shape)
+    expected = numel * torch.empty((), dtype=dtype).element_size()
+    if len(buffer) != expected:
+        raise DecodeError(
+            "tensor_size", f"frame has {len(buffer)} bytes, {DTYPE_NAMES[dtype]}{list(shape)} needs {expected}"
+        )
+    if numel == 0:
+        return torch.empty(tuple(shape), dtype=dtype)
+    with warnings.catch_warnings():
+        # Received frames are read-only; the tensors are treated as read-only views.
+        warnings.simplefilter("ignore", UserWarning)
+        flat = torch.frombuffer(buffer, dtype=torch.uint8)
+    return flat.view(dtype).view(tuple(shape))
+
+
+class Codec:
+    """Encodes and decodes the `Message` union. One instance per channel; not thread-safe."""
+
+    def __init__(self, message_type: Any = Message) -> None:
+        self._encoder = msgspec.msgpack.Encoder(enc_hook=self._enc_hook)
+        self._decoder = msgspec.msgpack.Decoder(message_type, dec_hook=self._dec_hook)
+        self._out_frames: list[memoryview] = []
+        self._in_frames: Sequence[Frame] = ()
+
+    def encode(self, msg: msgspec.Struct) -> list[Frame]:
+        self._out_frames = []
+        try:
+            header = self._encoder.encode(msg)
+            return [header, *self._out_frames]
+        finally:
+            self._out_frames = []
+
+    def decode(self, frames: Sequence[Frame]) -> Any:
+        if not frames:
+            raise DecodeError("empty", "no frames")
+        self._in_frames = frames
+        try:
+            msg = self._decoder.decode(frames[0])
+        except DecodeError:
+            raise
+        except msgspec.ValidationError as exc:
+            # dec_hook errors arrive wrapped; keep our own reason label when there is one.
+            cause = exc.__cause__ or exc.__context__
+            if isinstance(cause, DecodeError):
+                raise DecodeError(cause.reason, str(exc)) from None
+            raise DecodeError("invalid", str(exc)) from None
+        except msgspec.DecodeError as exc:
+            raise DecodeError("malformed", str(exc)) from None
+        finally:
+            self._in_frames = ()
+        return msg
+
+    def _enc_hook(self, obj: Any) -> Any:
+        if isinstance(obj, torch.Tensor):
+            name = DTYPE_NAMES.get(obj.dtype)
+            if name is None:
+                raise TypeError(f"tensor dtype {obj.dtype} is not supported on the wire")
+            self._out_frames.append(tensor_frame(obj))
+            return (name, list(obj.shape), len(self._out_frames))
+        raise TypeError(f"cannot encode {type(obj).__name__}")
+
+    def _dec_hook(self, expected: type, obj: Any) -> Any:
+        if expected is torch.Tensor:
+            try:
+                dtype_name, shape, index = obj
+                shape = [int(d) for d in shape]
+            except (TypeError, ValueError):
+                raise DecodeError("tensor_header", f"bad tensor reference {obj!r}") from None
+            dtype = DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
+            if dtype is None:
+                raise DecodeError("dtype", f"unsupported dtype {dtype_name!r}")
+            if any(d < 0 for d in shape):
+                raise DecodeError("tensor_header", f"negative shape {shape}")
+            if not isinstance(index, int) or not 1 <= index < len(self._in_frames):
+                raise DecodeError("tensor_frame", f"tensor frame {index} missing ({len(self._in_frames)} frames)")
+            buffer = self._in_frames[index]
+            if not isinstance(buffer, (bytes, memoryview)):
+                buffer = buffer.buffer  # zmq.Frame
+            return tensor_from_frame(buffer, dtype, shape)
+        raise NotImplementedError(f"cannot decode {expected}")
