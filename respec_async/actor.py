@@ -24,6 +24,7 @@ import functools
 import inspect
 import os
 import signal
+import threading
 import time
 import traceback
 from collections.abc import Awaitable, Callable
@@ -180,8 +181,9 @@ class Actor:
             security=self.ctx.security, hwm=cfg.transport.hwm, name=f"{self.name}.inbox",
         )
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, self.stop)
-        loop.add_signal_handler(signal.SIGINT, lambda: None)  # the supervisor decides; it sends Shutdown
+        if threading.current_thread() is threading.main_thread():
+            loop.add_signal_handler(signal.SIGTERM, self.stop)
+            loop.add_signal_handler(signal.SIGINT, lambda: None)  # the supervisor decides; it sends Shutdown
         self._tasks = [
             asyncio.create_task(self._control_loop(), name="control"),
             asyncio.create_task(self._inbox_loop(), name="inbox"),

@@ -1,0 +1,79 @@
+"""Config validation: errors name the file and the dotted key before anything starts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from respec_async.config import ConfigError, config_to_toml, load_config, parse_override
+
+GOOD = "[run]\nname = 'x'\n[supervisor]\nmax_restarts = 2\n"
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    def write(text: str):
+        path = tmp_path / "c.toml"
+        path.write_text(text)
+        return path
+
+    return write
+
+
+@pytest.mark.parametrize(
+    ("text", "overrides", "key", "expected"),
+    [
+        ("[supervisor]\nmax_restarts = -1\n", [], "supervisor.max_restarts", ">= 0, got -1"),
+        ("[supervisor]\nmax_restartz = 1\n", [], "supervisor.max_restartz", "unknown key"),
+        ("[nonsense]\nx = 1\n", [], "nonsense", "unknown key"),
+        ("[run]\nseed = 'abc'\n", [], "run.seed", "Expected `int`"),
+        ("[transport]\nscheme = 'udp'\n", [], "transport.scheme", "udp"),
+        ("[roles]\ntrainer = 2\n", [], "roles.trainer", "<= 1"),
+        (GOOD, ["supervisor.ping_timeout_s=0.1"], "supervisor.ping_timeout_s", "greater than"),
+        (GOOD, ["supervisor.shutdown_grace_s=abc"], "supervisor.shutdown_grace_s", "Expected `float`"),
+    ],
+)
+def test_bad_config_names_file_and_dotted_key(cfg, text, overrides, key, expected):
+    path = cfg(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, overrides)
+    message = str(err.value)
+    assert str(path) in message
+    assert f": {key}: " in message
+    assert expected in message
+
+
+def test_overrides_apply_with_toml_types(cfg):
+    config = load_config(cfg(GOOD), ["supervisor.max_restarts=7", "run.name=other", "transport.insecure=true",
+                                     "supervisor.ping_interval_s=0.25"])
+    assert config.supervisor.max_restarts == 7
+    assert config.run.name == "other"
+    assert config.transport.insecure is True
+    assert config.supervisor.ping_interval_s == 0.25
+
+
+def test_malformed_override_is_rejected():
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_override("supervisor.max_restarts")
+    with pytest.raises(ConfigError, match="dotted key"):
+        parse_override("a..b=1")
+
+
+def test_resolved_config_round_trips_through_toml(cfg, tmp_path):
+    config = load_config(cfg(GOOD), ["roles.echo=2"])
+    again = tmp_path / "again.toml"
+    again.write_text(config_to_toml(config))
+    assert load_config(again) == config
+
+
+def test_cli_config_show_and_error_exit_code(cfg):
+    path = cfg(GOOD)
+    shown = subprocess.run([sys.executable, "-m", "respec_async.cli", "config", "show", str(path)],
+                           capture_output=True, text=True)
+    assert shown.returncode == 0 and "max_restarts = 2" in shown.stdout
+    bad = subprocess.run([sys.executable, "-m", "respec_async.cli", "launch", str(path),
+                          "--set", "supervisor.max_restarts=-3"], capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert "supervisor.max_restarts" in bad.stderr and str(path) in bad.stderr
