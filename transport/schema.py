@@ -66,6 +66,107 @@ class RoleEvent(Struct):
     fields: dict[str, str | int | float | bool] = {}
 
 
+# --- RL loop: prompts, rollouts, scores ----------------------------------------------------
+
+
+class PromptGroup(Struct):
+    """One prompt to be sampled `num_samples` times (a GRPO group), issued by the trainer."""
+
+    group_id: int  # position in the trainer's data stream; unique per run
+    attempt: int  # 0 on first issue, +1 each time the group is re-issued
+    prompt_ids: list[int]
+    num_samples: int
+    policy_version: int  # trainer's version when the group was admitted
+    prompt_text: str = ""
+    answer: str = ""
+    data_source: str = ""
+
+
+class Rollout(Struct, gc=False):
+    """One sampled completion with what the trainer and the drafter learner need."""
+
+    sample_index: int
+    completion_ids: list[int]
+    behaviour_logprobs: torch.Tensor  # float32 [len(completion_ids)], under the sampling weights
+    min_policy_version: int  # version of the weights when generation started
+    max_policy_version: int  # version when it finished (weights may be swapped mid-sequence)
+    finish_reason: str  # "stop" | "length"
+    num_drafted: int = 0
+    num_accepted: int = 0
+    num_verify_steps: int = 0
+    num_decode_steps: int = 0
+
+
+class RolloutGroup(Struct):
+    """All samples of one prompt group, from a generator to a reward role."""
+
+    group: PromptGroup
+    rollouts: list[Rollout]
+    generator: str
+    generation_s: float
+
+
+class ScoredGroup(Struct):
+    """A rollout group with its rewards, from a reward role to the trainer (and learner)."""
+
+    group: PromptGroup
+    rollouts: list[Rollout]
+    rewards: list[float]
+    correct: list[bool]
+    generator: str
+    generation_s: float
+    scoring_s: float = 0.0
+    num_reward_errors: int = 0  # samples scored 0 because their reward failed ("zero" policy)
+
+
+class ReturnedGroup(Struct):
+    """A group handed back to the trainer unscored (reward failed with on_error = "drop")."""
+
+    group: PromptGroup
+    reason: str
+
+
+class GeneratorHello(Struct):
+    """A generator (re)started: the trainer re-issues what it had outstanding there."""
+
+    role: str
+    restart_count: int
+
+
+# --- weight sync ----------------------------------------------------------------------------
+
+
+class TensorSpec(Struct):
+    name: str
+    dtype: str
+    shape: list[int]
+
+
+class WeightsJoin(Struct):
+    """A receiver asks to be (re)admitted to a weight group owned by the addressee."""
+
+    role: str
+    group: str  # "actor" | "drafter"
+
+
+class GroupFormation(Struct):
+    """Owner -> members: build the group `group` for `epoch`; members[0] is the source."""
+
+    group: str
+    epoch: int
+    members: list[str]
+
+
+class WeightsUpdate(Struct):
+    """Owner -> members: enter the broadcast of `version` now; the manifest says what arrives."""
+
+    group: str
+    epoch: int
+    version: int
+    manifest: list[TensorSpec]
+    checksum: str = ""  # sha256 of the source's weights (see transport.weights.weights_checksum)
+
+
 # --- generic payloads used by tests, benchmarks and examples ----------------------------
 
 
@@ -85,6 +186,11 @@ class TensorMessage(Struct):
     tensors: list[torch.Tensor]
 
 
-Message = Ready | Ping | Pong | Shutdown | RoleFailed | RoleEvent | Echo | TensorMessage
+Message = (
+    Ready | Ping | Pong | Shutdown | RoleFailed | RoleEvent
+    | PromptGroup | Rollout | RolloutGroup | ScoredGroup | ReturnedGroup | GeneratorHello
+    | TensorSpec | WeightsJoin | GroupFormation | WeightsUpdate
+    | Echo | TensorMessage
+)
 
 MESSAGE_TYPES: tuple[type[Struct], ...] = Message.__args__  # type: ignore[attr-defined]

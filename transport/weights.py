@@ -1,0 +1,200 @@
+"""Weight broadcast over torch.distributed: one source (rank 0), many receivers.
+
+The source announces a version with a manifest (names, dtypes, shapes) over ZeroMQ; then
+every member of the group enters `broadcast`. Tensors are packed into large flat buckets, one
+dtype per bucket, so a model is a handful of collectives rather than one per tensor. Receivers
+unpack into staging tensors that the role swaps in at a step boundary.
+
+Groups are formed per membership "epoch": when a receiver (re)joins, the owner bumps the
+epoch and every member builds a new process group object on a fresh key prefix of the run's
+rendezvous store, so a restarted process can be admitted without restarting the others. The
+groups are standalone `ProcessGroupGloo` / `ProcessGroupNCCL` objects, not the default group,
+so one process can be in several (a generator receives actor and drafter weights).
+Every collective runs under a timeout, and a failure raises `WeightSyncError` naming the group,
+epoch, version and members instead of hanging. Backend: gloo on CPU, NCCL on CUDA.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from urllib.parse import urlparse
+
+import torch
+import torch.distributed as dist
+
+from transport.codec import DTYPE_NAMES, DTYPES
+from transport.schema import TensorSpec
+
+DEFAULT_BUCKET_BYTES = 256 << 20
+
+
+class WeightSyncError(RuntimeError):
+    """A collective of a weight group failed or timed out; the message names who and what."""
+
+
+def manifest_of(state: Mapping[str, torch.Tensor]) -> list[TensorSpec]:
+    return [TensorSpec(name=name, dtype=DTYPE_NAMES[t.dtype], shape=list(t.shape)) for name, t in state.items()]
+
+
+def weights_checksum(state: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over names, dtypes, shapes and raw bytes, in name order: equal iff bit-identical."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{list(t.shape)}".encode())
+        if t.numel():
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def plan_buckets(manifest: list[TensorSpec], bucket_bytes: int) -> list[list[int]]:
+    """Indices of manifest entries per bucket: same dtype, at most bucket_bytes (a larger tensor
+    gets a bucket of its own). Source and receivers derive the same plan from the manifest."""
+    buckets: list[list[int]] = []
+    open_bucket: dict[str, tuple[list[int], int]] = {}
+    for i, spec in enumerate(manifest):
+        size = _numel(spec.shape) * _itemsize(spec.dtype)
+        members, used = open_bucket.get(spec.dtype, ([], 0))
+        if members and used + size > bucket_bytes:
+            buckets.append(members)
+            members, used = [], 0
+        members.append(i)
+        open_bucket[spec.dtype] = (members, used + size)
+    buckets.extend(members for members, _ in open_bucket.values() if members)
+    return buckets
+
+
+def _numel(shape: Iterable[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _itemsize(dtype_name: str) -> int:
+    return torch.empty((), dtype=DTYPES[dtype_name]).element_size()
+
+
+@dataclass
+class BroadcastStats:
+    version: int
+    num_bytes: int
+    num_buckets: int
+    seconds: float
+
+    @property
+    def gbytes_per_s(self) -> float:
+        return self.num_bytes / max(self.seconds, 1e-9) / 1e9
+
+
+class WeightGroup:
+    """This process's membership in the run's weight-broadcast group (rank 0 is the source).
+
+    All methods block; roles call them from a worker thread, never on the event loop.
+    """
+
+    def __init__(self, rendezvous: str, name: str = "weights", backend: str | None = None,
+                 timeout_s: float = 60.0, device: str | torch.device = "cpu") -> None:
+        url = urlparse(rendezvous)
+        if url.scheme != "tcp" or not url.hostname or not url.port:
+            raise ValueError(f"weight group rendezvous must be tcp://host:port, got {rendezvous!r}")
+        self.host, self.port = url.hostname, url.port
+        self.name = name
+        self.device = torch.device(device)
+        self.backend = backend or ("nccl" if self.device.type == "cuda" else "gloo")
+        self.timeout = timedelta(seconds=timeout_s)
+        self.epoch = -1
+        self.rank = -1
+        self.members: list[str] = []
+        self._store: dist.TCPStore | None = None
+        self._pg: dist.ProcessGroup | None = None
+
+    def describe(self, version: int | None = None) -> str:
+        who = ", ".join(f"{m} (rank {i})" for i, m in enumerate(self.members))
+        v = f" version {version}" if version is not None else ""
+        return f"group {self.name!r} epoch {self.epoch}{v} [{who}]"
+
+    def form(self, epoch: int, members: list[str], me: str) -> None:
+        """(Re)build the group for `epoch` with `members` (members[0] is the source); blocks until
+        every member has joined or the timeout passes."""
+        if me not in members:
+            raise ValueError(f"{me} is not a member of {members}")
+        self.leave()
+        if self._store is None:
+            # The rendezvous store is hosted by the supervisor for the whole run.
+            self._store = dist.TCPStore(self.host, self.port, is_master=False, timeout=self.timeout,
+                                        wait_for_workers=False)
+        self.epoch, self.members, self.rank = epoch, list(members), members.index(me)
+        store = dist.PrefixStore(f"{self.name}/epoch{epoch}", self._store)
+        try:
+            if self.backend == "nccl":
+                options = dist.ProcessGroupNCCL.Options()
+                options._timeout = self.timeout
+                self._pg = dist.ProcessGroupNCCL(store, self.rank, len(members), options)
+            else:
+                self._pg = dist.ProcessGroupGloo(store, self.rank, len(members), self.timeout)
+        except Exception as exc:
+            described = self.describe()
+            self.epoch = -1
+            raise WeightSyncError(f"forming {described} failed as {me}: {exc}") from exc
+
+    def leave(self) -> None:
+        self._pg = None
+        self.epoch = -1
+
+    @property
+    def formed(self) -> bool:
+        return self._pg is not None
+
+    def broadcast(self, state: Mapping[str, torch.Tensor], version: int,
+                  bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> BroadcastStats:
+        """Source side: send `state` (in manifest order) to every receiver."""
+        manifest = manifest_of(state)
+        tensors = list(state.values())
+        started = time.perf_counter()
+        num_bytes = 0
+        plan = plan_buckets(manifest, bucket_bytes)
+        for bucket in plan:
+            flat = torch.cat([tensors[i].detach().reshape(-1).to(self.device) for i in bucket])
+            num_bytes += flat.numel() * flat.element_size()
+            self._collective(flat, version)
+        return BroadcastStats(version, num_bytes, len(plan), time.perf_counter() - started)
+
+    def receive(self, manifest: list[TensorSpec], version: int,
+                bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> tuple[dict[str, torch.Tensor], BroadcastStats]:
+        """Receiver side: fresh staging tensors for `manifest`, filled from the source."""
+        started = time.perf_counter()
+        staged: dict[str, torch.Tensor] = {}
+        num_bytes = 0
+        plan = plan_buckets(manifest, bucket_bytes)
+        for bucket in plan:
+            dtype = DTYPES[manifest[bucket[0]].dtype]
+            sizes = [_numel(manifest[i].shape) for i in bucket]
+            flat = torch.empty(sum(sizes), dtype=dtype, device=self.device)
+            self._collective(flat, version)
+            num_bytes += flat.numel() * flat.element_size()
+            for i, part in zip(bucket, torch.split(flat, sizes)):
+                staged[manifest[i].name] = part.view(manifest[i].shape)
+        return staged, BroadcastStats(version, num_bytes, len(plan), time.perf_counter() - started)
+
+    def _collective(self, flat: torch.Tensor, version: int) -> None:
+        if not self.formed:
+            raise WeightSyncError(f"{self.describe(version)}: not formed")
+        options = dist.BroadcastOptions()
+        options.rootRank = 0
+        options.timeout = self.timeout
+        try:
+            self._pg.broadcast([flat], options).wait()  # type: ignore[union-attr]
+        except Exception as exc:
+            raise WeightSyncError(f"broadcast failed in {self.describe(version)} at rank {self.rank}: {exc}") from exc
+
+
+def host_rendezvous_store(rendezvous: str, timeout_s: float = 60.0) -> dist.TCPStore:
+    """The run's rendezvous store (the supervisor hosts it for the whole run)."""
+    url = urlparse(rendezvous)
+    return dist.TCPStore(url.hostname, url.port, is_master=True, timeout=timedelta(seconds=timeout_s),
+                         wait_for_workers=False)
