@@ -75,7 +75,6 @@ class RoleContext:
 
 class Actor:
     mailbox_size: ClassVar[int] = 256
-    num_worker_threads: ClassVar[int] = 1
 
     def __init__(self, ctx: RoleContext) -> None:
         self.ctx = ctx
@@ -89,7 +88,10 @@ class Actor:
         self.stopped = asyncio.Event()
         self.exit_code = 0
         self.zmq = zmq.asyncio.Context()
-        self._executor = ThreadPoolExecutor(self.num_worker_threads, thread_name_prefix=ctx.name)
+        # One worker thread per name, made on first use: "compute" for forwards and optimizer
+        # steps, one per weight group for its collectives, so a broadcast is received while the
+        # engine keeps stepping and two groups never wait on each other.
+        self._executors: dict[str, ThreadPoolExecutor] = {}
         self._outboxes: dict[str, Channel] = {}
         self._broadcast: Channel | None = None
         self._tasks: list[asyncio.Task[Any]] = []
@@ -133,10 +135,14 @@ class Actor:
             )
         await self._broadcast.send(message)
 
-    async def run_blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run `fn` in the role's worker thread; the event loop stays responsive meanwhile."""
+    async def run_blocking(self, fn: Callable[..., T], *args: Any, thread: str = "compute", **kwargs: Any) -> T:
+        """Run `fn` in the role's worker thread named `thread` (one thread per name, so calls on
+        one name run in order); the event loop stays responsive meanwhile."""
+        executor = self._executors.get(thread)
+        if executor is None:
+            executor = self._executors[thread] = ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-{thread}")
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+        return await loop.run_in_executor(executor, functools.partial(fn, *args, **kwargs))
 
     async def notify(self, event: str, **fields: str | int | float | bool) -> None:
         """Show one line on the supervisor's console."""
@@ -227,7 +233,8 @@ class Actor:
         try:
             await self.teardown()
         finally:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+            for executor in self._executors.values():
+                executor.shutdown(wait=False, cancel_futures=True)
             self.zmq.destroy(linger=0)
             self.log.info("role.stopped", exit_code=self.exit_code, num_handled=self.num_handled,
                           num_dropped=self.num_dropped)

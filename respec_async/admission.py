@@ -32,6 +32,7 @@ class Admission:
     groups_per_step: int
     max_staleness: int
     next_group_id: int = 0  # data position: the next group to issue for the first time
+    first_attempt: int = 0  # attempt number of a first issue (a restarted trainer starts higher)
     outstanding: dict[int, IssuedGroup] = field(default_factory=dict)
     completed: dict[int, Any] = field(default_factory=dict)  # group_id -> result, until trained
     trained_group_ids: set[int] = field(default_factory=set)
@@ -48,7 +49,7 @@ class Admission:
     def issue(self, version: int, generator: str) -> IssuedGroup:
         if not self.can_issue(version):
             raise RuntimeError(f"group {self.next_group_id} is not admissible at version {version}")
-        issued = IssuedGroup(self.next_group_id, 0, version, generator)
+        issued = IssuedGroup(self.next_group_id, self.first_attempt, version, generator)
         self.outstanding[issued.group_id] = issued
         self.next_group_id += 1
         return issued

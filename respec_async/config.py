@@ -61,6 +61,63 @@ class RolesSection(Section):
     echo: NonNegInt = 0  # diagnostic role that answers Echo messages (connectivity checks, tests)
 
 
+class ModelSection(Section):
+    path: str = ""  # Hugging Face model directory of the actor; "" = the tiny zoo model (trained on first use)
+    drafter_path: str = ""  # EAGLE-3 drafter directory; "" = the zoo drafter (when SD is on)
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    device: str = "cpu"  # "cpu" or "cuda" / "cuda:N"; weight sync uses gloo on CPU, NCCL on CUDA
+
+
+class SamplingSection(Section):
+    temperature: NonNegFloat = 1.0  # 0 = greedy
+    top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] = 1.0
+    top_k: NonNegInt = 0  # 0 = off
+    max_new_tokens: PosInt = 192
+
+
+class DataSection(Section):
+    task: Literal["arithmetic", "jsonl"] = "arithmetic"  # the zoo task, or a JSONL file of prompt/answer
+    path: str = ""  # jsonl only: file with {"prompt": ..., "answer": ...} per line
+    group_size: PosInt = 8  # samples per prompt (G of GRPO)
+    groups_per_step: PosInt = 8  # prompts per optimizer step
+    eval_size: PosInt = 200  # held-out prompts for `respec eval` and the demo's before/after accuracy
+
+
+class GeneratorSection(Section):
+    max_batch_size: PosInt = 64  # KV-cache slots: the most sequences decoded at once
+    max_seq_len: PosInt = 256  # prompt + completion tokens per slot
+    sd: Literal["off", "static", "adaptive"] = "off"  # speculative decoding mode
+    sd_num_steps: PosInt = 4  # static SD config: draft steps (s)
+    sd_top_k: PosInt = 1  # static SD config: children per node (t); 1 = chain
+    sd_num_draft_tokens: PosInt = 4  # static SD config: draft tokens verified (n)
+    num_threads: PosInt = 1  # torch intra-op threads in this role
+
+
+class RewardSection(Section):
+    source: str = "builtin"  # builtin (the task's rule reward) | python:pkg.mod:fn | http://... | zmq://...
+    max_concurrency: PosInt = 16  # rollouts scored at once
+    timeout_s: PosFloat = 30.0
+    max_retries: NonNegInt = 3
+    on_error: Literal["drop", "zero"] = "drop"  # drop: the group goes back to the trainer and is re-issued
+
+
+class TrainerSection(Section):
+    num_steps: PosInt = 60  # optimizer steps; the policy version counts them
+    max_staleness: NonNegInt = 1  # k: a rollout started at version u is trained at version <= u + k
+    lr: PosFloat = 1e-4
+    weight_decay: NonNegFloat = 0.0
+    grad_clip: PosFloat = 1.0
+    clip_low: NonNegFloat = 0.2  # PPO clip below 1
+    clip_high: NonNegFloat = 0.28  # PPO clip above 1 (clip-higher)
+    is_cap: PosFloat = 2.0  # truncation of the behaviour importance weight
+    kl_coef: NonNegFloat = 0.0  # KL to the initial policy (0 = off)
+    normalize_std: bool = True  # divide group advantages by the group's std
+    micro_batch_size: PosInt = 16  # sequences per forward/backward
+    checkpoint_every: NonNegInt = 20  # steps between checkpoints (0 = only at the end)
+    weight_sync_timeout_s: PosFloat = 120.0
+    num_threads: PosInt = 1  # torch intra-op threads in this role
+
+
 class EchoSection(Section):
     num_rounds: NonNegInt = 0  # echo-0 drives this many round trips, then finishes (0 = serve)
 
@@ -71,6 +128,12 @@ class Config(Section):
     transport: TransportSection = msgspec.field(default_factory=TransportSection)
     roles: RolesSection = msgspec.field(default_factory=RolesSection)
     echo: EchoSection = msgspec.field(default_factory=EchoSection)
+    model: ModelSection = msgspec.field(default_factory=ModelSection)
+    sampling: SamplingSection = msgspec.field(default_factory=SamplingSection)
+    data: DataSection = msgspec.field(default_factory=DataSection)
+    generator: GeneratorSection = msgspec.field(default_factory=GeneratorSection)
+    reward: RewardSection = msgspec.field(default_factory=RewardSection)
+    trainer: TrainerSection = msgspec.field(default_factory=TrainerSection)
 
 
 class ConfigError(ValueError):
@@ -143,6 +206,12 @@ def config_from_dict(raw: dict[str, Any], source: str = "<config>") -> Config:
 
 def check_config(config: Config, source: str) -> None:
     """Cross-field rules that a single field's type cannot express."""
+    if config.data.task == "jsonl" and not config.data.path:
+        raise ConfigError(f"{source}: data.path: required when data.task = \"jsonl\"")
+    g = config.generator
+    if g.sd != "off" and g.sd_num_draft_tokens < g.sd_num_steps and g.sd_top_k == 1:
+        raise ConfigError(f"{source}: generator.sd_num_draft_tokens: a chain verifies all sd_num_steps drafts, "
+                          f"so it must be >= sd_num_steps ({g.sd_num_draft_tokens} < {g.sd_num_steps})")
     s = config.supervisor
     if s.ping_timeout_s <= s.ping_interval_s:
         raise ConfigError(

@@ -273,6 +273,11 @@ class Supervisor:
             self.zmq, Kind.ROUTER, self.endpoints.supervisor, bind=True, security=self.security,
             hwm=max(self.config.transport.hwm, 1000), name="supervisor.control",
         )
+        # The torch.distributed rendezvous store lives here: the supervisor outlives every role,
+        # so weight groups can be re-formed after any role restarts.
+        from transport.weights import host_rendezvous_store
+
+        self.store = host_rendezvous_store(self.endpoints.torch_dist)
         log.info("run.started", run_dir=str(self.run_dir), roles=list(self.roles), driver=self.driver)
         tasks = [asyncio.create_task(self._control_loop(), name="control")]
         try:

@@ -147,14 +147,17 @@ class WeightsJoin(Struct):
 
     role: str
     group: str  # "actor" | "drafter"
+    token: int  # unique per member incarnation (its pid); stale formations are recognised by it
 
 
 class GroupFormation(Struct):
-    """Owner -> members: build the group `group` for `epoch`; members[0] is the source."""
+    """Owner -> members: build the group `group` for `epoch`; members[0] is the source.
+    tokens[i] is the join token of members[i] (0 for the owner)."""
 
     group: str
     epoch: int
     members: list[str]
+    tokens: list[int]
 
 
 class WeightsUpdate(Struct):

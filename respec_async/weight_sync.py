@@ -1,0 +1,166 @@
+"""Weight groups as seen from inside an actor: the owner that publishes versions, and the
+members that receive them into staging buffers.
+
+Protocol (control messages over the actors' inboxes, bytes over torch.distributed):
+  member -> owner   WeightsJoin(token)    on start, on restart, and after a failed receive
+  owner  -> member  GroupFormation        a new epoch, once every expected member has joined
+  owner  -> member  WeightsUpdate         version + manifest + checksum, then the broadcast
+
+A member acts only on the formation that carries its current join token, so a formation that
+was queued for a dead incarnation is ignored by its successor. When a broadcast fails (a
+member died), the owner forms a new epoch as soon as every member has (re)joined and sends the
+current version again; a restarted generator thus starts from the trainer's current weights.
+
+The trainer owns the "actor" group (members: generators, drafter learner); the drafter learner
+owns the "drafter" group (members: generators). Each group's collectives run on a worker thread
+of their own, and member-side messages are processed by a task of their own, so receiving
+drafter weights never blocks the actor broadcast or the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
+
+import torch
+
+from transport.schema import GroupFormation, WeightsJoin, WeightsUpdate
+from transport.weights import BroadcastStats, WeightGroup, WeightSyncError, manifest_of, weights_checksum
+
+if TYPE_CHECKING:
+    from respec_async.actor import Actor
+
+
+class WeightOwner:
+    def __init__(self, actor: Actor, group: str, expected_members: list[str], timeout_s: float,
+                 device: str = "cpu") -> None:
+        self.actor = actor
+        self.group_name = group
+        self.expected = list(expected_members)
+        self.group = WeightGroup(actor.ctx.endpoints.torch_dist, name=group, timeout_s=timeout_s, device=device)
+        self.tokens: dict[str, int] = {}  # member -> token of its latest join
+        self.formed_tokens: dict[str, int] = {}  # the tokens the current epoch was formed with
+        self.epoch = -1
+        self.lock = asyncio.Lock()
+        self.changed = asyncio.Event()
+        self.num_broadcasts = 0
+        self.last_stats: BroadcastStats | None = None
+
+    def on_join(self, message: WeightsJoin) -> None:
+        if message.role not in self.expected:
+            self.actor.log.warning("weights.unexpected_join", group=self.group_name, role=message.role)
+            return
+        self.tokens[message.role] = message.token
+        self.changed.set()
+        self.actor.log.info("weights.join", group=self.group_name, role=message.role,
+                            joined=len(self.tokens), expected=len(self.expected))
+
+    @property
+    def up_to_date(self) -> bool:
+        return self.epoch >= 0 and self.formed_tokens == self.tokens and len(self.tokens) == len(self.expected)
+
+    async def _form(self) -> None:
+        while len(self.tokens) < len(self.expected):
+            self.changed.clear()
+            await self.changed.wait()
+        self.epoch += 1
+        members = [self.actor.name, *self.expected]
+        tokens = [0, *(self.tokens[m] for m in self.expected)]
+        formation = GroupFormation(group=self.group_name, epoch=self.epoch, members=members, tokens=tokens)
+        for member in self.expected:
+            await self.actor.send(member, formation)
+        started = time.perf_counter()
+        await self.actor.run_blocking(self.group.form, self.epoch, members, self.actor.name, thread=self.group_name)
+        self.formed_tokens = dict(zip(self.expected, tokens[1:]))
+        self.actor.log.info("weights.group_formed", group=self.group_name, epoch=self.epoch, members=members,
+                            seconds=round(time.perf_counter() - started, 3))
+
+    async def publish(self, state_fn: Callable[[], Mapping[str, torch.Tensor]], version: int) -> BroadcastStats | None:
+        """Broadcast `state_fn()` as `version` to every member, (re)forming the group first when
+        membership changed; retries until it succeeds (each collective has a timeout)."""
+        if not self.expected:
+            return None
+        async with self.lock:
+            state = await self.actor.run_blocking(lambda: {k: v.detach().clone() for k, v in state_fn().items()})
+            checksum = weights_checksum(state)
+            manifest = manifest_of(state)
+            while True:
+                try:
+                    if not self.up_to_date:
+                        await self._form()
+                    update = WeightsUpdate(group=self.group_name, epoch=self.epoch, version=version,
+                                           manifest=manifest, checksum=checksum)
+                    for member in self.expected:
+                        await self.actor.send(member, update)
+                    stats = await self.actor.run_blocking(self.group.broadcast, state, version, thread=self.group_name)
+                    break
+                except WeightSyncError as exc:
+                    self.formed_tokens = {}
+                    self.actor.log.error("weights.sync_failed", group=self.group_name, version=version, error=str(exc))
+                    # Give a dead member time to come back and rejoin before the next attempt.
+                    self.changed.clear()
+                    try:
+                        await asyncio.wait_for(self.changed.wait(), timeout=5.0)
+                    except TimeoutError:
+                        pass
+            self.num_broadcasts += 1
+            self.last_stats = stats
+            self.actor.log.info("weights.published", group=self.group_name, version=version, epoch=self.epoch,
+                                bytes=stats.num_bytes, seconds=round(stats.seconds, 4), checksum=checksum[:12])
+            return stats
+
+
+class WeightMember:
+    """Receives one group's versions; `take()` hands the newest one to the role at a step boundary."""
+
+    def __init__(self, actor: Actor, group: str, owner: str, timeout_s: float, device: str = "cpu") -> None:
+        self.actor = actor
+        self.group_name = group
+        self.owner = owner
+        self.group = WeightGroup(actor.ctx.endpoints.torch_dist, name=group, timeout_s=timeout_s, device=device)
+        self.token = (os.getpid() << 16) | (int(time.time()) & 0xFFFF)
+        self.queue: asyncio.Queue[GroupFormation | WeightsUpdate] = asyncio.Queue()
+        self.staged: tuple[int, dict[str, torch.Tensor], str] | None = None  # (version, tensors, checksum)
+        self.arrived = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    async def join(self) -> None:
+        if self.task is None:
+            self.task = asyncio.create_task(self._run(), name=f"weights-{self.group_name}")
+        await self.actor.send(self.owner, WeightsJoin(role=self.actor.name, group=self.group_name, token=self.token))
+
+    def on_message(self, message: GroupFormation | WeightsUpdate) -> None:
+        self.queue.put_nowait(message)
+
+    def take(self) -> tuple[int, dict[str, torch.Tensor], str] | None:
+        staged, self.staged = self.staged, None
+        self.arrived.clear()
+        return staged
+
+    async def _run(self) -> None:
+        while True:
+            message = await self.queue.get()
+            try:
+                if isinstance(message, GroupFormation):
+                    mine = message.tokens[message.members.index(self.actor.name)]
+                    if mine != self.token:
+                        continue  # queued for a previous incarnation of this role
+                    await self.actor.run_blocking(self.group.form, message.epoch, message.members, self.actor.name,
+                                                  thread=self.group_name)
+                    self.actor.log.info("weights.group_joined", group=self.group_name, epoch=message.epoch)
+                elif self.group.formed and message.epoch == self.group.epoch:
+                    tensors, stats = await self.actor.run_blocking(
+                        self.group.receive, message.manifest, message.version, thread=self.group_name)
+                    self.staged = (message.version, tensors, message.checksum)
+                    self.arrived.set()
+                    self.actor.log.info("weights.received", group=self.group_name, version=message.version,
+                                        bytes=stats.num_bytes, seconds=round(stats.seconds, 4))
+            except WeightSyncError as exc:
+                # The owner forms a new epoch once every member has rejoined.
+                self.actor.log.error("weights.receive_failed", group=self.group_name, error=str(exc))
+                self.group.leave()
+                await self.actor.send(self.owner, WeightsJoin(role=self.actor.name, group=self.group_name,
+                                                              token=self.token))
