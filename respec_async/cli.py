@@ -1,7 +1,9 @@
 """The `respec` command.
 
     respec launch CONFIG [--set a.b=c ...]     start a run under the supervisor
+    respec launch --resume RUN_DIR             continue a run from its last checkpoint
     respec config show CONFIG [--set a.b=c]    print the resolved config (validated)
+    respec report RUN_DIR                      write PNG plots of the run's metrics
 
 Config errors are reported as one line naming the file and the dotted key, before anything
 starts, with exit code 2.
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from respec_async.config import ConfigError, config_to_toml, load_config
 
@@ -26,7 +29,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     launch = commands.add_parser("launch", help="start a run: the supervisor starts and watches every role")
-    _add_config_args(launch)
+    launch.add_argument("config", nargs="?", help="path to a TOML config, e.g. configs/tiny.toml")
+    launch.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue this run from its last checkpoint")
+    launch.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value by dotted key (repeatable)")
+
+    report = commands.add_parser("report", help="write PNG plots of a run's metrics")
+    report.add_argument("run_dir", type=Path)
 
     config = commands.add_parser("config", help="inspect configs")
     config_commands = config.add_subparsers(dest="config_command", required=True)
@@ -36,9 +45,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "report":
+        from respec_async.report import write_report
+
+        for path in write_report(args.run_dir):
+            print(path)
+        return 0
+    if args.command == "launch" and args.resume is not None:
+        if args.config:
+            parser.error("give either CONFIG or --resume RUN_DIR, not both")
+        run_dir = args.resume.resolve()
+        source = run_dir / "config.toml"
+    elif args.config:
+        run_dir, source = None, Path(args.config)
+    else:
+        parser.error("launch needs CONFIG or --resume RUN_DIR")
     try:
-        config = load_config(args.config, args.overrides)
+        config = load_config(source, args.overrides)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
@@ -48,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "launch":
         from respec_async.supervisor import launch
 
-        return launch(config)
+        return launch(config, run_dir)
     raise AssertionError(args.command)
 
 

@@ -16,6 +16,7 @@ import asyncio
 import collections
 import ctypes
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -299,6 +300,10 @@ class Supervisor:
             await self._stop_all()
             self.status.close()
             self.zmq.destroy(linger=0)
+            sock = self.run_dir / "sock"
+            if sock.is_symlink():  # a private temp dir used because the run path was too long
+                shutil.rmtree(sock.resolve(), ignore_errors=True)
+                sock.unlink()
         if self.failure:
             log.error("run.finished", ok=False, reason=self.failure, run_dir=str(self.run_dir))
             return 1
@@ -336,7 +341,14 @@ def launch(config: Config, run_dir: Path | None = None) -> int:
     """Create (or reuse) the run directory and supervise the run; returns the exit code."""
     import uvloop
 
-    run_dir = run_dir or create_run_dir(config)
+    from respec_async.models import resolve_models
+
+    if config.roles.generator or config.roles.trainer:
+        config = resolve_models(config)
+    if run_dir is None:
+        run_dir = create_run_dir(config)
+    elif not (run_dir / "config.toml").exists():
+        raise RunFailed(f"{run_dir} is not a run directory (no config.toml)")
     prepare_run_dir(config, run_dir)
     from respec_async.logs import configure_logging
 
