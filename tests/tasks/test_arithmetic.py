@@ -1,0 +1,74 @@
+"""The zoo's arithmetic task: deterministic problems, disjoint splits, long-tailed lengths, rule reward."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+
+from respec_async.tasks import arithmetic
+
+
+def test_problems_are_a_pure_function_of_index_seed_and_split():
+    assert arithmetic.problems(50, seed=3) == arithmetic.problems(50, seed=3)
+    assert arithmetic.problems(10, seed=3, start=20) == arithmetic.problems(30, seed=3)[20:]
+    assert arithmetic.problems(50, seed=3) != arithmetic.problems(50, seed=4)
+
+
+def test_train_and_heldout_splits_share_no_problem_across_seeds():
+    train = {p.prompt for seed in (0, 1) for p in arithmetic.problems(1500, seed=seed, split="train")}
+    heldout = {p.prompt for seed in (0, 1) for p in arithmetic.problems(300, seed=seed, split="heldout")}
+    assert not train & heldout
+
+
+def test_completion_lengths_are_long_tailed():
+    lengths = sorted(len(p.completion) for p in arithmetic.problems(2000, seed=0))
+    median = statistics.median(lengths)
+    assert min(lengths) >= 10 and max(lengths) <= 150
+    assert median <= 40  # most completions are short ...
+    assert lengths[int(0.99 * len(lengths))] >= 3 * median  # ... and a few are several times longer
+    assert max(lengths) >= 120
+
+
+def test_gold_completion_works_the_columns_with_carries():
+    assert arithmetic.solve(478, 95) == "8+5+0=13;7+9+1=17;4+0+1=5; ans 573"
+    assert arithmetic.solve(5, 5) == "5+5+0=10; ans 10"
+
+
+def test_every_gold_completion_uses_only_the_alphabet_and_earns_full_reward():
+    for p in arithmetic.problems(300, seed=1) + arithmetic.problems(100, seed=1, split="heldout"):
+        assert set(p.prompt + p.completion) <= set(arithmetic.ALPHABET)
+        assert p.answer == str(eval(p.prompt[:-1]))  # noqa: S307 - digits and one '+'
+        assert arithmetic.reward(p.completion, p.answer) == 1.0
+
+
+@pytest.mark.parametrize("completion, expected", [
+    ("3+9+0=12; ans 12", 1.0),
+    ("3+9+0=12; ans 13", 0.0),
+    ("3+9+0=12;", 0.0),  # no answer stated
+    ("", 0.0),
+    ("ans 99; ans 12", 1.0),  # the last stated answer counts
+    ("3+9+0=12; ans 012", 1.0),  # numerically equal
+    ("3+9+0=12; ans 1", 0.0),
+])
+def test_reward_is_one_for_the_exact_final_answer_only(completion, expected):
+    assert arithmetic.reward(completion, "12") == expected
+
+
+def test_partial_credit_is_off_by_default_and_never_reaches_one():
+    assert arithmetic.reward(" ans 1235", "1234") == 0.0
+    partial = arithmetic.reward(" ans 1235", "1234", partial_credit=0.2)
+    assert 0.0 < partial < 0.2
+    assert arithmetic.reward("no answer", "1234", partial_credit=0.2) == 0.0
+
+
+def test_accuracy_counts_exact_answers():
+    assert arithmetic.accuracy([" ans 3", " ans 4", "x"], ["3", "3", "3"]) == pytest.approx(1 / 3)
+    assert arithmetic.accuracy([], []) == 0.0
+    with pytest.raises(ValueError):
+        arithmetic.accuracy(["a"], [])
+
+
+def test_bad_split_is_rejected():
+    with pytest.raises(ValueError, match="split"):
+        arithmetic.problem(0, split="test")  # type: ignore[arg-type]
