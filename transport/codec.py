@@ -7,7 +7,8 @@ the tensor's memory without a copy (ZeroMQ sends the buffer as is). On receive, 
 
 Anything that does not decode cleanly (bad msgpack, unknown tag, a tensor whose frame is
 missing or whose length disagrees with dtype x shape, an unknown dtype) raises `DecodeError`,
-which channels count and drop.
+which channels count and drop; its `reason` (empty, malformed, unknown_type, invalid,
+tensor_header, tensor_frame, tensor_size, dtype) labels the metric.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 import msgspec
 import torch
 
-from transport.schema import Message
+from transport.schema import MESSAGE_TYPES, Message
 
 # Wire names for the dtypes we carry; anything else is refused on both ends.
 DTYPES: dict[str, torch.dtype] = {
@@ -68,13 +69,29 @@ def tensor_from_frame(buffer: Frame, dtype: torch.dtype, shape: Sequence[int]) -
         raise DecodeError(
             "tensor_size", f"frame has {len(buffer)} bytes, {DTYPE_NAMES[dtype]}{list(shape)} needs {expected}"
         )
-    if numel == 0:
-        return torch.empty(tuple(shape), dtype=dtype)
-    with warnings.catch_warnings():
-        # Received frames are read-only; the tensors are treated as read-only views.
-        warnings.simplefilter("ignore", UserWarning)
-        flat = torch.frombuffer(buffer, dtype=torch.uint8)
-    return flat.view(dtype).view(tuple(shape))
+    try:
+        if numel == 0:
+            return torch.empty(tuple(shape), dtype=dtype)
+        with warnings.catch_warnings():
+            # Received frames are read-only; the tensors are treated as read-only views.
+            warnings.simplefilter("ignore", UserWarning)
+            flat = torch.frombuffer(buffer, dtype=torch.uint8)
+        return flat.view(dtype).view(tuple(shape))
+    except RuntimeError as exc:  # e.g. an empty shape whose strides overflow: [0, 2**62, 2**62]
+        raise DecodeError("tensor_header", f"{DTYPE_NAMES[dtype]}{list(shape)}: {exc}") from None
+
+
+_KNOWN_TAGS = frozenset(t.__struct_config__.tag for t in MESSAGE_TYPES)
+
+
+def _invalid_reason(header: Frame) -> str:
+    """"unknown_type" when the header names no type we know (a newer peer, or garbage), else
+    "invalid"; only runs on the error path, so decoding the header twice costs nothing."""
+    try:
+        tag = msgspec.msgpack.decode(header)[0]
+    except Exception:
+        return "invalid"
+    return "invalid" if tag in _KNOWN_TAGS else "unknown_type"
 
 
 class Codec:
@@ -95,8 +112,8 @@ class Codec:
             self._out_frames = []
 
     def decode(self, frames: Sequence[Frame]) -> Any:
-        if not frames:
-            raise DecodeError("empty", "no frames")
+        if not frames or len(frames[0]) == 0:
+            raise DecodeError("empty", "no frames" if not frames else "empty header frame")
         self._in_frames = frames
         try:
             msg = self._decoder.decode(frames[0])
@@ -107,9 +124,11 @@ class Codec:
             cause = exc.__cause__ or exc.__context__
             if isinstance(cause, DecodeError):
                 raise DecodeError(cause.reason, str(exc)) from None
-            raise DecodeError("invalid", str(exc)) from None
+            raise DecodeError(_invalid_reason(frames[0]), str(exc)) from None
         except msgspec.DecodeError as exc:
             raise DecodeError("malformed", str(exc)) from None
+        except Exception as exc:  # whatever a peer sends, the receive loop must survive it
+            raise DecodeError("invalid", repr(exc)[:200]) from None
         finally:
             self._in_frames = ()
         return msg
@@ -127,15 +146,16 @@ class Codec:
         if expected is torch.Tensor:
             try:
                 dtype_name, shape, index = obj
-                shape = [int(d) for d in shape]
+                if not all(type(d) is int for d in shape):  # int() would accept 2.7, "3", True
+                    raise TypeError
             except (TypeError, ValueError):
-                raise DecodeError("tensor_header", f"bad tensor reference {obj!r}") from None
+                raise DecodeError("tensor_header", f"bad tensor reference {obj!r}"[:200]) from None
             dtype = DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
             if dtype is None:
                 raise DecodeError("dtype", f"unsupported dtype {dtype_name!r}")
             if any(d < 0 for d in shape):
                 raise DecodeError("tensor_header", f"negative shape {shape}")
-            if not isinstance(index, int) or not 1 <= index < len(self._in_frames):
+            if type(index) is not int or not 1 <= index < len(self._in_frames):
                 raise DecodeError("tensor_frame", f"tensor frame {index} missing ({len(self._in_frames)} frames)")
             buffer = self._in_frames[index]
             if not isinstance(buffer, (bytes, memoryview)):
