@@ -1,0 +1,103 @@
+"""CURVE on tcp: only a peer with the run's client key gets messages through; a wrong key or
+no CURVE at all delivers nothing, and the right peer still works afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import structlog
+import zmq
+import zmq.asyncio
+
+from respec_async.endpoints import free_tcp_port
+from transport.channels import Kind, open_channel
+from transport.schema import Ping
+from transport.security import Security, start_authenticator
+
+REFUSED_WITHIN_S = 1.5
+
+
+async def nothing_arrives(channel, timeout: float = REFUSED_WITHIN_S) -> bool:
+    try:
+        await asyncio.wait_for(channel.recv(), timeout)
+    except TimeoutError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("kind, peer_kind", [(Kind.ROUTER, Kind.DEALER), (Kind.PULL, Kind.PUSH)])
+def test_only_the_runs_client_key_gets_through(kind, peer_kind, tmp_path):
+    keys = Security.generate()
+    keys.save(tmp_path / "keys.json")
+    run = Security.load(tmp_path / "keys.json")
+    assert (tmp_path / "keys.json").stat().st_mode & 0o777 == 0o600
+    other = Security.generate()
+    wrong_client = Security(False, run.server_public, b"", other.client_public, other.client_secret)
+    endpoint = f"tcp://127.0.0.1:{free_tcp_port('127.0.0.1')}"
+
+    async def main():
+        ctx = zmq.asyncio.Context()
+        auth = start_authenticator(ctx, run)
+        server = open_channel(ctx, kind, endpoint, bind=True, security=run)
+        try:
+            def peer(security, seq, identity):
+                channel = open_channel(ctx, peer_kind, endpoint, bind=False, security=security,
+                                       identity=identity if peer_kind is Kind.DEALER else None)
+                return channel, channel.send(Ping(seq=seq, sent_at=0.0))
+
+            # A client key the run does not know: the ZAP handler refuses the handshake.
+            wrong, sending = peer(wrong_client, 1, b"wrong")
+            await sending
+            assert await nothing_arrives(server), "a peer with the wrong client key got through"
+            # No CURVE at all against a CURVE server: the handshake never completes.
+            plain, sending = peer(Security(insecure=True), 2, b"plain")
+            await sending
+            assert await nothing_arrives(server), "a peer without CURVE got through"
+            # The run's client key: delivered, and the refused peers did not break the server.
+            legit, sending = peer(run, 3, b"legit")
+            await sending
+            envelope = await asyncio.wait_for(server.recv(), 10)
+            assert envelope.message == Ping(seq=3, sent_at=0.0)
+            if kind is Kind.ROUTER:
+                assert envelope.identity == b"legit"
+            assert await nothing_arrives(server, 0.5), "a refused peer's queued message arrived later"
+            await legit.send(Ping(seq=4, sent_at=0.0))
+            assert (await asyncio.wait_for(server.recv(), 10)).message.seq == 4
+        finally:
+            auth.stop()
+            ctx.destroy(linger=0)
+
+    asyncio.run(main())
+
+
+def test_tcp_without_security_is_refused():
+    ctx = zmq.asyncio.Context()
+    try:
+        with pytest.raises(ValueError, match="need a Security"):
+            open_channel(ctx, Kind.PULL, "tcp://127.0.0.1:1", bind=True)
+        with pytest.raises(ValueError, match="without CURVE keys"):
+            open_channel(ctx, Kind.PULL, "tcp://127.0.0.1:1", bind=True, security=Security())
+    finally:
+        ctx.destroy(linger=0)
+
+
+def test_insecure_tcp_works_without_keys_and_warns():
+    endpoint = f"tcp://127.0.0.1:{free_tcp_port('127.0.0.1')}"
+    insecure = Security(insecure=True)
+
+    async def main():
+        ctx = zmq.asyncio.Context()
+        try:
+            with structlog.testing.capture_logs() as logs:
+                assert start_authenticator(ctx, insecure) is None
+            pull = open_channel(ctx, Kind.PULL, endpoint, bind=True, security=insecure)
+            push = open_channel(ctx, Kind.PUSH, endpoint, bind=False, security=insecure)
+            await push.send(Ping(seq=1, sent_at=0.0))
+            return logs, (await asyncio.wait_for(pull.recv(), 10)).message
+        finally:
+            ctx.destroy(linger=0)
+
+    logs, message = asyncio.run(main())
+    assert message == Ping(seq=1, sent_at=0.0)
+    assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["transport.insecure"]
