@@ -4,6 +4,7 @@
     respec launch --resume RUN_DIR             continue a run from its last checkpoint
     respec config show CONFIG [--set a.b=c]    print the resolved config (validated)
     respec report RUN_DIR                      write PNG plots of the run's metrics
+    respec eval RUN_DIR                        held-out accuracy: initial actor vs last checkpoint
 
 Config errors are reported as one line naming the file and the dotted key, before anything
 starts, with exit code 2.
@@ -37,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="write PNG plots of a run's metrics")
     report.add_argument("run_dir", type=Path)
 
+    evaluate = commands.add_parser("eval", help="held-out accuracy of a run: initial actor vs last checkpoint")
+    evaluate.add_argument("run_dir", type=Path)
+    evaluate.add_argument("--num-prompts", type=int, default=None, help="default: data.eval_size of the run")
+
     config = commands.add_parser("config", help="inspect configs")
     config_commands = config.add_subparsers(dest="config_command", required=True)
     show = config_commands.add_parser("show", help="print the resolved config")
@@ -52,6 +57,11 @@ def main(argv: list[str] | None = None) -> int:
 
         for path in write_report(args.run_dir):
             print(path)
+        return 0
+    if args.command == "eval":
+        from respec_async.summary import print_eval
+
+        print_eval(args.run_dir, args.num_prompts)
         return 0
     if args.command == "launch" and args.resume is not None:
         if args.config:
@@ -73,7 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "launch":
         from respec_async.supervisor import launch
 
-        return launch(config, run_dir)
+        code, run_dir = launch(config, run_dir)
+        if code == 0 and config.roles.trainer:
+            from respec_async.summary import print_summary
+
+            print_summary(run_dir)
+        return code
     raise AssertionError(args.command)
 
 

@@ -91,6 +91,7 @@ class GeneratorSection(Section):
     sd_top_k: PosInt = 1  # static SD config: children per node (t); 1 = chain
     sd_num_draft_tokens: PosInt = 4  # static SD config: draft tokens verified (n)
     num_threads: PosInt = 1  # torch intra-op threads in this role
+    verify_weights: bool = True  # checksum the weights after each swap against the trainer's
 
 
 class RewardSection(Section):

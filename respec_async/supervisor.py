@@ -337,8 +337,8 @@ class Supervisor:
                     role.state = "stopped"
 
 
-def launch(config: Config, run_dir: Path | None = None) -> int:
-    """Create (or reuse) the run directory and supervise the run; returns the exit code."""
+def launch(config: Config, run_dir: Path | None = None) -> tuple[int, Path]:
+    """Create (or reuse) the run directory and supervise the run; returns (exit code, run dir)."""
     import uvloop
 
     from respec_async.models import resolve_models
@@ -357,4 +357,4 @@ def launch(config: Config, run_dir: Path | None = None) -> int:
     async def main() -> int:
         return await Supervisor(config, run_dir).run()
 
-    return uvloop.run(main())
+    return uvloop.run(main()), run_dir
