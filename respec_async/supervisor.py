@@ -341,9 +341,9 @@ def launch(config: Config, run_dir: Path | None = None) -> tuple[int, Path]:
     """Create (or reuse) the run directory and supervise the run; returns (exit code, run dir)."""
     import uvloop
 
-    from respec_async.models import resolve_models
-
     if config.roles.generator or config.roles.trainer:
+        from respec_async.models import resolve_models
+
         config = resolve_models(config)
     if run_dir is None:
         run_dir = create_run_dir(config)
