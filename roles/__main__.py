@@ -24,6 +24,9 @@ from transport.security import Security
 # kind -> "module:ActorClass", imported only when that role is started.
 ROLE_CLASSES = {
     "echo": "roles.echo:EchoActor",
+    "generator": "roles.generator:GeneratorActor",
+    "reward": "roles.reward:RewardActor",
+    "trainer": "roles.trainer:TrainerActor",
 }
 
 

@@ -1,0 +1,68 @@
+"""Held-out accuracy of an actor: `respec eval RUN_DIR` (initial model vs last checkpoint) or
+`respec eval --model DIR CONFIG`.
+
+Samples one completion per held-out prompt with the run's sampling settings (pass@1 at the
+training temperature) and, separately, greedily, using the same engine the generators use,
+and scores them with the task's rule reward. Prompts come from the task's held-out split,
+which never overlaps the training stream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from respec_async.config import Config
+from respec_async.engine.checkpoint import load_pretrained
+from respec_async.engine.engine import Engine, Request
+from respec_async.engine.sampling import SamplingParams
+from respec_async.engine.tokenizer import Tokenizer
+from respec_async.prompts import PromptSource, rule_reward
+
+
+@dataclass
+class EvalResult:
+    model: str
+    num_prompts: int
+    sampled_accuracy: float  # at the run's temperature / top-p / top-k
+    greedy_accuracy: float
+
+
+def evaluate_model(config: Config, model_dir: Path | str, num_prompts: int | None = None, seed: int = 1234) -> EvalResult:
+    model = load_pretrained(model_dir, dtype=torch.float32, device=config.model.device).eval()
+    tokenizer = Tokenizer.from_dir(Path(config.model.path))
+    prompts = PromptSource(config)
+    n = num_prompts or config.data.eval_size
+    examples = [prompts.eval_example(i) for i in range(n)]
+    s = config.sampling
+    stop = (tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ()
+    accuracies = []
+    for temperature in (s.temperature, 0.0):
+        params = SamplingParams(temperature=temperature, top_p=s.top_p, top_k=s.top_k,
+                                max_new_tokens=s.max_new_tokens, stop_token_ids=stop)
+        engine = Engine(model, None, max_batch_size=config.generator.max_batch_size,
+                        max_seq_len=config.generator.max_seq_len, seed=seed)
+        requests = [Request(str(i), ex.prompt_ids, params) for i, ex in enumerate(examples)]
+        with torch.inference_mode():
+            completions = {c.request_id: c for c in engine.generate(requests, None)}
+        correct = 0
+        for i, ex in enumerate(examples):
+            text = tokenizer.decode(completions[str(i)].output_ids)
+            correct += rule_reward(ex.data_source, text, ex.answer) >= 1.0
+        accuracies.append(correct / n)
+    return EvalResult(str(model_dir), n, accuracies[0], accuracies[1])
+
+
+def evaluate_run(run_dir: Path, num_prompts: int | None = None) -> tuple[EvalResult, EvalResult | None]:
+    """(initial actor, last checkpoint) of a run; the second is None before any checkpoint."""
+    import msgspec
+
+    from respec_async.training import latest_checkpoint
+
+    config = msgspec.json.decode((run_dir / "config.json").read_bytes(), type=Config)
+    before = evaluate_model(config, config.model.path, num_prompts)
+    checkpoint = latest_checkpoint(run_dir)
+    after = evaluate_model(config, checkpoint / "actor", num_prompts) if checkpoint else None
+    return before, after

@@ -1,0 +1,53 @@
+"""Where a run's models come from: resolve the configured paths (the tiny zoo when none are
+given) once, in the supervisor, then load them in each role.
+
+Resolving in the supervisor means the zoo is trained at most once per machine (it is cached),
+before any role starts, and every role then loads the same explicit directories.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from respec_async.config import Config
+from respec_async.engine.checkpoint import load_pretrained
+from respec_async.engine.tokenizer import Tokenizer
+
+
+def resolve_models(config: Config) -> Config:
+    """Fill model.path (and model.drafter_path when SD is on) with the zoo's directories when the
+    config leaves them empty, training the zoo first if it is not cached."""
+    needs_drafter = config.generator.sd != "off" or config.roles.drafter_learner > 0
+    if config.model.path and (config.model.drafter_path or not needs_drafter):
+        return config
+    from respec_async.zoo import ensure_zoo
+
+    zoo = ensure_zoo()
+    if not config.model.path:
+        config.model.path = str(zoo.target_dir)
+    if needs_drafter and not config.model.drafter_path:
+        config.model.drafter_path = str(zoo.drafter_dir)
+    return config
+
+
+def _dtype(config: Config) -> torch.dtype:
+    return torch.bfloat16 if config.model.dtype == "bfloat16" else torch.float32
+
+
+def load_tokenizer(config: Config) -> Tokenizer:
+    return Tokenizer.from_dir(Path(config.model.path))
+
+
+def load_target(config: Config) -> tuple[torch.nn.Module, Tokenizer]:
+    model = load_pretrained(config.model.path, dtype=_dtype(config), device=config.model.device).eval()
+    model.requires_grad_(False)
+    return model, load_tokenizer(config)
+
+
+def load_drafter(config: Config, target: torch.nn.Module) -> torch.nn.Module:
+    from respec_async.engine.drafter import Eagle3Drafter
+
+    drafter = Eagle3Drafter.load_pretrained(config.model.drafter_path, target.embed_tokens)
+    return drafter.to(device=config.model.device, dtype=_dtype(config)).eval()

@@ -1,0 +1,59 @@
+"""Prompts for the trainer and the evaluator, and the rule reward that scores their answers.
+
+A `PromptSource` maps a position in the data stream to an `Example` deterministically, so the
+trainer's data position is a single integer (group_id) and a resumed run sees the same prompts.
+The zoo's arithmetic task and JSONL prompt/answer files (GSM8K-style, scored by final-answer
+exact match) are supported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from respec_async.config import Config
+from respec_async.engine.tokenizer import Tokenizer
+from respec_async.tasks import arithmetic, math
+from respec_async.tasks.dataset import JsonlDataset
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt_ids: list[int]
+    prompt_text: str
+    answer: str
+    data_source: str  # which rule scores it: "arithmetic" | "math"
+
+
+class PromptSource:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.tokenizer = Tokenizer.from_dir(Path(config.model.path))
+        self.dataset = JsonlDataset(config.data.path, seed=config.run.seed) if config.data.task == "jsonl" else None
+
+    def _example(self, prompt: str, answer: str, data_source: str) -> Example:
+        ids = self.tokenizer.encode(prompt)
+        if self.tokenizer.bos_token_id is not None:
+            ids = [self.tokenizer.bos_token_id, *ids]
+        return Example(ids, prompt, answer, data_source)
+
+    def train_example(self, position: int) -> Example:
+        if self.dataset is not None:
+            record = self.dataset.record_at(position)
+            return self._example(record.prompt, record.answer, "math")
+        p = arithmetic.problem(position, seed=self.config.run.seed, split="train")
+        return self._example(p.prompt, p.answer, "arithmetic")
+
+    def eval_example(self, index: int) -> Example:
+        if self.dataset is not None:
+            raise ValueError("data.task = \"jsonl\": held-out evaluation needs the arithmetic task")
+        p = arithmetic.problem(index, seed=self.config.run.seed, split="heldout")
+        return self._example(p.prompt, p.answer, "arithmetic")
+
+
+def rule_reward(data_source: str, completion_text: str, answer: str) -> float:
+    if data_source == "arithmetic":
+        return arithmetic.reward(completion_text, answer)
+    if data_source == "math":
+        return math.reward(completion_text, answer)
+    raise ValueError(f"no rule reward for data source {data_source!r}")

@@ -1,0 +1,48 @@
+"""The end-of-run summary printed by `respec launch`, and `respec eval`'s table.
+
+The summary states what a user wants to know first: did reward go up (mean of the first ten
+steps vs the last ten), did held-out accuracy go up (initial actor vs final checkpoint), how
+fast, how stale, and where the plots and logs are.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from respec_async.evaluate import EvalResult, evaluate_run
+from respec_async.metrics import read_metrics
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def print_eval(run_dir: Path, num_prompts: int | None = None) -> tuple[EvalResult, EvalResult | None]:
+    before, after = evaluate_run(run_dir, num_prompts)
+    print(f"held-out accuracy on {before.num_prompts} prompts (sampled at the run's temperature / greedy):")
+    print(f"  initial actor    {100 * before.sampled_accuracy:5.1f}% / {100 * before.greedy_accuracy:5.1f}%")
+    if after is not None:
+        print(f"  last checkpoint  {100 * after.sampled_accuracy:5.1f}% / {100 * after.greedy_accuracy:5.1f}%")
+        print(f"  change           {100 * (after.sampled_accuracy - before.sampled_accuracy):+5.1f} points / "
+              f"{100 * (after.greedy_accuracy - before.greedy_accuracy):+5.1f} points")
+    return before, after
+
+
+def print_summary(run_dir: Path) -> None:
+    records = read_metrics(run_dir / "metrics.jsonl")
+    if not records:
+        print(f"run {run_dir}: no training steps recorded")
+        return
+    first = _mean([r.reward_mean for r in records[:10]])
+    last = _mean([r.reward_mean for r in records[-10:]])
+    wall_s = records[-1].time - records[0].time
+    print()
+    print(f"run {run_dir.name}: {len(records)} steps in {wall_s:.0f}s "
+          f"({sum(r.num_tokens for r in records) / max(wall_s, 1e-9):.0f} completion tokens/s overall)")
+    print(f"  mean reward      first 10 steps {first:.3f} -> last 10 steps {last:.3f} ({last - first:+.3f})")
+    print(f"  staleness        max {max(r.staleness_max for r in records)} versions behind")
+    accept = [r.acceptance_length for r in records if r.acceptance_length]
+    if accept:
+        print(f"  SD acceptance    {_mean(accept):.2f} tokens per verify step")
+    print_eval(run_dir)
+    print(f"  plots: respec report {run_dir}    metrics: {run_dir / 'metrics.jsonl'}    logs: {run_dir / 'logs'}")

@@ -1,0 +1,124 @@
+"""The trainer's compute: the actor model, its optimizer, one GRPO step per batch, checkpoints.
+
+`ActorTrainer` is plain synchronous PyTorch; the trainer role calls it from its compute thread.
+A checkpoint holds the actor (safetensors, Hugging Face layout), the optimizer state, the
+policy version and the data position, written to a temporary directory and renamed into place,
+so a crash mid-write never leaves a half checkpoint that a resume would pick up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from respec_async.algorithms.grpo import LossStats, completion_logprobs, group_advantages, grpo_loss
+from respec_async.config import Config
+from respec_async.engine.checkpoint import load_pretrained, save_pretrained
+from respec_async.prompts import Example, PromptSource
+from transport.schema import ScoredGroup
+
+
+def checkpoints_dir(run_dir: Path) -> Path:
+    return run_dir / "checkpoints"
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = []
+    for path in checkpoints_dir(run_dir).glob("step-*"):
+        if (path / "trainer.json").exists():
+            found.append((int(path.name.split("-")[1]), path))
+    return max(found)[1] if found else None
+
+
+@dataclass
+class TrainStats(LossStats):
+    grad_norm: float = 0.0
+
+
+class ActorTrainer:
+    def __init__(self, config: Config, run_dir: Path) -> None:
+        self.config = config
+        self.run_dir = run_dir
+        dtype = torch.bfloat16 if config.model.dtype == "bfloat16" else torch.float32
+        # The master weights stay float32 on CPU-sized models; bf16 is for the forward on GPU.
+        self.model = load_pretrained(config.model.path, dtype=torch.float32, device=config.model.device)
+        self.compute_dtype = dtype
+        self.model.train()
+        self.reference = None
+        if config.trainer.kl_coef > 0:
+            self.reference = load_pretrained(config.model.path, dtype=dtype, device=config.model.device).eval()
+        t = config.trainer
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay,
+                                           betas=(0.9, 0.99))
+        self.prompts = PromptSource(config)
+        self.version = 0
+
+    def train_example(self, group_id: int) -> Example:
+        return self.prompts.train_example(group_id)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.model.state_dict()
+
+    def train_step(self, batch: list[ScoredGroup]) -> TrainStats:
+        t = self.config.trainer
+        temperature = self.config.sampling.temperature
+        rewards = torch.tensor([g.rewards for g in batch], dtype=torch.float32)
+        advantages = group_advantages(rewards, normalize_std=t.normalize_std).reshape(-1)
+        samples = [(g.group.prompt_ids, r) for g in batch for r in g.rollouts]
+        total_tokens = max(sum(len(r.completion_ids) for _, r in samples), 1)
+        device = next(self.model.parameters()).device
+        self.optimizer.zero_grad(set_to_none=True)
+        totals = dict(loss=0.0, policy_loss=0.0, kl=0.0, clip_fraction=0.0, is_weight_mean=0.0,
+                      is_truncated_fraction=0.0)
+        for start in range(0, len(samples), t.micro_batch_size):
+            chunk = samples[start:start + t.micro_batch_size]
+            prompts = [p for p, _ in chunk]
+            completions = [r.completion_ids for _, r in chunk]
+            with torch.autocast(device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32):
+                logprobs, mask = completion_logprobs(self.model, prompts, completions, temperature)
+            behaviour = torch.zeros_like(logprobs)
+            for i, (_, r) in enumerate(chunk):
+                behaviour[i, : len(r.completion_ids)] = r.behaviour_logprobs.to(device)
+            ref = None
+            if self.reference is not None:
+                with torch.no_grad():
+                    ref, _ = completion_logprobs(self.reference, prompts, completions, temperature)
+            # One optimizer step per batch: the proximal policy is the current one (ratio 1 with
+            # gradient); the staleness of the sampler is corrected by the truncated IS weight.
+            loss, stats = grpo_loss(
+                logprobs, logprobs.detach(), behaviour, advantages[start:start + len(chunk)].to(device), mask,
+                clip_low=t.clip_low, clip_high=t.clip_high, is_cap=t.is_cap, ref_logprobs=ref, kl_coef=t.kl_coef,
+            )
+            share = stats.num_tokens / total_tokens  # token-level mean over the whole batch
+            (loss * share).backward()
+            for key in totals:
+                totals[key] += getattr(stats, key) * share
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        self.optimizer.step()
+        self.version += 1
+        return TrainStats(num_tokens=total_tokens, grad_norm=float(grad_norm), **totals)
+
+    def save_checkpoint(self) -> Path:
+        final = checkpoints_dir(self.run_dir) / f"step-{self.version}"
+        tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        save_pretrained(self.model, tmp / "actor")
+        torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+        (tmp / "trainer.json").write_text(json.dumps({"version": self.version}))
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        return final
+
+    def load_checkpoint(self, path: Path) -> None:
+        loaded = load_pretrained(path / "actor", dtype=torch.float32, device=self.config.model.device)
+        self.model.load_state_dict(loaded.state_dict())
+        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        self.version = json.loads((path / "trainer.json").read_text())["version"]

@@ -1,0 +1,170 @@
+"""Generator role: the inference engine behind a mailbox.
+
+Prompt groups arrive from the trainer; each sample becomes an engine request. The role's loop
+steps the engine in the compute thread (continuous batching: finished sequences leave, queued
+ones enter), and sends every finished group to a reward role with per-token behaviour
+log-probs, the policy versions it was generated under and SD statistics. New actor (and
+drafter) weights are received by their own tasks into staging tensors while the engine keeps
+stepping, and swapped in between two steps. The role does not generate before it holds the
+trainer's weights, so a restarted generator never samples from stale ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from respec_async.actor import Actor, handles
+from respec_async.engine.engine import Completion, Engine, Request, SDConfig
+from respec_async.engine.sampling import SamplingParams
+from respec_async.models import load_drafter, load_target
+from respec_async.weight_sync import WeightMember
+from transport.weights import weights_checksum
+from transport.schema import GeneratorHello, GroupFormation, PromptGroup, Rollout, RolloutGroup, WeightsUpdate
+
+
+@dataclass
+class GroupInFlight:
+    group: PromptGroup
+    started_at: float
+    rollouts: dict[int, Rollout] = field(default_factory=dict)
+    start_versions: dict[int, int] = field(default_factory=dict)
+
+
+class GeneratorActor(Actor):
+    async def setup(self) -> None:
+        cfg = self.ctx.config
+        torch.set_num_threads(cfg.generator.num_threads)
+        self.target, self.tokenizer = await self.run_blocking(load_target, cfg)
+        self.drafter = await self.run_blocking(load_drafter, cfg, self.target) if cfg.generator.sd != "off" else None
+        g = cfg.generator
+        self.engine = Engine(self.target, self.drafter, max_batch_size=g.max_batch_size, max_seq_len=g.max_seq_len,
+                             seed=cfg.run.seed * 1000 + self.ctx.index)
+        s = cfg.sampling
+        stop = (self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id is not None else ()
+        self.params = SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                                     max_new_tokens=s.max_new_tokens, stop_token_ids=stop)
+        self.static_sd = SDConfig(g.sd_num_steps, g.sd_top_k, g.sd_num_draft_tokens) if g.sd != "off" else None
+        self.policy_version = -1  # nothing to generate with until the trainer's weights arrive
+        self.actor_weights = WeightMember(self, "actor", "trainer-0", cfg.trainer.weight_sync_timeout_s,
+                                          cfg.model.device)
+        self.pending: asyncio.Queue[PromptGroup] = asyncio.Queue()
+        self.in_flight: dict[tuple[int, int], GroupInFlight] = {}
+        self.wake = asyncio.Event()
+        self.num_groups_done = 0
+        self.busy_s = 0.0  # stepping the engine
+        self.idle_s = 0.0  # nothing to generate (waiting for prompts or for weights)
+        self.reward_roles = sorted(n for n in self.ctx.endpoints.inboxes if n.startswith("reward-"))
+        await self.actor_weights.join()
+        await self.send("trainer-0", GeneratorHello(role=self.name, restart_count=self.ctx.restart_count))
+
+    @handles
+    async def on_prompt_group(self, message: PromptGroup) -> None:
+        self.pending.put_nowait(message)
+        self.wake.set()
+
+    @handles
+    async def on_group_formation(self, message: GroupFormation) -> None:
+        self.actor_weights.on_message(message)
+
+    @handles
+    async def on_weights_update(self, message: WeightsUpdate) -> None:
+        self.actor_weights.on_message(message)
+
+    def _swap_in_staged(self) -> None:
+        staged = self.actor_weights.take()
+        if staged is None:
+            return
+        version, tensors, checksum = staged
+        started = time.perf_counter()
+        self.engine.load_target_state(tensors)
+        self.policy_version = version
+        fields = {}
+        if self.ctx.config.generator.verify_weights:
+            # Checksum what the engine now holds, not what arrived: proves the swap itself.
+            held = weights_checksum(self.target.state_dict())
+            fields = {"checksum": held[:12], "matches": held == checksum}
+            if held != checksum:
+                self.log.error("weights.checksum_mismatch", version=version, expected=checksum[:12], held=held[:12])
+        self.log.info("weights.applied", version=version, seconds=round(time.perf_counter() - started, 4), **fields)
+
+    def _admit(self) -> None:
+        while not self.pending.empty():
+            group = self.pending.get_nowait()
+            key = (group.group_id, group.attempt)
+            self.in_flight[key] = GroupInFlight(group, time.perf_counter())
+            for i in range(group.num_samples):
+                self.engine.add_request(Request(f"{group.group_id}:{group.attempt}:{i}", group.prompt_ids, self.params))
+                self.in_flight[key].start_versions[i] = self.policy_version
+
+    def _sd_choice(self, active: int) -> SDConfig | None:
+        return self.static_sd
+
+    def _step(self) -> list[Completion]:
+        """One engine step, in the compute thread; swaps staged weights first."""
+        self._swap_in_staged()
+        return self.engine.step(self._sd_choice(self.engine.num_active))
+
+    def _record(self, completion: Completion) -> GroupInFlight | None:
+        group_id, attempt, index = (int(x) for x in completion.request_id.split(":"))
+        flight = self.in_flight.get((group_id, attempt))
+        if flight is None:
+            return None
+        flight.rollouts[index] = Rollout(
+            sample_index=index, completion_ids=list(completion.output_ids),
+            behaviour_logprobs=torch.tensor(completion.logprobs, dtype=torch.float32),
+            min_policy_version=flight.start_versions[index], max_policy_version=self.policy_version,
+            finish_reason=completion.finish_reason, num_drafted=completion.num_drafted,
+            num_accepted=completion.num_accepted, num_verify_steps=completion.num_verify_steps,
+            num_decode_steps=completion.num_decode_steps,
+        )
+        return flight if len(flight.rollouts) == flight.group.num_samples else None
+
+    async def main(self) -> None:
+        await self.actor_weights.arrived.wait()
+        await self.run_blocking(self._swap_in_staged)
+        await self.notify("generator.ready", version=self.policy_version)
+        last_report = time.perf_counter()
+        while True:
+            self._admit()
+            if time.perf_counter() - last_report > 5.0:
+                last_report = time.perf_counter()
+                self.log.info("generator.utilization", busy_s=round(self.busy_s, 3), idle_s=round(self.idle_s, 3),
+                              num_groups_done=self.num_groups_done, version=self.policy_version)
+            if self.engine.num_active == 0 and self.engine.num_waiting == 0:
+                idle_from = time.perf_counter()
+                self.wake.clear()
+                waiter = asyncio.create_task(self.wake.wait())
+                weights = asyncio.create_task(self.actor_weights.arrived.wait())
+                await asyncio.wait({waiter, weights}, return_when=asyncio.FIRST_COMPLETED, timeout=5.0)
+                waiter.cancel()
+                weights.cancel()
+                self.idle_s += time.perf_counter() - idle_from
+                if self.actor_weights.arrived.is_set():
+                    await self.run_blocking(self._swap_in_staged)
+                continue
+            busy_from = time.perf_counter()
+            completions = await self.run_blocking(self._step)
+            self.busy_s += time.perf_counter() - busy_from
+            for completion in completions:
+                flight = self._record(completion)
+                if flight is not None:
+                    await self._finish(flight)
+
+    async def teardown(self) -> None:
+        if not hasattr(self, "busy_s"):
+            return  # setup did not get this far
+        self.log.info("generator.utilization", busy_s=round(self.busy_s, 3), idle_s=round(self.idle_s, 3),
+                      num_groups_done=self.num_groups_done, version=self.policy_version)
+
+    async def _finish(self, flight: GroupInFlight) -> None:
+        group = flight.group
+        del self.in_flight[(group.group_id, group.attempt)]
+        rollouts = [flight.rollouts[i] for i in range(group.num_samples)]
+        reward_role = self.reward_roles[self.num_groups_done % len(self.reward_roles)]
+        self.num_groups_done += 1
+        await self.send(reward_role, RolloutGroup(group=group, rollouts=rollouts, generator=self.name,
+                                                  generation_s=time.perf_counter() - flight.started_at))

@@ -1,0 +1,156 @@
+"""Trainer role: owns the data stream, the actor's optimizer and the policy version.
+
+Loop (one optimizer step per policy version):
+  1. hand out every prompt group admission control allows (see respec_async.admission), to the
+     generator with the fewest groups outstanding;
+  2. wait for the scored groups of this step (they come back from the reward role);
+  3. GRPO step on them in the compute thread (the event loop keeps receiving meanwhile);
+  4. bump the version, broadcast the new weights to generators (and the drafter learner),
+     write metrics, checkpoint every `checkpoint_every` steps.
+With max_staleness k >= 1 the groups of step v+1 are already out while step v trains: that
+is the overlap. A restarted generator gets its outstanding groups re-issued; a restarted
+trainer resumes from its last checkpoint at the same version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import torch
+
+from respec_async.actor import Actor, handles
+from respec_async.admission import Admission
+from respec_async.metrics import MetricsWriter, step_metrics
+from respec_async.training import ActorTrainer, latest_checkpoint
+from respec_async.weight_sync import WeightOwner
+from transport.schema import (
+    GeneratorHello,
+    PromptGroup,
+    ReturnedGroup,
+    ScoredGroup,
+    WeightsJoin,
+)
+
+
+class TrainerActor(Actor):
+    async def setup(self) -> None:
+        cfg = self.ctx.config
+        torch.set_num_threads(cfg.trainer.num_threads)
+        self.generators = [n for n in self.ctx.endpoints.inboxes if n.startswith("generator-")]
+        receivers = self.generators + [n for n in self.ctx.endpoints.inboxes if n.startswith("drafter_learner-")]
+        self.core = await self.run_blocking(ActorTrainer, cfg, self.ctx.run_dir)
+        # Attempts of this incarnation never collide with results of a previous one.
+        self.admission = Admission(cfg.data.groups_per_step, cfg.trainer.max_staleness,
+                                   first_attempt=self.ctx.restart_count << 20)
+        checkpoint = latest_checkpoint(self.ctx.run_dir)
+        if checkpoint is not None:
+            await self.run_blocking(self.core.load_checkpoint, checkpoint)
+            self.log.info("trainer.resumed", checkpoint=str(checkpoint), version=self.core.version)
+            await self.notify("trainer.resumed", version=self.core.version, checkpoint=checkpoint.name)
+        self.admission.reset_to_step(self.core.version)
+        self.weights = WeightOwner(self, "actor", receivers, cfg.trainer.weight_sync_timeout_s, cfg.model.device)
+        self.batch_arrived = asyncio.Event()
+        self.issue_wanted = asyncio.Event()
+        self.metrics = MetricsWriter(self.ctx.run_dir / "metrics.jsonl")
+        self.idle_s = 0.0
+        self.num_returned = 0
+
+    # --- messages ---------------------------------------------------------------------
+
+    @handles
+    async def on_join(self, message: WeightsJoin) -> None:
+        self.weights.on_join(message)
+
+    @handles
+    async def on_generator_hello(self, message: GeneratorHello) -> None:
+        lost = self.admission.outstanding_on(message.role)
+        if lost:
+            self.log.warning("trainer.reissue", generator=message.role, num_groups=len(lost))
+            for group_id in lost:
+                await self._send_group(group_id, reissue=True)
+
+    @handles
+    async def on_scored(self, message: ScoredGroup) -> None:
+        if self.admission.complete(message.group.group_id, message.group.attempt, message):
+            self.batch_arrived.set()
+        else:
+            self.log.info("trainer.ignored_result", group_id=message.group.group_id, attempt=message.group.attempt)
+
+    @handles
+    async def on_returned(self, message: ReturnedGroup) -> None:
+        group_id = message.group.group_id
+        if self.admission.outstanding.get(group_id) is None or \
+                self.admission.outstanding[group_id].attempt != message.group.attempt:
+            return
+        self.num_returned += 1
+        self.log.warning("trainer.group_returned", group_id=group_id, reason=message.reason)
+        await self._send_group(group_id, reissue=True)
+
+    # --- the loop ---------------------------------------------------------------------
+
+    def _pick_generator(self) -> str:
+        load = {g: 0 for g in self.generators}
+        for issued in self.admission.outstanding.values():
+            if issued.generator in load:
+                load[issued.generator] += 1
+        return min(load, key=lambda g: (load[g], g))
+
+    async def _send_group(self, group_id: int, reissue: bool = False) -> None:
+        generator = self._pick_generator()
+        version = self.core.version
+        if reissue:
+            issued = self.admission.reissue(group_id, version, generator)
+        else:
+            issued = self.admission.issue(version, generator)
+        example = self.core.train_example(issued.group_id)
+        group = PromptGroup(
+            group_id=issued.group_id, attempt=issued.attempt, prompt_ids=example.prompt_ids,
+            num_samples=self.ctx.config.data.group_size, policy_version=version,
+            prompt_text=example.prompt_text, answer=example.answer, data_source=example.data_source,
+        )
+        await self.send(generator, group)
+
+    async def _issue_admissible(self) -> None:
+        while self.admission.can_issue(self.core.version) and \
+                self.admission.step_of(self.admission.next_group_id) < self.ctx.config.trainer.num_steps:
+            await self._send_group(self.admission.next_group_id)
+
+    async def main(self) -> None:
+        cfg = self.ctx.config
+        # Everyone starts from the trainer's weights, bit for bit (also after a restart).
+        await self.weights.publish(self.core.state_dict, self.core.version)
+        await self.notify("trainer.started", version=self.core.version, num_steps=cfg.trainer.num_steps)
+        while self.core.version < cfg.trainer.num_steps:
+            step = self.core.version
+            await self._issue_admissible()
+            waited = time.perf_counter()
+            while not self.admission.batch_ready(step):
+                self.batch_arrived.clear()
+                await self.batch_arrived.wait()
+            wait_s = time.perf_counter() - waited
+            batch: list[ScoredGroup] = self.admission.take_batch(step)
+            train_started = time.perf_counter()
+            stats = await self.run_blocking(self.core.train_step, batch)
+            train_s = time.perf_counter() - train_started
+            # The next step's groups can go out as soon as the version moves.
+            await self._issue_admissible()
+            sync = await self.weights.publish(self.core.state_dict, self.core.version)
+            record = step_metrics(step=step, version=self.core.version, batch=batch, loss=stats, wait_s=wait_s,
+                                  train_s=train_s, sync_s=sync.seconds if sync else 0.0,
+                                  num_reissued=self.admission.num_reissued, num_returned=self.num_returned,
+                                  num_duplicates=self.admission.num_duplicates + self.admission.num_stale_results)
+            self.metrics.write(record)
+            await self.notify("train.step", **record.console_fields())
+            every = cfg.trainer.checkpoint_every
+            if (every and self.core.version % every == 0) or self.core.version == cfg.trainer.num_steps:
+                path = await self.run_blocking(self.core.save_checkpoint)
+                self.log.info("trainer.checkpoint", path=str(path), version=self.core.version)
+        await self.notify("trainer.finished", version=self.core.version)
+
+    async def teardown(self) -> None:
+        if hasattr(self, "metrics"):
+            self.metrics.close()
+
+
