@@ -38,7 +38,7 @@ DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 
-Frame = bytes | memoryview
+Frame = bytes | memoryview  # what encode returns; decode also takes zmq.Frames as received
 
 
 class DecodeError(Exception):

@@ -47,6 +47,9 @@ def garbage() -> list[tuple[str, list[bytes]]]:
         ("dtype", [with_dtype("complex64"), frame]),  # a dtype we do not carry
         ("tensor_size", [with_dtype("float64"), frame]),  # a real dtype, wrong for the bytes
         ("empty", [b""]),  # the emptiest multipart ZeroMQ can send
+        # An empty shape whose strides overflow: torch raised RuntimeError, which used to kill
+        # the actor's inbox task (the actor stayed up, deaf).
+        ("tensor_header", [msgspec.msgpack.encode(["TensorMessage", 1, ["t"], [["float32", [0, 2**62, 2**62], 1]]]), b""]),
     ]
 
 
