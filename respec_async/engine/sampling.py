@@ -1,0 +1,90 @@
+"""Sampling: the distribution a request samples from, and drawing tokens from it.
+
+`sampling_logprobs` is the single definition of "the sampling distribution" for given logits:
+temperature, then top-k, then top-p, with -inf outside the support (temperature 0 is greedy,
+a point mass on the argmax). Plain decoding samples from it, speculative decoding verifies
+against it, and every emitted token's behaviour log-prob is read from it, so the three agree
+by construction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0  # keep the smallest set of tokens whose mass reaches top_p; 1 = off
+    top_k: int = 0  # keep the k most likely tokens; 0 = off
+    max_new_tokens: int = 64
+    stop_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.max_new_tokens < 1:
+            raise ValueError(f"invalid sampling params {self}: need temperature >= 0, 0 < top_p <= 1, "
+                             f"top_k >= 0, max_new_tokens >= 1")
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+
+
+def _as_param(value: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A scalar or a per-row tensor, shaped to broadcast against `like[..., :1]`."""
+    value = torch.as_tensor(value, dtype=torch.float32, device=like.device)
+    return value.reshape(value.shape + (1,) * (like.dim() - value.dim()))
+
+
+def sampling_logprobs(logits: torch.Tensor, temperature: float | torch.Tensor = 1.0,
+                      top_p: float | torch.Tensor = 1.0, top_k: int | torch.Tensor = 0) -> torch.Tensor:
+    """Log-probs [..., V] (float32) of the distribution tokens are sampled from.
+
+    Each parameter is a scalar or a tensor whose shape is a prefix of `logits.shape[:-1]`
+    (e.g. one value per row [B] for logits [B, T, V]).
+    """
+    logits = logits.float()
+    temperature = _as_param(temperature, logits)
+    greedy = temperature <= 0
+    scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature)
+
+    top_p = _as_param(top_p, logits)
+    top_k = _as_param(top_k, logits)
+    if bool((top_k > 0).any()) or bool((top_p < 1).any()):
+        sorted_logits, order = scaled.sort(dim=-1, descending=True)
+        rank = torch.arange(logits.shape[-1], device=logits.device)
+        keep_sorted = (top_k <= 0) | (rank < top_k)
+        # top-p on what top-k kept: keep a token while the mass strictly before it is < top_p,
+        # so the most likely token always stays.
+        probs = torch.softmax(sorted_logits.masked_fill(~keep_sorted, float("-inf")), dim=-1)
+        mass_before = probs.cumsum(-1) - probs
+        keep_sorted = keep_sorted & (mass_before < top_p)
+        keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+        scaled = scaled.masked_fill(~keep, float("-inf"))
+
+    logprobs = F.log_softmax(scaled, dim=-1)
+    if bool(greedy.any()):
+        point_mass = torch.full_like(logprobs, float("-inf"))
+        point_mass.scatter_(-1, logits.argmax(-1, keepdim=True), 0.0)
+        logprobs = torch.where(greedy, point_mass, logprobs)
+    return logprobs
+
+
+def sample(logprobs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row of `logprobs` [..., V] -> [...].
+
+    argmax(p / E) with E ~ Exp(1) i.i.d. is an exact sample from p (the exponential race),
+    batched over any leading shape without torch.multinomial's 2-D restriction.
+    """
+    return sample_probs(logprobs.exp(), generator)
+
+
+def sample_probs(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Like `sample`, for unnormalised non-negative weights [..., V] (e.g. a residual)."""
+    race = torch.empty_like(probs).exponential_(generator=generator)
+    return (probs / race).argmax(-1)
+
+
+def token_logprobs(logprobs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log p(token) for tokens [...] under logprobs [..., V]."""
+    return logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
