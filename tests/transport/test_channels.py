@@ -101,5 +101,6 @@ def test_send_waits_when_the_consumer_does_not_read(tmp_path):
 
     num_accepted, still_blocked = asyncio.run(main())
     # Bounded: the two HWMs plus what the kernel's socket buffers hold (a few MiB), not 2000 x 64 KiB.
-    assert num_accepted < 200, f"{num_accepted} messages of 64 KiB accepted without a reader"
+    # (7 on Linux ipc with hwm = 4.)
+    assert 1 <= num_accepted < 200, f"{num_accepted} messages of 64 KiB accepted without a reader"
     assert still_blocked
