@@ -25,10 +25,13 @@ target distribution is renormalised over those ids before the KL, so the loss is
 when the drafter matches the target on the tokens it can propose; the target mass outside the
 draft vocabulary can never be accepted and is reported as `outside_mass`, not trained on.
 
-Attention inside a step is causal over that step's inputs (each step is one batched drafter
-forward with cache=None), so at step j > 0 a chain attends to the other chains' step-j keys
-rather than to step-0 keys built from target features; this is the cheap form of the
-training-time test and is what the per-step agreement statistics measure.
+Attention is the one drafting sees. When the drafter drafts j+1 tokens from root t, its query
+attends to the prefix's keys, built from target features (step-0 entries 0..t), and to the
+keys of its own chain's earlier steps (steps 1..j of chain t), nothing else. Every step is one
+batched drafter call that writes its keys into an unrolling cache at index step * L0 + t
+(L0 = T - 1 chains) and attends through an explicit mask with exactly those entries, so the
+training-time attention equals the inference-time one instead of being causal over the
+other chains' step-j states.
 """
 
 from __future__ import annotations
@@ -110,6 +113,65 @@ def _draft_vocab_ids(drafter: torch.nn.Module, draft_vocab_size: int, target_voc
     return torch.as_tensor(ids, device=device, dtype=torch.long)
 
 
+class _UnrollingCache:
+    """K/V of every unrolled step, in the layout of engine.model.KVCache (k, v: [1 layer, slots,
+    kv_heads, positions, head_dim]) so the drafter writes and reads it as it does when drafting.
+    It grows by one step's worth of entries per step; growing by concatenation (a new tensor)
+    rather than writing into one preallocated buffer keeps every earlier step's keys, which
+    autograd still needs, untouched."""
+
+    def __init__(self, drafter: torch.nn.Module, batch_size: int, device: torch.device, dtype: torch.dtype):
+        config = drafter.config
+        shape = (1, batch_size, config.num_key_value_heads, 0, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+    def extend(self, num_positions: int) -> None:
+        grow = list(self.k.shape)
+        grow[3] = num_positions
+        self.k = torch.cat([self.k, self.k.new_zeros(grow)], dim=3)
+        self.v = torch.cat([self.v, self.v.new_zeros(grow)], dim=3)
+
+
+def _unrolled_mask(num_chains: int, step: int, length: int, batch_size: int, device: torch.device) -> torch.Tensor:
+    """Bool [B, length, (step + 1) * num_chains]: chain t at this step sees step-0 entries 0..t
+    (the prefix, from target features) and its own entries of steps 1..step."""
+    chains = torch.arange(length, device=device)
+    mask = torch.zeros(length, (step + 1) * num_chains, dtype=torch.bool, device=device)
+    mask[:, :num_chains] = torch.arange(num_chains, device=device)[None, :] <= chains[:, None]
+    for earlier in range(1, step + 1):
+        mask[chains, earlier * num_chains + chains] = True
+    return mask.unsqueeze(0).expand(batch_size, -1, -1)
+
+
+def unroll_drafter(drafter: torch.nn.Module, target_features: torch.Tensor | Sequence[torch.Tensor],
+                   input_ids: torch.Tensor, num_steps: int) -> list[torch.Tensor]:
+    """The drafter's logits at every unrolled step: entry j is [B, T - 1 - j, V_draft], row t the
+    prediction of chain t for position t + 1 + j (see module docstring)."""
+    if not isinstance(target_features, torch.Tensor):
+        target_features = torch.cat(list(target_features), dim=-1)
+    batch_size, seq_len = input_ids.shape
+    device = input_ids.device
+    num_chains = seq_len - 1
+    cache = _UnrollingCache(drafter, batch_size, device, next(drafter.parameters()).dtype)
+    slots = torch.arange(batch_size, device=device)
+    hidden = target_features.detach()
+    step_logits = []
+    for step in range(min(num_steps, num_chains)):
+        length = num_chains - step
+        chains = torch.arange(length, device=device)
+        positions = (chains + step).unsqueeze(0).expand(batch_size, -1)
+        cache_positions = (chains + step * num_chains).unsqueeze(0).expand(batch_size, -1)
+        cache.extend(num_chains)
+        # Chain t's input at this step is token x_{t+1+step} with the previous step's hidden.
+        draft_logits, out_hidden = drafter(input_ids[:, 1 + step:], hidden[:, :length], positions, cache=cache,
+                                           slots=slots, cache_positions=cache_positions,
+                                           attn_mask=_unrolled_mask(num_chains, step, length, batch_size, device))
+        step_logits.append(draft_logits)
+        hidden = out_hidden
+    return step_logits
+
+
 def unrolled_distill_loss(
     drafter: torch.nn.Module,
     target_features: torch.Tensor | Sequence[torch.Tensor],
@@ -134,8 +196,6 @@ def unrolled_distill_loss(
     draft_vocab_ids [V_draft]: target ids of the draft vocabulary; by default read from the
         drafter (`draft_vocab_ids` or EAGLE-3's `d2t`), or the identity when V_draft = V.
     """
-    if not isinstance(target_features, torch.Tensor):
-        target_features = torch.cat(list(target_features), dim=-1)
     batch_size, seq_len = input_ids.shape
     if target_logits.shape[:2] != (batch_size, seq_len) or loss_mask.shape != (batch_size, seq_len):
         raise ValueError(f"input_ids {tuple(input_ids.shape)}, target_logits {tuple(target_logits.shape)} "
@@ -147,38 +207,23 @@ def unrolled_distill_loss(
                else torch.as_tensor(sample_weights, dtype=torch.float32, device=device))
     if weights.shape != (batch_size,):
         raise ValueError(f"sample_weights must have shape [{batch_size}], got {tuple(weights.shape)}")
-
     target_logits = target_logits.detach().float() / temperature
-    target_features = target_features.detach()
     loss_mask = loss_mask.to(torch.float32)
+
+    step_logits = unroll_drafter(drafter, target_features, input_ids, num_steps)
+    vocab_ids = draft_vocab_ids
+    if vocab_ids is None and step_logits:
+        vocab_ids = _draft_vocab_ids(drafter, step_logits[0].shape[-1], target_logits.shape[-1], device)
 
     total = torch.zeros((), device=device)
     stats = DistillStats(loss=0.0)
-    hidden = target_features
-    vocab_ids: torch.Tensor | None = draft_vocab_ids
-    resolved_vocab = draft_vocab_ids is not None
-    for step in range(num_steps):
-        # Chains t = 0..length-1 have their step-`step` input token x_{t+1+step} in the sequence.
-        length = seq_len - 1 - step
-        if length <= 0:
-            break
-        step_ids = input_ids[:, 1 + step:]
-        positions = (torch.arange(length, device=device) + step).unsqueeze(0).expand(batch_size, -1)
-        draft_logits, out_hidden = drafter(step_ids, hidden[:, :length], positions)
-        if not resolved_vocab:
-            vocab_ids = _draft_vocab_ids(drafter, draft_logits.shape[-1], target_logits.shape[-1], device)
-            resolved_vocab = True
-
+    for step, draft_logits in enumerate(step_logits):
         full_target = target_logits[:, 1 + step:]
         target_full_logp = F.log_softmax(full_target, dim=-1)
-        if vocab_ids is None:
-            target_logp = target_full_logp
-        else:
-            target_logp = F.log_softmax(full_target[..., vocab_ids], dim=-1)
+        target_logp = (target_full_logp if vocab_ids is None
+                       else F.log_softmax(full_target[..., vocab_ids], dim=-1))
         draft_logp = F.log_softmax(draft_logits.float() / temperature, dim=-1)
-        target_p = target_logp.exp()
-        kl = (target_p * (target_logp - draft_logp)).sum(-1)  # [B, length]
-
+        kl = (target_logp.exp() * (target_logp - draft_logp)).sum(-1)  # [B, T - 1 - step]
         mask = loss_mask[:, 1 + step:]
         num_tokens = mask.sum()
         step_loss = (kl * mask * weights[:, None]).sum() / num_tokens.clamp(min=1.0)
@@ -186,10 +231,9 @@ def unrolled_distill_loss(
 
         with torch.no_grad():
             full_p = target_full_logp.exp()
-            if vocab_ids is not None:
-                full_p = full_p[..., vocab_ids]
             draft_top1 = draft_logits.argmax(-1)
             if vocab_ids is not None:
+                full_p = full_p[..., vocab_ids]
                 draft_top1 = vocab_ids[draft_top1]
             agree = (draft_top1 == full_target.argmax(-1)).float()
             accept = torch.minimum(full_p, draft_logp.exp()).sum(-1)
@@ -199,7 +243,6 @@ def unrolled_distill_loss(
             stats.accept_prob_per_step.append((accept * mask).sum().item() / denominator)
             if step == 0:
                 stats.num_tokens = int(num_tokens.item())
-                stats.outside_mass = (((1.0 - full_p.sum(-1)) * mask).sum().item() / denominator)
-        hidden = out_hidden
+                stats.outside_mass = ((1.0 - full_p.sum(-1)) * mask).sum().item() / denominator
     stats.loss = total.item()
     return total, stats

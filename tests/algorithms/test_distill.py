@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from respec_async.algorithms.distill import reward_weights, unrolled_distill_loss
+from respec_async.algorithms.distill import reward_weights, unroll_drafter, unrolled_distill_loss
+from respec_async.engine.drafter import DrafterConfig, Eagle3Drafter
 
 
 class TokenTableDrafter(torch.nn.Module):
@@ -22,7 +24,10 @@ class TokenTableDrafter(torch.nn.Module):
         self.mix = torch.nn.Linear(hidden_size, vocab_size, bias=False)
         self.hidden_size = hidden_size
 
-    def forward(self, input_ids, hidden, positions, cache=None):
+    config = SimpleNamespace(num_key_value_heads=1, head_dim=2)
+
+    def forward(self, input_ids, hidden, positions=None, cache=None, slots=None, cache_positions=None,
+                attn_mask=None):
         if hidden.shape[-1] != self.hidden_size:
             hidden = self.fc(hidden)
         return self.table(input_ids) + self.mix(hidden), torch.tanh(hidden)
@@ -167,3 +172,49 @@ def test_reward_weights_reject_nan_and_unknown_modes():
         reward_weights([0.0, 1.0], w_min=1.5)
     assert torch.equal(reward_weights([0.0, 1.0], mode="none"), torch.ones(2))
     assert reward_weights([]).numel() == 0
+
+
+def small_eagle3_drafter(vocab_size=11, hidden_size=16, seed=0):
+    torch.manual_seed(seed)
+    config = DrafterConfig(hidden_size=hidden_size, intermediate_size=32, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=vocab_size, draft_vocab_size=vocab_size,
+                           feature_layers=(0, 1, 2))
+    return Eagle3Drafter(config, torch.nn.Embedding(vocab_size, hidden_size))
+
+
+def test_unrolled_steps_attend_as_drafting_does_prefix_from_features_then_own_chain():
+    drafter = small_eagle3_drafter()
+    input_ids, features, _, _ = random_batch(batch_size=2, seq_len=9, vocab_size=11, hidden_size=16)
+    features = torch.cat(features, -1)
+    step_logits = unroll_drafter(drafter, features, input_ids, num_steps=3)
+    assert [tuple(x.shape) for x in step_logits] == [(2, 8, 11), (2, 7, 11), (2, 6, 11)]
+    with torch.no_grad():
+        for root in (0, 3, 5):
+            # Drafting from root t: a causal pass over the prefix entries (x_{s+1}, f_s), s <= t,
+            # followed by the chain's own entries (x_{t+1+j}, h^{j-1}_t) at positions t+j.
+            fused = drafter.fc(features[:, : root + 1])
+            ids = input_ids[:, 1: root + 2]
+            logits, hidden = drafter(ids, fused)
+            assert torch.allclose(logits[:, root], step_logits[0][:, root], atol=1e-5)
+            chain_hidden = hidden[:, root:]
+            for step in (1, 2):
+                ids = torch.cat([ids, input_ids[:, root + 1 + step: root + 2 + step]], 1)
+                logits, hidden = drafter(ids, torch.cat([fused, chain_hidden], 1))
+                assert torch.allclose(logits[:, -1], step_logits[step][:, root], atol=1e-5)
+                chain_hidden = torch.cat([chain_hidden, hidden[:, -1:]], 1)
+
+
+def test_eagle3_drafter_distills_towards_a_fixed_target():
+    drafter = small_eagle3_drafter()
+    input_ids, features, target_logits, loss_mask = random_batch(batch_size=4, seq_len=10, vocab_size=11,
+                                                                 hidden_size=16)
+    optimizer = torch.optim.Adam(drafter.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(15):
+        loss, _ = unrolled_distill_loss(drafter, features, input_ids, target_logits, loss_mask, num_steps=4)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
+    assert drafter.target_embed.weight.grad is None  # the shared target embedding stays frozen
