@@ -4,7 +4,8 @@ A `Channel` owns one `zmq.asyncio` socket and a `Codec`. `send` encodes a messag
 and sends them without copying tensor bytes; `recv` returns the next message that decodes,
 logging, counting and dropping anything that does not, so a peer's garbage never reaches (or
 kills) the actor. High-water marks bound every queue: when a consumer is slow, `send` waits
-instead of letting memory grow.
+instead of letting memory grow (except on PUB, where ZeroMQ drops messages for a subscriber
+that is behind by more than the HWM).
 
 Endpoints are `ipc://` paths inside the run directory by default, or `tcp://host:port`, which
 are CURVE-encrypted and authenticated unless the config says `insecure = true`

@@ -90,3 +90,6 @@ def test_garbage_is_dropped_counted_and_the_actor_keeps_working(launch):  # noqa
     assert not [e for e in run.events() if e.get("event") == "role.restarting"]
     assert not [e for e in run.events("echo-0") if e.get("level") == "error"]
     assert run.stop() == 0, run.output()
+    # The actor's own drop counter (what its Pongs report as num_dropped), logged at exit.
+    stopped = [e for e in run.events("echo-0") if e.get("event") == "role.stopped"]
+    assert [e["num_dropped"] for e in stopped] == [len(expected)]
