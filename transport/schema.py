@@ -133,6 +133,36 @@ class GeneratorHello(Struct):
     restart_count: int
 
 
+# --- reward servers (`respec reward-serve`, reward.source = "zmq://...") -----------------
+
+
+class RewardSample(Struct):
+    """One rollout to score, in the terms reward functions use."""
+
+    rollout_id: str  # "group_id:attempt:sample_index"
+    prompt: str
+    response: str  # the decoded completion
+    label: str  # the ground-truth answer
+    data_source: str = ""
+
+
+class RewardRequest(Struct):
+    """Reward client -> reward server (DEALER -> ROUTER); the reply carries the same call_id."""
+
+    call_id: int
+    samples: list[RewardSample]
+
+
+class RewardResponse(Struct):
+    """Reward server -> client: one reward per sample, in order, or `error` for the whole call."""
+
+    call_id: int
+    rewards: list[float] = []
+    correct: list[bool] = []
+    extra: list[dict[str, float | int | str | bool]] = []  # per sample: the function's other keys, logged
+    error: str = ""
+
+
 # --- weight sync ----------------------------------------------------------------------------
 
 
@@ -193,6 +223,7 @@ Message = (
     Ready | Ping | Pong | Shutdown | RoleFailed | RoleEvent
     | PromptGroup | Rollout | RolloutGroup | ScoredGroup | ReturnedGroup | GeneratorHello
     | TensorSpec | WeightsJoin | GroupFormation | WeightsUpdate
+    | RewardSample | RewardRequest | RewardResponse
     | Echo | TensorMessage
 )
 
