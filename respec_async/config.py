@@ -95,11 +95,22 @@ class GeneratorSection(Section):
 
 
 class RewardSection(Section):
-    source: str = "builtin"  # builtin (the task's rule reward) | python:pkg.mod:fn | http://... | zmq://...
-    max_concurrency: PosInt = 16  # rollouts scored at once
-    timeout_s: PosFloat = 30.0
-    max_retries: NonNegInt = 3
-    on_error: Literal["drop", "zero"] = "drop"  # drop: the group goes back to the trainer and is re-issued
+    # builtin (the task's rule reward) | python:pkg.mod:fn | python:/path/file.py:fn
+    # | http://host:port/path | zmq://host:port (or zmq://ipc:///path). Several http or zmq URLs,
+    # comma-separated, shard the load (round robin; a retry goes to the next URL).
+    source: str = "builtin"
+    batched: bool = False  # python: fn(data_sources, solution_strs, ground_truths, extra_infos) -> list, once per group
+    http_format: Literal["batch", "sample"] = "batch"  # batch: {"query","prompts","labels"} -> {"rewards"}; sample: {"prompt","response","label"} -> number | {"reward"}, one POST per rollout
+    max_concurrency: PosInt = 16  # requests (HTTP/zmq requests, python calls) in flight to the source; also groups being scored at once
+    num_workers: PosInt = 4  # python: threads that run a sync reward function
+    timeout_s: PosFloat = 30.0  # per request / per function call
+    max_retries: NonNegInt = 3  # retries after the first try fails (timeout, error, bad response)
+    retry_backoff_s: PosFloat = 0.5  # retry n waits uniform(0.5, 1) * min(retry_backoff_s * 2**n, retry_backoff_max_s)
+    retry_backoff_max_s: PosFloat = 10.0
+    token_env: str = ""  # http: environment variable holding a bearer token for the Authorization header ("" = none)
+    zmq_keys: str = ""  # zmq over tcp: CURVE keys file shared with `respec reward-serve --keys` (transport.security format)
+    zmq_insecure: bool = False  # zmq over tcp: plain tcp, no CURVE (the server must run with --insecure)
+    on_error: Literal["drop", "zero"] = "drop"  # after retries: drop = the group goes back to the trainer and is re-issued; zero = reward 0, counted in ScoredGroup.num_reward_errors
 
 
 class TrainerSection(Section):
