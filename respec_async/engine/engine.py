@@ -1,0 +1,478 @@
+"""Continuous-batching generation engine with exact speculative decoding.
+
+    engine = Engine(target, drafter, max_batch_size=16, max_seq_len=512, seed=0)
+    completions = engine.generate(requests, sd_policy=lambda batch: SDConfig(4, 1, 4) if batch <= 4 else None)
+
+Every sequence owns a slot of a static, preallocated KV cache (target and drafter). Each
+`step(sd)` admits waiting requests into free slots with one batched prefill, then runs one
+decode step for every active sequence: plain (one token) or speculative with the given
+SDConfig, chosen per step by the caller (ReSpec's adaptive scheduler reads `num_active`
+first). Nothing is reallocated when the mode or the SD config changes between steps.
+
+Per-slot state, all on the device:
+    tokens[slot, :L+1]   the sequence; token L is the last one emitted and not yet in the
+                         target cache (the next forward's input)
+    lengths[slot] = L    tokens whose K/V the target cache holds
+    pending features     target features f_{L-P}..f_{L-1} the drafter has not consumed yet
+                         (P = num_pending >= 1). Drafter cache entry i pairs token x_{i+1}
+                         with f_i at position i (as in algorithms.distill), so entries
+                         0..L-P-1 are valid; the entry at L-1 is the root every draft grows
+                         from. A speculative step first runs the drafter over the pending
+                         entries ("catch-up", EAGLE's re-run on accepted tokens), which
+                         also yields the root's logits and hidden. Plain steps only append
+                         features and catch up in a batch when the buffer fills, so the
+                         drafter is always ready when SD switches back on.
+
+Every emitted token's behaviour log-prob is the target's `sampling_logprobs` of it, read from
+the forward that verified or sampled it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+
+from respec_async.engine.drafter import Eagle3Drafter
+from respec_async.engine.model import KVCache, Transformer
+from respec_async.engine.sampling import SamplingParams, sample, sampling_logprobs, token_logprobs
+from respec_async.engine.speculative import (
+    RelaxedAcceptance, chain_accept, select_tree, tree_accept, tree_attention_mask)
+
+# Target features buffered per slot between drafter catch-ups while SD is off.
+MAX_PENDING_FEATURES = 32
+
+
+@dataclass(frozen=True)
+class SDConfig:
+    """One speculative-decoding configuration (ReSpec's (s, t, n)).
+
+    num_steps s: drafter forwards per step (tree depth). top_k t: children per expanded node;
+    t = 1 is a chain of s sampled drafts (then num_draft_tokens must equal s). num_draft_tokens
+    n: drafted tokens verified per sequence, the best n of the tree (the root is extra).
+    """
+
+    num_steps: int
+    top_k: int = 1
+    num_draft_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_draft_tokens is None:
+            object.__setattr__(self, "num_draft_tokens", self.num_steps if self.top_k == 1 else self.num_steps * self.top_k)
+        s, t, n = self.num_steps, self.top_k, self.num_draft_tokens
+        if s < 1 or t < 1 or n < 1:
+            raise ValueError(f"SDConfig needs num_steps, top_k, num_draft_tokens >= 1, got {self}")
+        if t == 1 and n != s:
+            raise ValueError(f"a chain (top_k 1) verifies its num_steps drafts: num_draft_tokens must be {s}, got {n}")
+        if n > t + (s - 1) * t * t:
+            raise ValueError(f"{self} drafts at most {t + (s - 1) * t * t} candidates, fewer than num_draft_tokens")
+
+    @property
+    def is_chain(self) -> bool:
+        return self.top_k == 1
+
+
+@dataclass
+class Request:
+    request_id: str | int
+    prompt_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass
+class Completion:
+    request_id: str | int
+    prompt_ids: list[int]
+    output_ids: list[int]
+    logprobs: list[float]  # behaviour log-prob of each output token
+    finish_reason: str  # "stop" (a stop token, included in output_ids) or "length"
+    num_drafted: int = 0
+    num_accepted: int = 0
+    num_verify_steps: int = 0
+    num_decode_steps: int = 0  # forwards after the prefill that emitted tokens for this sequence
+    acceptance_length: float = 0.0  # mean (accepted + 1) per verify step; 0 without SD
+
+
+@dataclass
+class StepStats:
+    mode: str  # "plain", "sd" or "idle"
+    sd: SDConfig | None
+    num_active: int  # sequences decoded in this step
+    num_admitted: int
+    num_emitted: int
+    duration_s: float
+
+
+@dataclass
+class _Sequence:
+    request: Request
+    slot: int
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    num_drafted: int = 0
+    num_accepted: int = 0
+    num_verify_steps: int = 0
+    num_decode_steps: int = 0
+
+
+SDPolicy = SDConfig | Callable[[int], SDConfig | None] | None
+
+
+class Engine:
+    def __init__(self, target: Transformer, drafter: Eagle3Drafter | None = None, max_batch_size: int = 16,
+                 max_seq_len: int = 512, seed: int = 0, relaxed: RelaxedAcceptance | None = None,
+                 max_draft_tokens: int = 64):
+        self.target = target.eval()
+        self.drafter = None if drafter is None else drafter.eval()
+        self.max_batch_size = max_batch_size
+        self.max_seq_len = max_seq_len
+        self.max_draft_tokens = max_draft_tokens
+        self.relaxed = relaxed
+        param = next(target.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.generator = torch.Generator(self.device).manual_seed(seed)
+        # Room past max_seq_len for a verified tree, drafter tree entries and catch-up padding.
+        self.cache_len = max_seq_len + max_draft_tokens + MAX_PENDING_FEATURES + 2
+        config = target.config
+        with torch.inference_mode():
+            self.cache = KVCache(config, max_batch_size, self.cache_len, self.dtype, self.device)
+            self.tokens = torch.zeros(max_batch_size, self.cache_len, dtype=torch.long, device=self.device)
+            self.lengths = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)
+            self.temperature = torch.ones(max_batch_size, device=self.device)
+            self.top_p = torch.ones(max_batch_size, device=self.device)
+            self.top_k = torch.zeros(max_batch_size, device=self.device)
+            self.feature_layers: tuple[int, ...] = ()
+            if drafter is not None:
+                self.feature_layers = tuple(drafter.config.feature_layers)
+                self.drafter_cache = KVCache(drafter.config.cache_config(), max_batch_size, self.cache_len,
+                                             self.dtype, self.device)
+                self.pending_features = torch.zeros(max_batch_size, MAX_PENDING_FEATURES, 3 * config.hidden_size,
+                                                    dtype=self.dtype, device=self.device)
+                self.num_pending = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)
+        self.waiting: list[Request] = []
+        self.running: dict[int, _Sequence] = {}  # slot -> sequence
+        self.free_slots = list(range(max_batch_size))
+        self.step_stats: list[StepStats] = []
+
+    # ---- requests and weights -------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        if not 1 <= len(request.prompt_ids) < self.max_seq_len:
+            raise ValueError(f"request {request.request_id}: prompt of {len(request.prompt_ids)} tokens must be "
+                             f"non-empty and shorter than max_seq_len {self.max_seq_len}")
+        self.waiting.append(request)
+
+    @property
+    def num_active(self) -> int:
+        """Sequences the next step will decode: the running ones plus those it will admit."""
+        return len(self.running) + min(len(self.waiting), len(self.free_slots))
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    def load_target_state(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Copy new target weights into the existing parameters (call between steps)."""
+        with torch.no_grad():
+            self.target.load_state_dict(state_dict, strict=True)
+
+    def load_drafter_state(self, state_dict: dict[str, torch.Tensor]) -> None:
+        if self.drafter is None:
+            raise ValueError("this engine has no drafter")
+        with torch.no_grad():
+            self.drafter.load_state_dict(state_dict, strict=True)
+
+    # ---- the loop -------------------------------------------------------------------------
+
+    def generate(self, requests: Iterable[Request], sd_policy: SDPolicy = None) -> list[Completion]:
+        """Run `requests` to completion; sd_policy is consulted before every step with the
+        active batch size. Completions come back in request order."""
+        requests = list(requests)
+        for request in requests:
+            self.add_request(request)
+        done: dict[str | int, Completion] = {}
+        while self.has_unfinished:
+            sd = sd_policy(self.num_active) if callable(sd_policy) else sd_policy
+            for completion in self.step(sd):
+                done[completion.request_id] = completion
+        return [done[request.request_id] for request in requests]
+
+    @torch.inference_mode()
+    def step(self, sd: SDConfig | None = None) -> list[Completion]:
+        """Admit waiting requests (prefill), then one plain or speculative decode step for every
+        running sequence. Returns the sequences that finished in this step."""
+        start_s = time.perf_counter()
+        finished: list[Completion] = []
+        num_admitted = self._admit(finished)
+        slots = sorted(self.running)
+        num_emitted = 0
+        mode = "idle"
+        if slots:
+            slot_ids = torch.tensor(slots, device=self.device)
+            if sd is not None and self.drafter is not None:
+                self._check_sd(sd)
+                tokens, logprobs, num_tokens = self._speculative_step(slot_ids, sd)
+                mode = "sd"
+            else:
+                tokens, logprobs, num_tokens = self._plain_step(slot_ids)
+                mode = "plain"
+            num_emitted = self._emit(slots, tokens, logprobs, num_tokens, sd if mode == "sd" else None, finished)
+        self.step_stats.append(StepStats(mode, sd if mode == "sd" else None, len(slots), num_admitted, num_emitted,
+                                         time.perf_counter() - start_s))
+        return finished
+
+    def _check_sd(self, sd: SDConfig) -> None:
+        if sd.num_draft_tokens > self.max_draft_tokens or (sd.num_steps - 1) * sd.top_k > self.max_draft_tokens \
+                or sd.num_steps + 1 > MAX_PENDING_FEATURES:
+            raise ValueError(f"{sd} exceeds the engine's max_draft_tokens {self.max_draft_tokens} "
+                             f"(or num_steps >= {MAX_PENDING_FEATURES})")
+        if sd.top_k > self.drafter.config.draft_vocab_size:
+            raise ValueError(f"{sd}: top_k exceeds the draft vocabulary")
+
+    def _target_logprobs(self, logits: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        return sampling_logprobs(logits, self.temperature[slots], self.top_p[slots], self.top_k[slots])
+
+    def _features(self, hidden: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(hidden, dim=-1)
+
+    # ---- prefill ----------------------------------------------------------------------------
+
+    def _admit(self, finished: list[Completion]) -> int:
+        admitted: list[_Sequence] = []
+        while self.waiting and self.free_slots:
+            request = self.waiting.pop(0)
+            sequence = _Sequence(request, self.free_slots.pop(0))
+            self.running[sequence.slot] = sequence
+            admitted.append(sequence)
+            params = request.params
+            self.temperature[sequence.slot] = params.temperature
+            self.top_p[sequence.slot] = params.top_p
+            self.top_k[sequence.slot] = params.top_k
+        if not admitted:
+            return 0
+        slots = torch.tensor([sequence.slot for sequence in admitted], device=self.device)
+        prompt_lens = torch.tensor([len(sequence.request.prompt_ids) for sequence in admitted], device=self.device)
+        max_len = int(prompt_lens.max())
+        ids = torch.zeros(len(admitted), max_len, dtype=torch.long, device=self.device)
+        for row, sequence in enumerate(admitted):
+            ids[row, :len(sequence.request.prompt_ids)] = torch.tensor(sequence.request.prompt_ids)
+        positions = torch.arange(max_len, device=self.device).expand(len(admitted), -1)
+        # Padding past a prompt writes K/V beyond its length, which later steps overwrite.
+        out = self.target(ids, positions, self.cache, slots, positions, None, hidden_layers=self.feature_layers,
+                          logits_positions=(prompt_lens - 1)[:, None])
+        logprobs = self._target_logprobs(out.logits[:, 0], slots)
+        first = sample(logprobs, self.generator)
+        self.tokens[slots, :max_len] = ids
+        self.tokens[slots, prompt_lens] = first
+        self.lengths[slots] = prompt_lens
+        if self.drafter is not None:
+            features = self._features(out.hidden)
+            # Drafter entries 0..P-2 now; f_{P-1} waits for the token after the next one.
+            if max_len > 1:
+                self.drafter(ids[:, 1:], features[:, :-1], positions[:, :-1], self.drafter_cache, slots,
+                             positions[:, :-1], None, logits_positions=positions[:, :0])
+            self.pending_features[slots, 0] = features[torch.arange(len(admitted), device=self.device), prompt_lens - 1]
+            self.num_pending[slots] = 1
+        self._emit([sequence.slot for sequence in admitted], first[:, None], token_logprobs(logprobs, first)[:, None],
+                   torch.ones_like(first), None, finished, prefill=True)
+        return len(admitted)
+
+    # ---- plain decoding -------------------------------------------------------------------
+
+    def _plain_step(self, slots: torch.Tensor):
+        lengths = self.lengths[slots]
+        out = self.target(self.tokens[slots, lengths][:, None], lengths[:, None], self.cache, slots, lengths[:, None],
+                          None, hidden_layers=self.feature_layers)
+        logprobs = self._target_logprobs(out.logits[:, 0], slots)
+        tokens = sample(logprobs, self.generator)
+        self.tokens[slots, lengths + 1] = tokens
+        self.lengths[slots] = lengths + 1
+        if self.drafter is not None:
+            num_pending = self.num_pending[slots]
+            self.pending_features[slots, num_pending] = self._features(out.hidden)[:, 0]
+            self.num_pending[slots] = num_pending + 1
+            if int(num_pending.max()) + 1 >= MAX_PENDING_FEATURES:
+                self._drafter_catch_up(slots, keep_last=True)
+        return tokens[:, None], token_logprobs(logprobs, tokens)[:, None], torch.ones_like(tokens)
+
+    # ---- speculative decoding -------------------------------------------------------------
+
+    def _drafter_catch_up(self, slots: torch.Tensor, keep_last: bool = False):
+        """Run the drafter over every pending entry (token x_{i+1}, target feature f_i).
+
+        Returns the root's draft logits [B, V_draft] and hidden [B, h] (entry L-1), or, with
+        keep_last, stops short of the root and leaves its feature pending (plain mode)."""
+        num_pending = self.num_pending[slots] - int(keep_last)
+        num_entries = int(num_pending.max())
+        if num_entries == 0:
+            return None, None
+        first = self.lengths[slots] - self.num_pending[slots]
+        positions = first[:, None] + torch.arange(num_entries, device=self.device)
+        ids = self.tokens[slots[:, None], positions + 1]
+        last = (num_pending - 1).clamp(min=0)[:, None]
+        logits, hidden = self.drafter(ids, self.pending_features[slots, :num_entries], positions, self.drafter_cache,
+                                      slots, positions, None, logits_positions=last if not keep_last else last[:, :0])
+        if keep_last:
+            self.pending_features[slots, 0] = self.pending_features[slots, num_pending]
+            self.num_pending[slots] = 1
+            return None, None
+        self.num_pending[slots] = 0
+        return logits[:, 0], hidden.gather(1, last[:, :, None].expand(-1, -1, hidden.shape[-1]))[:, 0]
+
+    def _speculative_step(self, slots: torch.Tensor, sd: SDConfig):
+        """Draft (chain or tree), verify in one target forward, accept exactly, commit."""
+        lengths = self.lengths[slots]
+        root_logits, root_hidden = self._drafter_catch_up(slots)
+        if sd.is_chain:
+            emitted, num_accepted, path, target_logprobs, features = self._chain_step(
+                slots, lengths, root_logits, root_hidden, sd)
+        else:
+            emitted, num_accepted, path, target_logprobs, features = self._tree_step(
+                slots, lengths, root_logits, root_hidden, sd)
+        # Commit: the emitted tokens, the target features of the verified path for the next
+        # catch-up, and the new length (root + accepted drafts are now in the target cache).
+        num_slots_written = emitted.shape[1]
+        offsets = torch.arange(num_slots_written, device=self.device)
+        self.tokens[slots[:, None], lengths[:, None] + 1 + offsets] = emitted
+        self.pending_features[slots, :num_slots_written] = features
+        self.num_pending[slots] = num_accepted + 1
+        self.lengths[slots] = lengths + num_accepted + 1
+        logprobs = token_logprobs(target_logprobs.gather(
+            1, path.clamp(min=0)[:, :, None].expand(-1, -1, target_logprobs.shape[-1])), emitted)
+        return emitted, logprobs, num_accepted + 1
+
+    def _chain_step(self, slots, lengths, logits, hidden, sd: SDConfig):
+        temperature, top_p, top_k = self.temperature[slots], self.top_p[slots], self.top_k[slots]
+        drafts, draft_logprobs = [], []
+        for step in range(sd.num_steps):
+            q = sampling_logprobs(self.drafter.draft_logits_to_target(logits), temperature, top_p, top_k)
+            drafts.append(sample(q, self.generator))
+            draft_logprobs.append(q)
+            if step + 1 < sd.num_steps:
+                # Entry L+step: the draft just made, with the drafter's own hidden.
+                position = (lengths + step)[:, None]
+                logits, hidden = self.drafter(drafts[-1][:, None], hidden[:, None], position, self.drafter_cache,
+                                              slots, position)
+                logits, hidden = logits[:, 0], hidden[:, 0]
+        drafts = torch.stack(drafts, 1)
+        positions = lengths[:, None] + torch.arange(sd.num_steps + 1, device=self.device)
+        ids = torch.cat([self.tokens[slots, lengths][:, None], drafts], 1)
+        out = self.target(ids, positions, self.cache, slots, positions, None, hidden_layers=self.feature_layers)
+        target_logprobs = self._target_logprobs(out.logits, slots)
+        num_accepted, next_tokens = chain_accept(drafts, torch.stack(draft_logprobs, 1), target_logprobs,
+                                                 self.generator, self.relaxed)
+        emitted = torch.cat([drafts, next_tokens[:, None]], 1)
+        rows = torch.arange(len(slots), device=self.device)
+        emitted[rows, num_accepted] = next_tokens
+        path = torch.arange(sd.num_steps + 1, device=self.device).expand(len(slots), -1)
+        return emitted, num_accepted, path, target_logprobs, self._features(out.hidden)
+
+    def _tree_step(self, slots, lengths, root_logits, root_hidden, sd: SDConfig):
+        s, t = sd.num_steps, sd.top_k
+        batch_size = len(slots)
+        vocab_ids = self.drafter.draft_vocab_ids
+        # EAGLE-2 expansion scored by the drafter's raw log-probs: the children are deterministic
+        # picks, so the acceptance rule is exact whatever scores choose them.
+        scores, draft_ids = torch.log_softmax(root_logits, -1).topk(t, dim=-1)
+        tokens = vocab_ids[draft_ids]
+        cand_tokens, cand_scores = [tokens], [scores]
+        cand_parents = [torch.full_like(tokens, -1)]
+        cand_depths = [torch.ones_like(tokens)]
+        frontier = torch.arange(t, device=self.device).expand(batch_size, -1)
+        hidden = root_hidden[:, None].expand(-1, t, -1)
+        num_candidates = t
+        width = int(lengths.max()) + (s - 1) * t
+        columns = torch.arange(width, device=self.device)
+        row_mask = (columns < lengths[:, None])[:, None, :].expand(-1, t, -1)
+        for step in range(1, s):
+            # The t frontier nodes go in as drafter entries at L + (step-1)t .. ; each sees the
+            # prefix, its ancestors' entries and itself.
+            cache_positions = lengths[:, None] + (step - 1) * t + torch.arange(t, device=self.device)
+            row_mask = row_mask | (columns == cache_positions[:, :, None])
+            positions = (lengths - 1 + step)[:, None].expand(-1, t)
+            logits, out_hidden = self.drafter(tokens, hidden, positions, self.drafter_cache, slots, cache_positions,
+                                              row_mask)
+            child_scores, child_ids = torch.log_softmax(logits, -1).topk(t, dim=-1)  # [B, t, t]
+            cumulative = (scores[:, :, None] + child_scores).flatten(1)
+            children = vocab_ids[child_ids].flatten(1)
+            cand_tokens.append(children)
+            cand_scores.append(cumulative)
+            cand_parents.append(frontier[:, :, None].expand(-1, -1, t).flatten(1))
+            cand_depths.append(torch.full_like(children, step + 1))
+            best = cumulative.topk(t, dim=-1).indices
+            parent_rank = best // t
+            frontier = num_candidates + best
+            tokens, scores = children.gather(1, best), cumulative.gather(1, best)
+            hidden = out_hidden.gather(1, parent_rank[:, :, None].expand(-1, -1, out_hidden.shape[-1]))
+            row_mask = row_mask.gather(1, parent_rank[:, :, None].expand(-1, -1, width))
+            num_candidates += t * t
+        tree = select_tree(self.tokens[slots, lengths], torch.cat(cand_tokens, 1), torch.cat(cand_parents, 1),
+                           torch.cat(cand_depths, 1), torch.cat(cand_scores, 1), sd.num_draft_tokens)
+
+        num_nodes = sd.num_draft_tokens + 1
+        cache_positions = lengths[:, None] + torch.arange(num_nodes, device=self.device)
+        mask = tree_attention_mask(tree, lengths, self.cache_len)
+        out = self.target(tree.tokens, lengths[:, None] + tree.depths, self.cache, slots, cache_positions, mask,
+                          hidden_layers=self.feature_layers)
+        target_logprobs = self._target_logprobs(out.logits, slots)
+        path, num_accepted, next_tokens = tree_accept(tree, target_logprobs, self.generator, self.relaxed)
+
+        # The accepted path's K/V sits at L + node index; move it to L, L+1, ... (past the path
+        # end, copy each position onto itself).
+        steps = torch.arange(path.shape[1], device=self.device)
+        source = lengths[:, None] + torch.where(path >= 0, path, steps)
+        destination = lengths[:, None] + steps
+        rows = slots[:, None].expand_as(source)
+        for buffer in (self.cache.k, self.cache.v):
+            buffer[:, rows, :, destination] = buffer[:, rows, :, source]
+
+        emitted = torch.cat([tree.tokens.gather(1, path[:, 1:].clamp(min=0)), next_tokens[:, None]], 1)
+        emitted[torch.arange(batch_size, device=self.device), num_accepted] = next_tokens
+        features = self._features(out.hidden)
+        features = features.gather(1, path.clamp(min=0)[:, :, None].expand(-1, -1, features.shape[-1]))
+        return emitted, num_accepted, path, target_logprobs, features
+
+    # ---- bookkeeping ----------------------------------------------------------------------
+
+    def _emit(self, slots: list[int], tokens: torch.Tensor, logprobs: torch.Tensor, num_tokens: torch.Tensor,
+              sd: SDConfig | None, finished: list[Completion], prefill: bool = False) -> int:
+        """Append each sequence's new tokens (host side), stop at a stop token, max_new_tokens or
+        max_seq_len, and free the slots of finished sequences."""
+        tokens, logprobs, num_tokens = tokens.tolist(), logprobs.tolist(), num_tokens.tolist()
+        num_emitted = 0
+        for row, slot in enumerate(slots):
+            sequence = self.running[slot]
+            params = sequence.request.params
+            if not prefill:
+                sequence.num_decode_steps += 1
+                if sd is not None:
+                    sequence.num_verify_steps += 1
+                    sequence.num_drafted += sd.num_draft_tokens
+                    sequence.num_accepted += num_tokens[row] - 1
+            reason = None
+            for token, logprob in zip(tokens[row][:num_tokens[row]], logprobs[row]):
+                sequence.output_ids.append(token)
+                sequence.logprobs.append(logprob)
+                num_emitted += 1
+                if token in params.stop_token_ids:
+                    reason = "stop"
+                elif (len(sequence.output_ids) >= params.max_new_tokens
+                      or len(sequence.request.prompt_ids) + len(sequence.output_ids) >= self.max_seq_len):
+                    reason = "length"
+                if reason:
+                    break
+            if reason:
+                finished.append(self._finish(sequence, reason))
+        return num_emitted
+
+    def _finish(self, sequence: _Sequence, reason: str) -> Completion:
+        del self.running[sequence.slot]
+        self.free_slots.append(sequence.slot)
+        request = sequence.request
+        acceptance_length = ((sequence.num_accepted + sequence.num_verify_steps) / sequence.num_verify_steps
+                             if sequence.num_verify_steps else 0.0)
+        return Completion(request.request_id, list(request.prompt_ids), sequence.output_ids, sequence.logprobs,
+                          reason, sequence.num_drafted, sequence.num_accepted, sequence.num_verify_steps,
+                          sequence.num_decode_steps, acceptance_length)

@@ -1,0 +1,192 @@
+"""Engine behaviour on a tiny random target and drafter: greedy equality of SD with plain
+decoding, behaviour log-probs, continuous batching, mode switching, stopping, weight loading."""
+
+import pytest
+import torch
+
+from respec_async.engine.drafter import Eagle3Drafter
+from respec_async.engine.engine import Completion, Engine, Request, SDConfig
+from respec_async.engine.model import ModelConfig, Transformer
+from respec_async.engine.sampling import SamplingParams, sampling_logprobs
+
+torch.set_num_threads(1)
+V = 16
+CHAIN = SDConfig(3, 1, 3)
+TREE = SDConfig(3, 3, 8)
+
+
+def tiny_models(seed=0, vocab_size=V, num_layers=2):
+    torch.manual_seed(seed)
+    config = ModelConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=None, rms_norm_eps=1e-6,
+                         rope_theta=10000.0, max_position_embeddings=256, tie_word_embeddings=False,
+                         attention_bias=False, model_type="llama")
+    target = Transformer(config)
+    for param in target.parameters():
+        if param.dim() > 1:
+            torch.nn.init.normal_(param, std=0.4)
+    drafter = Eagle3Drafter.from_target(target)
+    for param in drafter.parameters():
+        if param.dim() > 1:
+            torch.nn.init.normal_(param, std=0.4)
+    return target.eval(), drafter.eval()
+
+
+PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11], [3, 3, 5, 1, 2]]
+
+
+def requests(params, prompts=PROMPTS):
+    return [Request(i, prompt, params) for i, prompt in enumerate(prompts)]
+
+
+def run(target, drafter, params, policy, max_batch_size=4, prompts=PROMPTS, seed=0):
+    engine = Engine(target, drafter, max_batch_size=max_batch_size, max_seq_len=64, seed=seed)
+    return engine.generate(requests(params, prompts), policy), engine
+
+
+def full_logprobs(target, completion: Completion, params: SamplingParams) -> torch.Tensor:
+    ids = torch.tensor([completion.prompt_ids + completion.output_ids])
+    with torch.no_grad():
+        logits = target(ids).logits[0]
+    logprobs = sampling_logprobs(logits, params.temperature, params.top_p, params.top_k)
+    start = len(completion.prompt_ids) - 1
+    return logprobs[start:start + len(completion.output_ids)].gather(
+        -1, torch.tensor(completion.output_ids)[:, None])[:, 0]
+
+
+@pytest.fixture(scope="module")
+def models():
+    return tiny_models()
+
+
+GREEDY = SamplingParams(temperature=0.0, max_new_tokens=20)
+
+
+@pytest.mark.parametrize("sd", [CHAIN, TREE, SDConfig(4, 2, 6), SDConfig(1, 4, 4)], ids=str)
+def test_greedy_speculative_equals_greedy_plain(models, sd):
+    target, drafter = models
+    plain, _ = run(target, drafter, GREEDY, None)
+    speculative, engine = run(target, drafter, GREEDY, sd)
+    for a, b in zip(plain, speculative):
+        assert a.output_ids == b.output_ids
+        assert len(a.output_ids) == 20
+    assert all(c.num_verify_steps > 0 and c.acceptance_length >= 1.0 for c in speculative)
+    assert any(stat.mode == "sd" for stat in engine.step_stats)
+
+
+def test_greedy_matches_a_full_forward_argmax(models):
+    target, _ = models
+    plain, _ = run(target, None, GREEDY, None)
+    for completion in plain:
+        ids = list(completion.prompt_ids)
+        for token in completion.output_ids:
+            with torch.no_grad():
+                assert int(target(torch.tensor([ids])).logits[0, -1].argmax()) == token
+            ids.append(token)
+
+
+@pytest.mark.parametrize("sd", [None, CHAIN, TREE], ids=str)
+def test_behaviour_logprobs_equal_a_full_forward(models, sd):
+    target, drafter = models
+    params = SamplingParams(temperature=0.8, top_p=0.9, top_k=10, max_new_tokens=12)
+    completions, _ = run(target, drafter, params, sd)
+    for completion in completions:
+        expected = full_logprobs(target, completion, params)
+        torch.testing.assert_close(torch.tensor(completion.logprobs), expected, atol=1e-4, rtol=1e-4)
+        assert torch.isfinite(expected).all()
+
+
+def test_more_requests_than_slots_match_running_each_alone(models):
+    target, drafter = models
+    work = [Request(i, [i % V, (3 * i) % V, (5 * i + 1) % V][: 1 + i % 3],
+                    SamplingParams(temperature=0.0, max_new_tokens=5 + 4 * i)) for i in range(7)]
+    alone = [Engine(target, drafter, max_batch_size=1, max_seq_len=64).generate([r], TREE)[0].output_ids
+             for r in work]
+    seen = []
+
+    def policy(batch_size):
+        seen.append(batch_size)
+        return CHAIN if batch_size <= 2 else None
+
+    engine = Engine(target, drafter, max_batch_size=3, max_seq_len=64)
+    together = engine.generate(work, policy)
+    assert [c.output_ids for c in together] == alone
+    assert [len(c.output_ids) for c in together] == [5 + 4 * i for i in range(7)]
+    assert set(seen) == {1, 2, 3}
+    assert engine.num_active == 0 and sorted(engine.free_slots) == [0, 1, 2]
+    assert {stat.mode for stat in engine.step_stats} == {"sd", "plain"}
+
+
+def test_switching_modes_every_few_steps_keeps_greedy_equality(models):
+    target, drafter = models
+    plain, _ = run(target, drafter, SamplingParams(temperature=0.0, max_new_tokens=40), None)
+    schedule = [None, CHAIN, CHAIN, TREE, None, None, SDConfig(2, 4, 5), TREE, None, CHAIN]
+    counter = iter(range(10_000))
+
+    def policy(batch_size):
+        return schedule[next(counter) // 2 % len(schedule)]
+
+    switched, engine = run(target, drafter, SamplingParams(temperature=0.0, max_new_tokens=40), policy)
+    assert [c.output_ids for c in switched] == [c.output_ids for c in plain]
+    assert {stat.mode for stat in engine.step_stats} == {"sd", "plain"}
+
+
+def test_long_plain_stretch_then_sd_catches_the_drafter_up(models):
+    target, drafter = models
+    params = SamplingParams(temperature=0.0, max_new_tokens=50)
+    plain, _ = run(target, drafter, params, None)
+    counter = iter(range(10_000))
+    switched, _ = run(target, drafter, params, lambda batch: None if next(counter) < 40 else TREE)
+    assert [c.output_ids for c in switched] == [c.output_ids for c in plain]
+
+
+def test_stop_tokens_and_max_new_tokens(models):
+    target, drafter = models
+    plain, _ = run(target, drafter, SamplingParams(temperature=0.0, max_new_tokens=30), None)
+    stop = plain[1].output_ids[5]
+    params = SamplingParams(temperature=0.0, max_new_tokens=30, stop_token_ids=(stop,))
+    for sd in (None, TREE):
+        completions, _ = run(target, drafter, params, sd)
+        for full, completion in zip(plain, completions):
+            if stop in full.output_ids:
+                cut = full.output_ids.index(stop) + 1
+                assert completion.output_ids == full.output_ids[:cut] and completion.finish_reason == "stop"
+            else:
+                assert completion.output_ids == full.output_ids and completion.finish_reason == "length"
+            assert len(completion.logprobs) == len(completion.output_ids)
+
+
+def test_max_seq_len_ends_sequences(models):
+    target, drafter = models
+    engine = Engine(target, drafter, max_batch_size=2, max_seq_len=12, seed=0)
+    [completion] = engine.generate([Request("a", [1, 2, 3, 4], SamplingParams(max_new_tokens=100))], TREE)
+    assert len(completion.output_ids) == 8 and completion.finish_reason == "length"
+    with pytest.raises(ValueError):
+        engine.add_request(Request("b", list(range(12)), SamplingParams()))
+
+
+def test_step_reports_active_batch_and_finished(models):
+    target, drafter = models
+    engine = Engine(target, drafter, max_batch_size=2, max_seq_len=64, seed=0)
+    for request in requests(SamplingParams(temperature=1.0, max_new_tokens=3)):
+        engine.add_request(request)
+    assert engine.num_active == 2
+    finished = []
+    while engine.has_unfinished:
+        finished += engine.step(CHAIN)
+    assert sorted(c.request_id for c in finished) == [0, 1, 2, 3]
+    assert [stat.num_active for stat in engine.step_stats][0] == 2
+    assert all(stat.duration_s > 0 for stat in engine.step_stats)
+
+
+def test_load_target_state_copies_in_place(models):
+    target, drafter = tiny_models(seed=1)
+    other, other_drafter = tiny_models(seed=2)
+    engine = Engine(target, drafter, max_batch_size=2, max_seq_len=64)
+    before = {name: param.data_ptr() for name, param in target.named_parameters()}
+    engine.load_target_state(other.state_dict())
+    engine.load_drafter_state(other_drafter.state_dict())
+    assert {name: param.data_ptr() for name, param in target.named_parameters()} == before
+    expected, _ = run(other, other_drafter, GREEDY, None)
+    got = engine.generate(requests(GREEDY), TREE)
+    assert [c.output_ids for c in got] == [c.output_ids for c in expected]
