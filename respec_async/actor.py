@@ -195,6 +195,8 @@ class Actor:
             asyncio.create_task(self._inbox_loop(), name="inbox"),
             asyncio.create_task(self._dispatch_loop(), name="dispatch"),
         ]
+        for task in self._tasks:
+            task.add_done_callback(self._io_task_done)
         try:
             await self.setup()
             self.state = "running"
@@ -216,6 +218,13 @@ class Actor:
         finally:
             await self._shutdown()
         return self.exit_code
+
+    def _io_task_done(self, task: asyncio.Task[Any]) -> None:
+        """An I/O task that ends on its own is fatal: a role that cannot read must not look alive."""
+        if task.cancelled() or self.stopped.is_set():
+            return
+        self.log.error("role.io_failed", task=task.get_name(), error=repr(task.exception()))
+        self.stop(1)
 
     async def _report_failure(self, exc: BaseException) -> None:
         if self.control is None:

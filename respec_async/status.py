@@ -30,13 +30,13 @@ class StatusView:
 
     def table(self) -> Table:
         table = Table(title=f"run {self.supervisor.run_dir.name}", expand=False)
-        for column in ("role", "pid", "state", "restarts", "last heartbeat", "mailbox", "handled"):
+        for column in ("role", "pid", "state", "restarts", "last heartbeat", "mailbox", "handled", "dropped"):
             table.add_column(column)
         now = time.monotonic()
         for role in self.supervisor.roles.values():
             beat = f"{now - role.last_pong_at:.1f}s ago" if role.state == "running" else "-"
             table.add_row(role.name, str(role.pid or "-"), role.state, str(role.num_restarts), beat,
-                          str(role.mailbox_size), str(role.num_handled))
+                          str(role.mailbox_size), str(role.num_handled), str(role.num_dropped))
         return table
 
     def summary_line(self) -> str:

@@ -65,6 +65,7 @@ class RoleProcess:
     last_failure: str = ""
     mailbox_size: int = 0
     num_handled: int = 0
+    num_dropped: int = 0
 
     @property
     def pid(self) -> int | None:
@@ -216,6 +217,7 @@ class Supervisor:
                 role.last_pong_at = time.monotonic()
                 role.mailbox_size = message.mailbox_size
                 role.num_handled = message.num_handled
+                role.num_dropped = message.num_dropped
             elif isinstance(message, RoleFailed):
                 role.last_failure = f"failed: {message.error}"
                 log.error("role.failed", role=role.name, error=message.error)
