@@ -1,0 +1,320 @@
+"""The target model: a Llama / Qwen2 decoder in plain PyTorch, and its static KV cache.
+
+    x = embed(ids)
+    for each layer:  x = x + attn(rms(x));  x = x + mlp(rms(x))       (SwiGLU mlp, RoPE, GQA)
+    logits = lm_head(rms(x))                                          (float32)
+
+One forward serves training (cache=None: causal attention over the given tokens, autograd
+friendly) and inference (cache given: every layer writes K/V of token t of row b at index
+cache_positions[b, t] of slot slots[b], then each query attends over that slot's indices
+[0, S) under attn_mask [B, T, S]). Prefill, decode, chained-draft and tree verification differ
+only in the positions, cache_positions and mask the caller passes. Module and parameter names
+follow Hugging Face (without the `model.` prefix), so `checkpoint.py` maps names 1:1.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+MODEL_TYPES = ("llama", "qwen2")
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int | None = None  # None -> hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # q/k/v bias (and o_proj bias for llama); qwen2 always has q/k/v bias
+    model_type: str = "llama"  # "llama" | "qwen2"
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+    rope_scaling: dict | None = field(default=None)  # HF rope_scaling: None, "linear" or "llama3"
+
+    def __post_init__(self) -> None:
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"model_type {self.model_type!r} is not supported (supported: {MODEL_TYPES})")
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.model_type == "qwen2":
+            self.attention_bias = True
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads {self.num_key_value_heads}")
+        rope_type = rope_scaling_type(self.rope_scaling)
+        if rope_type not in ROPE_TYPES:
+            raise ValueError(f"rope_scaling type {rope_type!r} is not supported (supported: {ROPE_TYPES})")
+        # A private copy without rope_theta (transformers 5 puts it in there, and mutates dicts it is given).
+        self.rope_scaling = None if rope_type == "default" else {
+            key: value for key, value in self.rope_scaling.items() if key != "rope_theta"}
+
+    @classmethod
+    def from_hf_dict(cls, d: dict) -> "ModelConfig":
+        """A ModelConfig from a Hugging Face config.json dict (transformers 4.x or 5.x layout)."""
+        model_type = d.get("model_type", "llama")
+        if model_type not in MODEL_TYPES:
+            raise ValueError(f"config.json: model_type {model_type!r} is not supported (supported: {MODEL_TYPES})")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"config.json: hidden_act {d['hidden_act']!r} is not supported (only 'silu')")
+        if d.get("mlp_bias"):
+            raise ValueError("config.json: mlp_bias=true is not supported")
+        if d.get("use_sliding_window"):
+            raise ValueError("config.json: use_sliding_window=true is not supported (full attention only)")
+        # transformers 5 folds rope_theta and the scaling into rope_parameters.
+        rope = dict(d.get("rope_scaling") or d.get("rope_parameters") or {})
+        rope_theta = d.get("rope_theta", rope.pop("rope_theta", 10000.0))
+        rope.pop("rope_theta", None)
+        rope_type = rope_scaling_type(rope)
+        if rope_type not in ROPE_TYPES:
+            raise ValueError(f"config.json: rope_scaling type {rope_type!r} is not supported (supported: {ROPE_TYPES})")
+
+        def first(token_id):  # Llama 3 lists several eos ids; the first is the canonical one
+            return token_id[0] if isinstance(token_id, list) else token_id
+
+        return cls(
+            vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
+            num_hidden_layers=d["num_hidden_layers"], num_attention_heads=d["num_attention_heads"],
+            num_key_value_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
+            head_dim=d.get("head_dim"), rms_norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=float(rope_theta),
+            max_position_embeddings=d.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            attention_bias=model_type == "qwen2" or bool(d.get("attention_bias", False)),
+            model_type=model_type, bos_token_id=first(d.get("bos_token_id")),
+            eos_token_id=first(d.get("eos_token_id")), pad_token_id=first(d.get("pad_token_id")),
+            rope_scaling=rope if rope_type != "default" else None)
+
+    def to_hf_dict(self) -> dict:
+        """config.json contents that transformers' AutoConfig reads back as this model."""
+        d = {
+            "architectures": ["Qwen2ForCausalLM" if self.model_type == "qwen2" else "LlamaForCausalLM"],
+            "model_type": self.model_type, "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim, "hidden_act": "silu", "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta, "rope_scaling": self.rope_scaling,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id,
+        }
+        if self.model_type == "qwen2":
+            d["use_sliding_window"] = False
+        else:
+            d["attention_bias"] = self.attention_bias
+            d["mlp_bias"] = False
+        return d
+
+
+def rope_scaling_type(rope_scaling: dict | None) -> str:
+    if not rope_scaling:
+        return "default"
+    return rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
+
+
+def eagle3_feature_layers(num_layers: int) -> tuple[int, int, int]:
+    """Decoder layers whose outputs EAGLE-3 fuses (low, mid, high): 1, L//2-1, L-4, clamped into
+    [0, L-1] for tiny models."""
+    return tuple(min(max(i, 0), num_layers - 1) for i in (1, num_layers // 2 - 1, num_layers - 4))
+
+
+class KVCache:
+    """Static, preallocated. k, v: [num_layers, num_slots, num_kv_heads, max_seq_len, head_dim].
+
+    Size: 2 * num_hidden_layers * num_slots * num_key_value_heads * max_seq_len * head_dim
+    * dtype size bytes. Entries past what a slot has written hold stale values; masks keep them out.
+    """
+
+    def __init__(self, config: ModelConfig, num_slots: int, max_seq_len: int, dtype=torch.float32, device="cpu"):
+        shape = (config.num_hidden_layers, num_slots, config.num_key_value_heads, max_seq_len, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    @property
+    def num_bytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+    @staticmethod
+    def bytes_for(config: ModelConfig, num_slots: int, max_seq_len: int, dtype=torch.float32) -> int:
+        element_size = torch.empty((), dtype=dtype).element_size()
+        return (2 * config.num_hidden_layers * num_slots * config.num_key_value_heads * max_seq_len
+                * config.head_dim * element_size)
+
+
+@dataclass
+class ModelOutput:
+    logits: Tensor  # [B, T, V] (or [B, K, V] at logits_positions), float32
+    hidden: list[Tensor]  # outputs of the requested decoder layers, [B, T, H] each, in requested order
+
+
+def rope_inv_freq(config: ModelConfig, device) -> Tensor:
+    """Inverse frequencies [head_dim / 2], float32, with Hugging Face's rope_scaling variants."""
+    dim = config.head_dim
+    inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.int64).float() / dim)
+    scaling = config.rope_scaling or {}
+    rope_type = rope_scaling_type(scaling)
+    if rope_type == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif rope_type == "llama3":
+        # Llama 3.1: long wavelengths slowed by `factor`, short ones kept, a smooth ramp between.
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        inv_freq = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        is_medium = (wavelen <= old_len / low) & (wavelen >= old_len / high)
+        inv_freq = torch.where(is_medium, smoothed, inv_freq)
+    return inv_freq
+
+
+def rope_cos_sin(config: ModelConfig, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos, sin [B, 1, T, head_dim] for the rotate-half layout, computed in float32."""
+    angles = positions.float()[:, :, None] * rope_inv_freq(config, positions.device)
+    angles = torch.cat([angles, angles], dim=-1)[:, None]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-second, first], dim=-1) * sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        x_float = x.float()
+        x_float = x_float * torch.rsqrt(x_float.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x_float.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_index: int):
+        super().__init__()
+        self.config = config
+        self.layer_index = layer_index
+        heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, heads * head_dim, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.hidden_size, kv_heads * head_dim, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.hidden_size, kv_heads * head_dim, bias=config.attention_bias)
+        # Llama's attention_bias covers o_proj too; Qwen2's q/k/v bias does not.
+        self.o_proj = nn.Linear(heads * head_dim, config.hidden_size,
+                                bias=config.attention_bias and config.model_type == "llama")
+        self.enable_gqa = kv_heads != heads
+
+    def forward(self, x, cos, sin, cache, slots, cache_positions, attn_mask):
+        batch_size, seq_len, _ = x.shape
+        head_dim = self.config.head_dim
+        q = self.q_proj(x).view(batch_size, seq_len, -1, head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch_size, seq_len, -1, head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch_size, seq_len, -1, head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is None:
+            mask = None if attn_mask is None else attn_mask[:, None]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=attn_mask is None,
+                                                 enable_gqa=self.enable_gqa)
+        else:
+            layer = self.layer_index
+            rows = slots[:, None].expand(-1, seq_len)
+            cache.k[layer, rows, :, cache_positions] = k.transpose(1, 2).to(cache.k.dtype)
+            cache.v[layer, rows, :, cache_positions] = v.transpose(1, 2).to(cache.v.dtype)
+            num_keys = attn_mask.shape[-1]
+            k = cache.k[layer, slots, :, :num_keys].to(q.dtype)
+            v = cache.v[layer, slots, :, :num_keys].to(q.dtype)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask[:, None], enable_gqa=self.enable_gqa)
+            # A query row that may attend to nothing (padding) gives zeros, never NaN, on every backend.
+            out = out.masked_fill(~attn_mask.any(-1)[:, None, :, None], 0.0)
+        return self.o_proj(out.transpose(1, 2).reshape(batch_size, seq_len, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_index: int):
+        super().__init__()
+        self.self_attn = Attention(config, layer_index)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, cache, slots, cache_positions, attn_mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, slots, cache_positions, attn_mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        # Hugging Face's initialisation (normal, std 0.02), so a fresh tiny model starts sane.
+        if isinstance(module, (nn.Linear, nn.Embedding)) and module.weight.device.type != "meta":
+            nn.init.normal_(module.weight, std=0.02)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    def forward(self, input_ids: Tensor, positions: Tensor | None = None, cache: KVCache | None = None,
+                slots: Tensor | None = None, cache_positions: Tensor | None = None,
+                attn_mask: Tensor | None = None, hidden_layers: Sequence[int] = (),
+                logits_positions: Tensor | None = None) -> ModelOutput:
+        batch_size, seq_len = input_ids.shape
+        device = input_ids.device
+        if positions is None:
+            positions = torch.arange(seq_len, device=device).expand(batch_size, seq_len)
+        if cache is not None:
+            if slots is None:
+                slots = torch.arange(batch_size, device=device)
+            if cache_positions is None:
+                cache_positions = positions
+            if attn_mask is None:
+                num_keys = int(cache_positions.max()) + 1
+                attn_mask = torch.arange(num_keys, device=device) <= cache_positions[:, :, None]
+        x = self.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(self.config, positions, x.dtype)
+        wanted = set(hidden_layers)
+        if any(not 0 <= i < len(self.layers) for i in wanted):
+            raise ValueError(f"hidden_layers {tuple(hidden_layers)} must be in [0, {len(self.layers)})")
+        hidden = {}
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache, slots, cache_positions, attn_mask)
+            if i in wanted:
+                hidden[i] = x
+        if logits_positions is not None:
+            x = x.gather(1, logits_positions[:, :, None].expand(-1, -1, x.shape[-1]))
+        logits = self.lm_head(self.norm(x)).float()
+        return ModelOutput(logits, [hidden[i] for i in hidden_layers])
