@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from respec_async.engine.model import ModelConfig, RMSNorm, apply_rope, eagle3_feature_layers, rope_cos_sin
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
@@ -53,9 +55,9 @@ class DrafterConfig:
         if len(self.feature_layers) != 3:
             raise ValueError(f"feature_layers must name 3 target layers, got {self.feature_layers}")
 
-    def cache_config(self):
-        """A one-layer target ModelConfig with this drafter's attention shape, for model.KVCache."""
-        from respec_async.engine.model import ModelConfig
+    def cache_config(self) -> ModelConfig:
+        """A one-layer target ModelConfig with this drafter's attention shape, for model.KVCache
+        (and for the target's RoPE helpers)."""
         return ModelConfig(
             vocab_size=self.vocab_size, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
             num_hidden_layers=1, num_attention_heads=self.num_attention_heads,
@@ -63,33 +65,11 @@ class DrafterConfig:
             rope_theta=self.rope_theta, max_position_embeddings=self.max_position_embeddings)
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(size))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_float = x.float()
-        x_float = x_float * torch.rsqrt(x_float.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x_float.to(x.dtype)
-
-
-def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Llama rotary embedding (rotate-half layout). x [B, heads, T, D], positions [B, T]."""
-    head_dim = x.shape[-1]
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=x.device, dtype=torch.float32) / head_dim)
-    angles = positions.float()[:, None, :, None] * inv_freq  # [B, 1, T, D/2]
-    cos, sin = angles.cos(), angles.sin()
-    first, second = x.float().chunk(2, dim=-1)
-    rotated = torch.cat([first * cos - second * sin, second * cos + first * sin], dim=-1)
-    return rotated.to(x.dtype)
-
-
 class DraftAttention(nn.Module):
     def __init__(self, config: DrafterConfig):
         super().__init__()
         self.config = config
+        self.rope_config = config.cache_config()
         heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         self.q_proj = nn.Linear(2 * config.hidden_size, heads * head_dim, bias=False)
         self.k_proj = nn.Linear(2 * config.hidden_size, kv_heads * head_dim, bias=False)
@@ -102,8 +82,8 @@ class DraftAttention(nn.Module):
         q = self.q_proj(x).view(batch_size, seq_len, -1, config.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch_size, seq_len, -1, config.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch_size, seq_len, -1, config.head_dim).transpose(1, 2)
-        q = apply_rope(q, positions, config.rope_theta)
-        k = apply_rope(k, positions, config.rope_theta)
+        cos, sin = rope_cos_sin(self.rope_config, positions, q.dtype)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
             is_causal = attn_mask is None
             mask = None if is_causal else attn_mask[:, None]
@@ -114,7 +94,8 @@ class DraftAttention(nn.Module):
             cache.k[0, rows, :, cache_positions] = k.transpose(1, 2).to(cache.k.dtype)
             cache.v[0, rows, :, cache_positions] = v.transpose(1, 2).to(cache.v.dtype)
             if attn_mask is None:
-                attn_mask = torch.arange(cache.k.shape[3], device=x.device) <= cache_positions[:, :, None]
+                num_keys = int(cache_positions.max()) + 1
+                attn_mask = torch.arange(num_keys, device=x.device) <= cache_positions[:, :, None]
             k = cache.k[0, slots, :, :attn_mask.shape[-1]].to(q.dtype)
             v = cache.v[0, slots, :, :attn_mask.shape[-1]].to(q.dtype)
             is_causal, mask = False, attn_mask[:, None]
@@ -215,7 +196,6 @@ class Eagle3Drafter(nn.Module):
     def from_target(cls, target, draft_vocab_ids: torch.Tensor | None = None) -> "Eagle3Drafter":
         """A freshly initialised drafter shaped for `target` (a model.Transformer), sharing its
         embedding. draft_vocab_ids: target ids of a reduced draft vocabulary (None: all)."""
-        from respec_async.engine.model import eagle3_feature_layers
         tc = target.config
         config = DrafterConfig(
             hidden_size=tc.hidden_size, intermediate_size=tc.intermediate_size,

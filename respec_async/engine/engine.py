@@ -413,7 +413,7 @@ class Engine:
 
         num_nodes = sd.num_draft_tokens + 1
         cache_positions = lengths[:, None] + torch.arange(num_nodes, device=self.device)
-        mask = tree_attention_mask(tree, lengths, self.cache_len)
+        mask = tree_attention_mask(tree, lengths, int(lengths.max()) + num_nodes)
         out = self.target(tree.tokens, lengths[:, None] + tree.depths, self.cache, slots, cache_positions, mask,
                           hidden_layers=self.feature_layers)
         target_logprobs = self._target_logprobs(out.logits, slots)
