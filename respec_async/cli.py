@@ -5,6 +5,7 @@
     respec config show CONFIG [--set a.b=c]    print the resolved config (validated)
     respec report RUN_DIR                      write PNG plots of the run's metrics
     respec eval RUN_DIR                        held-out accuracy: initial actor vs last checkpoint
+    respec reward-serve pkg.mod:fn --bind EP   serve a reward function over ZeroMQ (reward.source = "zmq://...")
 
 Config errors are reported as one line naming the file and the dotted key, before anything
 starts, with exit code 2.
@@ -42,6 +43,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("run_dir", type=Path)
     evaluate.add_argument("--num-prompts", type=int, default=None, help="default: data.eval_size of the run")
 
+    reward_serve = commands.add_parser("reward-serve", help="serve a reward function over ZeroMQ for reward.source = \"zmq://...\"")
+    reward_serve.add_argument("function", help="pkg.module:function or /path/to/file.py:function")
+    reward_serve.add_argument("--bind", required=True, help="tcp://host:port or ipc:///path")
+    reward_serve.add_argument("--batched", action="store_true", help="the function takes lists and returns a list")
+    reward_serve.add_argument("--workers", type=int, default=4, help="threads for a sync function (default 4)")
+    reward_serve.add_argument("--timeout-s", type=float, default=30.0, help="per function call (default 30)")
+    reward_serve.add_argument("--max-concurrency", type=int, default=64, help="async function calls in flight")
+    reward_serve.add_argument("--keys", type=Path, help="CURVE keys file for tcp (created when missing)")
+    reward_serve.add_argument("--insecure", action="store_true", help="tcp without CURVE")
+
     config = commands.add_parser("config", help="inspect configs")
     config_commands = config.add_subparsers(dest="config_command", required=True)
     show = config_commands.add_parser("show", help="print the resolved config")
@@ -52,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "reward-serve":
+        from respec_async import reward_server
+
+        return reward_server.main(args)
     if args.command == "report":
         from respec_async.report import write_report
 
