@@ -2,8 +2,18 @@
 
 Each group is scored in a task of its own, so many groups (and, for remote reward sources, many
 requests) are in flight at once, bounded by `reward.max_concurrency`. The scoring source is
-pluggable (respec_async.rewards): the built-in rule rewards of the tasks today; user functions
-and reward servers plug in behind the same interface.
+pluggable (respec_async.rewards): the tasks' rule rewards, a user Python function, or an HTTP
+or native ZeroMQ reward server, all with the same timeout, retry and concurrency rules.
+
+A rollout whose reward still fails after the retries is never silently scored 0. Per
+`reward.on_error`:
+- "drop": its whole group goes back to trainer-0 as a `ReturnedGroup`, and the trainer
+  re-issues it (a new attempt; the first complete result of a group is the one trained on);
+- "zero": it is scored 0, marked not correct, and counted in `ScoredGroup.num_reward_errors`.
+Every failed rollout is logged (`reward.failed`, with the server, the error and the rollout id)
+and counted. The counters, the source's retry counts and the role's busy share of wall time
+are written to `<run_dir>/<role>.metrics.jsonl` every few seconds and at exit, and logged as
+`reward.stats`.
 """
 
 from __future__ import annotations
@@ -11,10 +21,35 @@ from __future__ import annotations
 import asyncio
 import time
 
+import msgspec
+
 from respec_async.actor import Actor, handles
+from respec_async.metrics import MetricsWriter
 from respec_async.models import load_tokenizer
-from respec_async.rewards import ScoreRequest, make_scorer
+from respec_async.rewards import ScorerStats, ScoreRequest, make_scorer
 from transport.schema import ReturnedGroup, RolloutGroup, ScoredGroup
+
+STATS_INTERVAL_S = 5.0
+
+
+class RewardRecord(msgspec.Struct, kw_only=True):
+    """The reward role's counters, cumulative since the role started."""
+
+    time: float
+    source: str
+    on_error: str
+    num_groups: int  # groups received
+    num_groups_scored: int  # sent on as ScoredGroup (with or without zeroed rollouts)
+    num_groups_dropped: int  # returned to the trainer because a reward failed ("drop")
+    num_rollouts_scored: int
+    num_rollouts_failed: int  # rollouts whose reward failed after all retries
+    num_rollouts_zeroed: int  # ... of which scored 0 ("zero")
+    num_rollouts_dropped: int  # rollouts in dropped groups
+    num_group_errors: int  # groups returned because of an error of the role itself
+    busy_s: float  # wall time with at least one group being scored
+    wall_s: float
+    busy_share: float
+    scorer: ScorerStats
 
 
 class RewardActor(Actor):
@@ -22,10 +57,23 @@ class RewardActor(Actor):
         cfg = self.ctx.config
         self.tokenizer = await self.run_blocking(load_tokenizer, cfg)
         self.scorer = make_scorer(cfg)
+        self.on_error = cfg.reward.on_error
         self.slots = asyncio.Semaphore(cfg.reward.max_concurrency)
         self.tasks: set[asyncio.Task[None]] = set()
-        self.busy_s = 0.0
         self.consumers = ["trainer-0"] + [n for n in self.ctx.endpoints.inboxes if n.startswith("drafter_learner-")]
+        self.started = time.perf_counter()
+        self.num_active = 0
+        self.busy_since = 0.0
+        self.busy_s = 0.0
+        self.num_groups = self.num_groups_scored = self.num_groups_dropped = self.num_group_errors = 0
+        self.num_rollouts_scored = self.num_rollouts_failed = self.num_rollouts_zeroed = 0
+        self.num_rollouts_dropped = 0
+        self.metrics = MetricsWriter(self.ctx.run_dir / f"{self.name}.metrics.jsonl")
+
+    async def main(self) -> None:
+        while True:
+            await asyncio.sleep(STATS_INTERVAL_S)
+            self._write_stats()
 
     @handles
     async def on_rollout_group(self, message: RolloutGroup) -> None:
@@ -34,10 +82,21 @@ class RewardActor(Actor):
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
+    def _busy(self, delta: int) -> None:
+        """Busy time is wall time with at least one group in scoring (overlaps count once)."""
+        now = time.perf_counter()
+        if delta > 0 and self.num_active == 0:
+            self.busy_since = now
+        self.num_active += delta
+        if delta < 0 and self.num_active == 0:
+            self.busy_s += now - self.busy_since
+
     async def _score(self, message: RolloutGroup) -> None:
+        group = message.group
+        self.num_groups += 1
+        self._busy(+1)
         try:
             started = time.perf_counter()
-            group = message.group
             requests = [
                 ScoreRequest(
                     rollout_id=f"{group.group_id}:{group.attempt}:{r.sample_index}",
@@ -49,17 +108,69 @@ class RewardActor(Actor):
                 for r in message.rollouts
             ]
             results = await self.scorer.score(requests)
+            failed = [(q, r) for q, r in zip(requests, results) if r.error]
+            for request, result in failed:
+                self.log.warning("reward.failed", server=result.source, error=result.error,
+                                 rollout_id=request.rollout_id, on_error=self.on_error)
+            self.num_rollouts_failed += len(failed)
+            if failed and self.on_error == "drop":
+                self.num_groups_dropped += 1
+                self.num_rollouts_dropped += len(requests)
+                reason = f"reward failed for {len(failed)}/{len(requests)} rollouts: {failed[0][1].error}"
+                await self.send("trainer-0", ReturnedGroup(group=group, reason=reason[:500]))
+                return
+            for result in results:
+                if result.extra:
+                    self.log.debug("reward.extra", server=result.source, **{k: v for k, v in result.extra.items()
+                                                                           if isinstance(v, (int, float, str, bool))})
             scored = ScoredGroup(
-                group=group, rollouts=message.rollouts, rewards=[r.reward for r in results],
-                correct=[r.correct for r in results], generator=message.generator,
-                generation_s=message.generation_s, scoring_s=time.perf_counter() - started,
+                group=group, rollouts=message.rollouts,
+                rewards=[0.0 if r.error else r.reward for r in results],
+                correct=[False if r.error else r.correct for r in results],
+                generator=message.generator, generation_s=message.generation_s,
+                scoring_s=time.perf_counter() - started, num_reward_errors=len(failed),
             )
-            self.busy_s += scored.scoring_s
+            self.num_rollouts_zeroed += len(failed)
+            self.num_rollouts_scored += len(results) - len(failed)
+            self.num_groups_scored += 1
             for consumer in self.consumers:
                 await self.send(consumer, scored)
         except Exception as exc:
-            # Never lose a group: hand it back to the trainer, which re-issues it.
-            self.log.error("reward.group_failed", group_id=message.group.group_id, error=repr(exc))
-            await self.send("trainer-0", ReturnedGroup(group=message.group, reason=repr(exc)[:500]))
+            # An error of this role (not of the reward source): never lose the group.
+            self.num_group_errors += 1
+            self.log.error("reward.group_failed", group_id=group.group_id, error=repr(exc))
+            await self.send("trainer-0", ReturnedGroup(group=group, reason=repr(exc)[:500]))
         finally:
+            self._busy(-1)
             self.slots.release()
+
+    def record(self) -> RewardRecord:
+        now = time.perf_counter()
+        busy_s = self.busy_s + (now - self.busy_since if self.num_active else 0.0)
+        wall_s = now - self.started
+        return RewardRecord(
+            time=time.time(), source=self.ctx.config.reward.source, on_error=self.on_error,
+            num_groups=self.num_groups, num_groups_scored=self.num_groups_scored,
+            num_groups_dropped=self.num_groups_dropped, num_rollouts_scored=self.num_rollouts_scored,
+            num_rollouts_failed=self.num_rollouts_failed, num_rollouts_zeroed=self.num_rollouts_zeroed,
+            num_rollouts_dropped=self.num_rollouts_dropped, num_group_errors=self.num_group_errors,
+            busy_s=busy_s, wall_s=wall_s, busy_share=busy_s / wall_s if wall_s > 0 else 0.0,
+            scorer=self.scorer.stats,
+        )
+
+    def _write_stats(self) -> None:
+        record = self.record()
+        self.metrics.write(record)
+        fields = msgspec.to_builtins(record)
+        scorer = fields.pop("scorer")
+        self.log.info("reward.stats", **fields, **{f"scorer_{k}": v for k, v in scorer.items()})
+
+    async def teardown(self) -> None:
+        if not hasattr(self, "metrics"):
+            return
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        self._write_stats()
+        self.metrics.close()
+        await self.scorer.close()
