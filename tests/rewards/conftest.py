@@ -16,6 +16,7 @@ import pytest
 from aiohttp import web
 
 from respec_async.config import RewardSection
+from respec_async.endpoints import free_tcp_port
 from respec_async.rewards import ScoreRequest
 
 REWARD_FUNCTIONS = '''
@@ -96,7 +97,7 @@ class HttpRewardServer:
         self.num_in_flight = 0
         self.max_in_flight = 0
         self.delay_s = 0.0
-        self.port = 0
+        self.port = free_tcp_port("127.0.0.1")  # fixed, so a restarted server is at the same URL
         self.runner: web.AppRunner | None = None
 
     @property
@@ -111,7 +112,6 @@ class HttpRewardServer:
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", self.port, reuse_address=True)
         await site.start()
-        self.port = self.runner.addresses[0][1]
 
     async def stop(self) -> None:
         if self.runner is not None:
