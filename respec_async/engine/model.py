@@ -68,20 +68,17 @@ class ModelConfig:
         """A ModelConfig from a Hugging Face config.json dict (transformers 4.x or 5.x layout)."""
         model_type = d.get("model_type", "llama")
         if model_type not in MODEL_TYPES:
-            raise ValueError(f"config.json: model_type {model_type!r} is not supported (supported: {MODEL_TYPES})")
+            raise ValueError(f"model_type {model_type!r} is not supported (supported: {MODEL_TYPES})")
         if d.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"config.json: hidden_act {d['hidden_act']!r} is not supported (only 'silu')")
+            raise ValueError(f"hidden_act {d['hidden_act']!r} is not supported (only 'silu')")
         if d.get("mlp_bias"):
-            raise ValueError("config.json: mlp_bias=true is not supported")
+            raise ValueError("mlp_bias=true is not supported")
         if d.get("use_sliding_window"):
-            raise ValueError("config.json: use_sliding_window=true is not supported (full attention only)")
-        # transformers 5 folds rope_theta and the scaling into rope_parameters.
-        rope = dict(d.get("rope_scaling") or d.get("rope_parameters") or {})
-        rope_theta = d.get("rope_theta", rope.pop("rope_theta", 10000.0))
-        rope.pop("rope_theta", None)
-        rope_type = rope_scaling_type(rope)
-        if rope_type not in ROPE_TYPES:
-            raise ValueError(f"config.json: rope_scaling type {rope_type!r} is not supported (supported: {ROPE_TYPES})")
+            raise ValueError("use_sliding_window=true is not supported (full attention only)")
+        # transformers 5 folds rope_theta and the scaling into rope_parameters; __post_init__
+        # drops the theta from the scaling dict and rejects scaling types we do not implement.
+        rope = d.get("rope_scaling") or d.get("rope_parameters") or {}
+        rope_theta = d.get("rope_theta") or rope.get("rope_theta") or 10000.0
 
         def first(token_id):  # Llama 3 lists several eos ids; the first is the canonical one
             return token_id[0] if isinstance(token_id, list) else token_id
@@ -96,7 +93,7 @@ class ModelConfig:
             attention_bias=model_type == "qwen2" or bool(d.get("attention_bias", False)),
             model_type=model_type, bos_token_id=first(d.get("bos_token_id")),
             eos_token_id=first(d.get("eos_token_id")), pad_token_id=first(d.get("pad_token_id")),
-            rope_scaling=rope if rope_type != "default" else None)
+            rope_scaling=dict(rope) or None)
 
     def to_hf_dict(self) -> dict:
         """config.json contents that transformers' AutoConfig reads back as this model."""
@@ -226,11 +223,7 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(batch_size, seq_len, -1, head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch_size, seq_len, -1, head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is None:
-            mask = None if attn_mask is None else attn_mask[:, None]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=attn_mask is None,
-                                                 enable_gqa=self.enable_gqa)
-        else:
+        if cache is not None:
             layer = self.layer_index
             rows = slots[:, None].expand(-1, seq_len)
             cache.k[layer, rows, :, cache_positions] = k.transpose(1, 2).to(cache.k.dtype)
@@ -238,7 +231,10 @@ class Attention(nn.Module):
             num_keys = attn_mask.shape[-1]
             k = cache.k[layer, slots, :, :num_keys].to(q.dtype)
             v = cache.v[layer, slots, :, :num_keys].to(q.dtype)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask[:, None], enable_gqa=self.enable_gqa)
+        mask = None if attn_mask is None else attn_mask[:, None]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=attn_mask is None,
+                                             enable_gqa=self.enable_gqa)
+        if attn_mask is not None:
             # A query row that may attend to nothing (padding) gives zeros, never NaN, on every backend.
             out = out.masked_fill(~attn_mask.any(-1)[:, None, :, None], 0.0)
         return self.o_proj(out.transpose(1, 2).reshape(batch_size, seq_len, -1))
@@ -283,7 +279,7 @@ class Transformer(nn.Module):
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
         # Hugging Face's initialisation (normal, std 0.02), so a fresh tiny model starts sane.
-        if isinstance(module, (nn.Linear, nn.Embedding)) and module.weight.device.type != "meta":
+        if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=0.02)
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)

@@ -65,6 +65,14 @@ def test_llama3_rope_scaling_matches_transformers():
 
 
 @torch.no_grad()
+def test_llama_attention_bias_covers_o_proj_as_in_transformers():
+    hf, ours = hf_pair("llama", attention_bias=True)
+    assert ours.layers[0].self_attn.o_proj.bias is not None
+    ids = random_ids(ours.config.vocab_size, 2, 6)
+    assert (ours(ids).logits - hf(ids).logits).abs().max() < TOL
+
+
+@torch.no_grad()
 def test_hidden_layers_match_transformers_hidden_states(pair):
     hf, ours = pair
     ids = random_ids(ours.config.vocab_size, 2, 9)
