@@ -1,0 +1,487 @@
+"""The tiny model zoo: a character-level target model for the arithmetic task and its EAGLE-3
+drafter, trained here on CPU in a few minutes and cached, so every demo, test and benchmark runs
+without a model hub.
+
+    python -m respec_async.zoo [--force] [--out DIR] [--quick]
+
+`ensure_zoo()` returns the cached directories when their stamp matches this code's format
+version and hyperparameters, and trains them otherwise. Training writes into a temporary
+directory that is renamed into place at the end, under a file lock, so a crash or a concurrent
+caller never sees a half-written zoo. Cache: --out, else $RESPEC_ZOO_DIR, else
+~/.cache/respec_async/zoo.
+
+The target is a small Llama-family model trained with next-token loss on gold worked solutions
+and stopped EARLY, when its held-out accuracy at temperature 1 enters a band (by default about
+45%): RL needs a policy that is partly right. The stopping rule reads the probability the
+model gives to the whole gold completion, measured teacher-forced in one forward pass: it is
+the chance that sampling at temperature 1 reproduces the gold solution exactly (a lower bound
+on sampled accuracy), and greedy decoding is right exactly when every gold token is the argmax.
+
+The drafter is distilled from the finished target with the unrolled loss of
+`respec_async.algorithms.distill` on the target's own distributions over held-in problems,
+and reports its per-step top-1 agreement and acceptance rate on held-out ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from respec_async.algorithms.distill import DistillStats, unrolled_distill_loss
+from respec_async.tasks import arithmetic
+
+# Bump when the training recipe changes in a way the hyperparameters below do not capture.
+ZOO_FORMAT_VERSION = 1
+STAMP_NAME = "zoo.json"
+
+
+@dataclass(frozen=True)
+class ZooSpec:
+    """Everything that determines the trained zoo; its hash names the cache directory."""
+
+    seed: int = 0
+    max_digits: int = arithmetic.MAX_DIGITS
+    # Target: a Llama-style decoder, ~0.74M parameters with these sizes.
+    hidden_size: int = 128
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    intermediate_size: int = 352
+    max_position_embeddings: int = 256
+    target_lr: float = 3e-3
+    target_batch_size: int = 64
+    target_max_steps: int = 3000
+    # Stop once the held-out probability of sampling the gold solution at temperature 1 reaches
+    # this (the band's middle): RL then has room between it and 1.
+    target_stop_accuracy: float = 0.45
+    eval_every: int = 25
+    num_eval_problems: int = 256
+    # Drafter: EAGLE-3 shaped for the target, distilled with the unrolled loss.
+    drafter_lr: float = 3e-3
+    drafter_batch_size: int = 32
+    drafter_steps: int = 600
+    drafter_unroll_steps: int = 7
+    # Problems sorted by length into this many batches at a time, so a batch pads little.
+    bucket_num_batches: int = 16
+
+    def key(self) -> str:
+        blob = json.dumps({"format_version": ZOO_FORMAT_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+# A micro zoo for tests: trains in seconds, same code path, not a useful model.
+QUICK_SPEC = ZooSpec(max_digits=3, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                     num_key_value_heads=1, intermediate_size=64, max_position_embeddings=64,
+                     target_batch_size=16, target_max_steps=12, target_stop_accuracy=1.01, eval_every=6,
+                     num_eval_problems=16, drafter_batch_size=8, drafter_steps=6, drafter_unroll_steps=3,
+                     bucket_num_batches=2)
+
+
+@dataclass(frozen=True)
+class ZooPaths:
+    target_dir: Path  # Hugging Face layout: config.json, model.safetensors, tokenizer.json
+    drafter_dir: Path  # Eagle3Drafter.save_pretrained layout
+    tokenizer_path: Path
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("RESPEC_ZOO_DIR") or Path.home() / ".cache" / "respec_async" / "zoo")
+
+
+def _paths(root: Path) -> ZooPaths:
+    return ZooPaths(target_dir=root / "target", drafter_dir=root / "drafter",
+                    tokenizer_path=root / "target" / "tokenizer.json")
+
+
+def _is_complete(root: Path, spec: ZooSpec) -> bool:
+    stamp_path = root / STAMP_NAME
+    if not stamp_path.is_file():
+        return False
+    try:
+        stamp = json.loads(stamp_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    paths = _paths(root)
+    return (stamp.get("key") == spec.key() and (paths.target_dir / "config.json").is_file()
+            and (paths.drafter_dir / "config.json").is_file() and paths.tokenizer_path.is_file())
+
+
+def ensure_zoo(cache_dir: str | Path | None = None, spec: ZooSpec | None = None, force: bool = False,
+               log: Callable[[str], None] | None = None) -> ZooPaths:
+    """The zoo's directories, trained first unless a matching one is cached (see module docstring)."""
+    spec = spec or ZooSpec()
+    log = log or (lambda message: None)
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    root = cache_dir / f"zoo-{spec.key()}"
+    with open(cache_dir / ".lock", "w") as lock:
+        # Serialises concurrent callers: the second waits, then finds the first one's zoo.
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _is_complete(root, spec) and not force:
+            log(f"zoo: using cached {root}")
+            return _paths(root)
+        staging = Path(tempfile.mkdtemp(prefix=f".staging-{spec.key()}-", dir=cache_dir))
+        try:
+            metrics = train_zoo(staging, spec, log)
+            stamp = {"key": spec.key(), "format_version": ZOO_FORMAT_VERSION, "spec": dataclasses.asdict(spec),
+                     "metrics": metrics}
+            (staging / STAMP_NAME).write_text(json.dumps(stamp, indent=2))
+            if root.exists():
+                shutil.rmtree(root)
+            os.rename(staging, root)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    log(f"zoo: saved to {root}")
+    return _paths(root)
+
+
+def read_stamp(paths: ZooPaths) -> dict:
+    return json.loads((paths.target_dir.parent / STAMP_NAME).read_text())
+
+
+# ---- data --------------------------------------------------------------------------------
+
+
+@dataclass
+class TokenBatch:
+    input_ids: torch.Tensor  # [B, T], right-padded: <bos> prompt completion <eos> <pad>...
+    loss_mask: torch.Tensor  # [B, T], 1 at the positions that predict a completion token or <eos>
+
+
+def encode_problems(tokenizer, problems: list[arithmetic.Problem]) -> TokenBatch:
+    rows, prompt_lengths = [], []
+    for problem in problems:
+        prompt_ids = [tokenizer.bos_token_id] + tokenizer.encode(problem.prompt)
+        rows.append(prompt_ids + tokenizer.encode(problem.completion) + [tokenizer.eos_token_id])
+        prompt_lengths.append(len(prompt_ids))
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    loss_mask = torch.zeros(len(rows), width)
+    for i, (row, prompt_length) in enumerate(zip(rows, prompt_lengths)):
+        input_ids[i, : len(row)] = torch.tensor(row)
+        # Position s predicts token s+1: from the prompt's last token to the one before <eos>.
+        loss_mask[i, prompt_length - 1: len(row) - 1] = 1.0
+    return TokenBatch(input_ids, loss_mask)
+
+
+class TrainBatches:
+    """Batches of train-split problems, in order of problem index, grouped by length: each
+    draw of `num_batches` batches is sorted by length and handed out in a shuffled order."""
+
+    def __init__(self, tokenizer, spec: ZooSpec, batch_size: int, seed: int):
+        self.tokenizer, self.spec, self.batch_size = tokenizer, spec, batch_size
+        self.rng = random.Random(seed)
+        self.next_index = 0
+        self.seed = seed
+        self.pending: list[list[arithmetic.Problem]] = []
+
+    def next(self) -> TokenBatch:
+        if not self.pending:
+            count = self.batch_size * self.spec.bucket_num_batches
+            drawn = arithmetic.problems(count, seed=self.seed, split="train", start=self.next_index,
+                                        max_digits=self.spec.max_digits)
+            self.next_index += count
+            drawn.sort(key=lambda p: len(p.prompt) + len(p.completion))
+            self.pending = [drawn[i: i + self.batch_size] for i in range(0, count, self.batch_size)]
+            self.rng.shuffle(self.pending)
+        return encode_problems(self.tokenizer, self.pending.pop())
+
+
+def heldout_batches(tokenizer, spec: ZooSpec, batch_size: int = 64) -> list[TokenBatch]:
+    problems = arithmetic.problems(spec.num_eval_problems, seed=spec.seed, split="heldout",
+                                   max_digits=spec.max_digits)
+    problems.sort(key=lambda p: len(p.prompt) + len(p.completion))
+    return [encode_problems(tokenizer, problems[i: i + batch_size]) for i in range(0, len(problems), batch_size)]
+
+
+# ---- target --------------------------------------------------------------------------------
+
+
+def completion_loss(logits: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
+    """Mean next-token cross-entropy over the completion tokens."""
+    logprobs = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    token_logprobs = logprobs.gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
+    mask = batch.loss_mask[:, :-1]
+    return -(token_logprobs * mask).sum() / mask.sum()
+
+
+@torch.no_grad()
+def teacher_forced_accuracy(model, batches: list[TokenBatch]) -> dict[str, float]:
+    """Held-out accuracy read off one teacher-forced forward per batch: `greedy` is the fraction
+    of problems whose every gold token is the argmax (greedy decoding reproduces the gold
+    solution exactly then), `sampled_t1` the mean probability of the whole gold completion
+    (the chance that temperature-1 sampling reproduces it; a lower bound on sampled accuracy)."""
+    num_greedy, total_probability, num_problems = 0.0, 0.0, 0
+    for batch in batches:
+        logits = model(batch.input_ids).logits
+        logprobs = F.log_softmax(logits[:, :-1].float(), dim=-1)
+        gold = batch.input_ids[:, 1:]
+        mask = batch.loss_mask[:, :-1].bool()
+        token_logprobs = logprobs.gather(-1, gold[..., None]).squeeze(-1)
+        num_greedy += ((logprobs.argmax(-1) == gold) | ~mask).all(dim=1).sum().item()
+        total_probability += (token_logprobs * mask).sum(dim=1).exp().sum().item()
+        num_problems += gold.shape[0]
+    return {"greedy": num_greedy / num_problems, "sampled_t1": total_probability / num_problems}
+
+
+def train_target(model, tokenizer, spec: ZooSpec, log: Callable[[str], None]) -> dict:
+    """Supervised next-token training, stopped when held-out temperature-1 accuracy reaches
+    spec.target_stop_accuracy (or at target_max_steps)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.target_lr, betas=(0.9, 0.98), weight_decay=0.0)
+    batches = TrainBatches(tokenizer, spec, spec.target_batch_size, seed=spec.seed)
+    heldout = heldout_batches(tokenizer, spec)
+    warmup_steps = max(1, min(50, spec.target_max_steps // 10))
+    start_s = time.perf_counter()
+    accuracy = {"greedy": 0.0, "sampled_t1": 0.0}
+    step = 0
+    model.train()
+    for step in range(1, spec.target_max_steps + 1):
+        for group in optimizer.param_groups:
+            group["lr"] = spec.target_lr * min(1.0, step / warmup_steps)
+        batch = batches.next()
+        loss = completion_loss(model(batch.input_ids).logits, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        if step % spec.eval_every == 0 or step == spec.target_max_steps:
+            model.eval()
+            accuracy = teacher_forced_accuracy(model, heldout)
+            model.train()
+            log(f"target step {step:5d}  loss {loss.item():.3f}  held-out greedy {accuracy['greedy']:.3f}  "
+                f"p(gold)@T1 {accuracy['sampled_t1']:.3f}  {time.perf_counter() - start_s:.0f}s")
+            if accuracy["sampled_t1"] >= spec.target_stop_accuracy:
+                break
+    model.eval()
+    return {"num_steps": step, "train_time_s": round(time.perf_counter() - start_s, 1),
+            "heldout_greedy_teacher_forced": accuracy["greedy"],
+            "heldout_p_gold_t1": accuracy["sampled_t1"]}
+
+
+# ---- drafter -------------------------------------------------------------------------------
+
+
+def target_features_and_logits(target, input_ids: torch.Tensor, feature_layers) -> tuple[list[torch.Tensor], torch.Tensor]:
+    with torch.no_grad():
+        output = target(input_ids, hidden_layers=tuple(feature_layers))
+    return list(output.hidden), output.logits
+
+
+def _mean_stats(all_stats: list[DistillStats]) -> dict:
+    num_steps = len(all_stats[0].top1_agreement_per_step)
+    weights = [s.num_tokens for s in all_stats]
+    total = max(sum(weights), 1)
+
+    def mean(values):
+        return sum(v * w for v, w in zip(values, weights)) / total
+
+    return {
+        "top1_agreement_per_step": [round(mean([s.top1_agreement_per_step[j] for s in all_stats]), 4)
+                                    for j in range(num_steps)],
+        "accept_prob_per_step": [round(mean([s.accept_prob_per_step[j] for s in all_stats]), 4)
+                                 for j in range(num_steps)],
+        "loss": round(mean([s.loss for s in all_stats]), 4),
+    }
+
+
+def evaluate_drafter(drafter, target, batches: list[TokenBatch], num_steps: int) -> dict:
+    all_stats = []
+    with torch.no_grad():
+        for batch in batches:
+            features, logits = target_features_and_logits(target, batch.input_ids, drafter.config.feature_layers)
+            _, stats = unrolled_distill_loss(drafter, features, batch.input_ids, logits, batch.loss_mask,
+                                             num_steps=num_steps)
+            all_stats.append(stats)
+    summary = _mean_stats(all_stats)
+    length, survive = 1.0, 1.0
+    for accept in summary["accept_prob_per_step"]:
+        survive *= accept
+        length += survive
+    summary["estimated_acceptance_length"] = round(length, 3)
+    return summary
+
+
+def train_drafter(drafter, target, tokenizer, spec: ZooSpec, log: Callable[[str], None]) -> dict:
+    """Plain KD (all sample weights 1: the gold solutions are all correct) of the drafter on the
+    target's distributions, with the unrolled training-time-test loss."""
+    optimizer = torch.optim.AdamW([p for p in drafter.parameters() if p.requires_grad], lr=spec.drafter_lr,
+                                  betas=(0.9, 0.98), weight_decay=0.0)
+    batches = TrainBatches(tokenizer, spec, spec.drafter_batch_size, seed=spec.seed + 1)
+    heldout = heldout_batches(tokenizer, spec)
+    warmup_steps = max(1, min(50, spec.drafter_steps // 10))
+    start_s = time.perf_counter()
+    log_every = max(1, spec.drafter_steps // 10)
+    drafter.train()
+    for step in range(1, spec.drafter_steps + 1):
+        # Cosine decay to a tenth: the drafter is trained for a fixed budget, not to a band.
+        progress = step / spec.drafter_steps
+        scale = min(1.0, step / warmup_steps) * (0.1 + 0.45 * (1 + torch.cos(torch.tensor(progress * torch.pi)).item()))
+        for group in optimizer.param_groups:
+            group["lr"] = spec.drafter_lr * scale
+        batch = batches.next()
+        features, logits = target_features_and_logits(target, batch.input_ids, drafter.config.feature_layers)
+        loss, stats = unrolled_distill_loss(drafter, features, batch.input_ids, logits, batch.loss_mask,
+                                            num_steps=spec.drafter_unroll_steps)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(drafter.parameters(), 1.0)
+        optimizer.step()
+        if step % log_every == 0 or step == spec.drafter_steps:
+            agreement = " ".join(f"{a:.2f}" for a in stats.top1_agreement_per_step)
+            log(f"drafter step {step:5d}  loss {loss.item():.3f}  top-1 agreement per step [{agreement}]  "
+                f"{time.perf_counter() - start_s:.0f}s")
+    drafter.eval()
+    summary = evaluate_drafter(drafter, target, heldout, spec.drafter_unroll_steps)
+    summary["train_time_s"] = round(time.perf_counter() - start_s, 1)
+    summary["num_steps"] = spec.drafter_steps
+    return summary
+
+
+# ---- sampled evaluation ----------------------------------------------------------------------
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """Token ids of a prompt in the format the zoo target was trained on: <bos> then the text."""
+    return [tokenizer.bos_token_id] + tokenizer.encode(prompt)
+
+
+def evaluate_generation(target, tokenizer, spec: ZooSpec, drafter=None, num_problems: int = 128,
+                        sd_num_steps: int = 4) -> dict:
+    """Held-out accuracy of real generations (temperature 1 and greedy) through the engine, and,
+    with a drafter, the mean acceptance length of chain drafts of sd_num_steps at temperature 1."""
+    from respec_async.engine.engine import Engine, Request, SDConfig
+    from respec_async.engine.sampling import SamplingParams
+
+    problems = arithmetic.problems(num_problems, seed=spec.seed + 7, split="heldout", max_digits=spec.max_digits)
+    max_new_tokens = max(len(p.completion) for p in problems) + 16
+    max_seq_len = max(len(encode_prompt(tokenizer, p.prompt)) for p in problems) + max_new_tokens + 1
+    results = {}
+    runs = [("t1", 1.0, None), ("greedy", 0.0, None)]
+    if drafter is not None:
+        runs.append(("t1_sd", 1.0, SDConfig(num_steps=sd_num_steps, top_k=1, num_draft_tokens=sd_num_steps)))
+    for name, temperature, sd in runs:
+        engine = Engine(target, drafter if sd is not None else None, max_batch_size=min(64, num_problems),
+                        max_seq_len=max_seq_len, seed=spec.seed)
+        params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens,
+                                stop_token_ids=(tokenizer.eos_token_id,))
+        requests = [Request(i, encode_prompt(tokenizer, p.prompt), params) for i, p in enumerate(problems)]
+        start_s = time.perf_counter()
+        completions = engine.generate(requests, sd_policy=sd)
+        texts = [tokenizer.decode([t for t in c.output_ids if t != tokenizer.eos_token_id]) for c in completions]
+        results[f"accuracy_{name}"] = round(arithmetic.accuracy(texts, [p.answer for p in problems]), 4)
+        results[f"generate_time_s_{name}"] = round(time.perf_counter() - start_s, 1)
+        if sd is not None:
+            num_verify = sum(c.num_verify_steps for c in completions)
+            num_accepted = sum(c.num_accepted for c in completions)
+            results["acceptance_length"] = round((num_accepted + num_verify) / max(num_verify, 1), 3)
+            results["sd_num_steps"] = sd_num_steps
+    lengths = [len(p.completion) + 1 for p in problems]
+    results["num_problems"] = num_problems
+    results["mean_completion_tokens"] = round(sum(lengths) / len(lengths), 1)
+    return results
+
+
+# ---- the whole zoo ---------------------------------------------------------------------------
+
+
+def build_tokenizer():
+    from respec_async.engine.tokenizer import build_char_tokenizer
+    return build_char_tokenizer(arithmetic.ALPHABET)
+
+
+def build_target(spec: ZooSpec, tokenizer):
+    from respec_async.engine.model import ModelConfig, Transformer
+    config = ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=spec.hidden_size,
+                         intermediate_size=spec.intermediate_size, num_hidden_layers=spec.num_hidden_layers,
+                         num_attention_heads=spec.num_attention_heads, num_key_value_heads=spec.num_key_value_heads,
+                         max_position_embeddings=spec.max_position_embeddings, tie_word_embeddings=True,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    return Transformer(config)
+
+
+def zoo_feature_layers(num_layers: int) -> tuple[int, int, int]:
+    """Target layers the zoo drafter fuses: the outputs of layers 1, L//2 and L-1.
+
+    EAGLE-3's rule (outputs of 1, L//2-1, L-4) is made for deep models; on a 4-layer target it
+    clamps to (1, 1, 0) and leaves out the top layers, which carry the next-token prediction
+    the drafter most needs. Low, middle and the last layer keep the spread the rule intends."""
+    return (min(1, num_layers - 1), num_layers // 2, num_layers - 1)
+
+
+def build_drafter(target):
+    from respec_async.engine.drafter import Eagle3Drafter
+    drafter = Eagle3Drafter.from_target(target)
+    config = dataclasses.replace(drafter.config, feature_layers=zoo_feature_layers(target.config.num_hidden_layers))
+    param = target.embed_tokens.weight
+    return Eagle3Drafter(config, target.embed_tokens).to(device=param.device, dtype=param.dtype)
+
+
+def num_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def train_zoo(out_dir: str | Path, spec: ZooSpec, log: Callable[[str], None] = print,
+              evaluate: bool = True) -> dict:
+    """Train the target and the drafter into out_dir/target and out_dir/drafter; returns metrics."""
+    from respec_async.engine.checkpoint import save_pretrained
+
+    paths = _paths(Path(out_dir))
+    tokenizer = build_tokenizer()
+    # Forked so training the zoo leaves the caller's random state as it found it.
+    with torch.random.fork_rng():
+        torch.manual_seed(spec.seed)
+        target = build_target(spec, tokenizer)
+        log(f"zoo: target {num_parameters(target):,} parameters, training until held-out p(gold)@T1 >= "
+            f"{spec.target_stop_accuracy}")
+        target_metrics = train_target(target, tokenizer, spec, log)
+        target.requires_grad_(False)
+        drafter = build_drafter(target)
+        log(f"zoo: drafter {num_parameters(drafter):,} parameters (feature layers "
+            f"{tuple(drafter.config.feature_layers)}), {spec.drafter_steps} distillation steps")
+        drafter_metrics = train_drafter(drafter, target, tokenizer, spec, log)
+    save_pretrained(target, paths.target_dir)
+    tokenizer.save(paths.tokenizer_path)
+    drafter.save_pretrained(paths.drafter_dir)
+    metrics = {"target": {"num_parameters": num_parameters(target), **target_metrics},
+               "drafter": {"num_parameters": num_parameters(drafter), **drafter_metrics}}
+    if evaluate:
+        metrics["generation"] = evaluate_generation(target, tokenizer, spec, drafter,
+                                                    num_problems=min(128, spec.num_eval_problems))
+        log("zoo: generation " + json.dumps(metrics["generation"]))
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m respec_async.zoo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", help="cache directory (default: $RESPEC_ZOO_DIR or ~/.cache/respec_async/zoo)")
+    parser.add_argument("--force", action="store_true", help="retrain even when a matching zoo is cached")
+    parser.add_argument("--quick", action="store_true", help="a micro zoo in seconds (tests; not a useful model)")
+    args = parser.parse_args(argv)
+    spec = QUICK_SPEC if args.quick else ZooSpec()
+    start_s = time.perf_counter()
+    paths = ensure_zoo(args.out, spec=spec, force=args.force, log=lambda message: print(message, flush=True))
+    metrics = read_stamp(paths)["metrics"]
+    print(json.dumps(metrics, indent=2))
+    print(f"target:    {paths.target_dir}\ndrafter:   {paths.drafter_dir}\ntokenizer: {paths.tokenizer_path}\n"
+          f"({time.perf_counter() - start_s:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
