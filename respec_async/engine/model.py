@@ -288,6 +288,11 @@ class Transformer(nn.Module):
                 slots: Tensor | None = None, cache_positions: Tensor | None = None,
                 attn_mask: Tensor | None = None, hidden_layers: Sequence[int] = (),
                 logits_positions: Tensor | None = None) -> ModelOutput:
+        """input_ids, positions (RoPE, default arange), cache_positions (default positions):
+        [B, T]; slots: [B] (default arange); attn_mask: bool [B, T, S], True = may attend,
+        default causal by cache index (with a cache) or plain causal (without one; a mask given
+        without a cache applies to the T tokens themselves); hidden_layers: decoder layers whose
+        outputs to return; logits_positions: [B, K] token indices to compute logits at."""
         batch_size, seq_len = input_ids.shape
         device = input_ids.device
         if positions is None:
