@@ -49,6 +49,11 @@ def fails_twice(data_source, solution_str, ground_truth, extra_info=None):
         raise RuntimeError("flaky reward backend")
     return 1.0
 
+def fails_on_boom(data_source, solution_str, ground_truth, extra_info=None):
+    if solution_str == "boom":
+        raise RuntimeError("reward backend exploded")
+    return float(solution_str.strip() == ground_truth)
+
 def returns_nan(data_source, solution_str, ground_truth, extra_info=None):
     return math.nan
 
