@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from respec_async.engine.model import ModelConfig, RMSNorm, apply_rope, eagle3_feature_layers, rope_cos_sin
+from respec_async.engine.model import ModelConfig, RMSNorm, apply_rope, eagle3_feature_layers, rope_inv_freq
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -65,11 +65,19 @@ class DrafterConfig:
             rope_theta=self.rope_theta, max_position_embeddings=self.max_position_embeddings)
 
 
+def _rms_norm(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
+    """model.RMSNorm's math (float32 statistics) as one fused op: the drafter runs s times per
+    speculative step, so its op count is the cost on CPU."""
+    return norm.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=norm.eps).to(x.dtype)
+
+
 class DraftAttention(nn.Module):
     def __init__(self, config: DrafterConfig):
         super().__init__()
         self.config = config
-        self.rope_config = config.cache_config()
+        # Cached (recomputing them is a handful of small ops per call on the hot path), and kept
+        # out of the buffers so that .to(bfloat16) cannot round the frequencies.
+        self.inv_freq = rope_inv_freq(config.cache_config(), "cpu")
         heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         self.q_proj = nn.Linear(2 * config.hidden_size, heads * head_dim, bias=False)
         self.k_proj = nn.Linear(2 * config.hidden_size, kv_heads * head_dim, bias=False)
@@ -82,7 +90,11 @@ class DraftAttention(nn.Module):
         q = self.q_proj(x).view(batch_size, seq_len, -1, config.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch_size, seq_len, -1, config.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch_size, seq_len, -1, config.head_dim).transpose(1, 2)
-        cos, sin = rope_cos_sin(self.rope_config, positions, q.dtype)
+        if self.inv_freq.device != positions.device:
+            self.inv_freq = self.inv_freq.to(positions.device)
+        angles = positions.float()[:, None, :, None] * self.inv_freq
+        angles = torch.cat([angles, angles], dim=-1)
+        cos, sin = angles.cos().to(q.dtype), angles.sin().to(q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
             is_causal = attn_mask is None
@@ -139,6 +151,8 @@ class Eagle3Drafter(nn.Module):
         if draft_vocab_ids is None:
             draft_vocab_ids = torch.arange(config.draft_vocab_size)
         draft_vocab_ids = torch.as_tensor(draft_vocab_ids, dtype=torch.long)
+        if config.draft_vocab_size == config.vocab_size and not torch.equal(draft_vocab_ids, torch.arange(config.vocab_size)):
+            raise ValueError("a draft vocabulary as large as the target's must be the identity map")
         if draft_vocab_ids.shape != (config.draft_vocab_size,):
             raise ValueError(f"draft_vocab_ids must have {config.draft_vocab_size} ids, got {tuple(draft_vocab_ids.shape)}")
         self.register_buffer("d2t", draft_vocab_ids - torch.arange(config.draft_vocab_size))
@@ -174,21 +188,21 @@ class Eagle3Drafter(nn.Module):
             hidden = self.fc(hidden)
         embeds = F.embedding(input_ids, self.target_embed.weight.detach()).to(hidden.dtype)
         layer = self.midlayer
-        x = torch.cat([layer.input_layernorm(embeds), layer.hidden_norm(hidden)], dim=-1)
+        x = torch.cat([_rms_norm(layer.input_layernorm, embeds), _rms_norm(layer.hidden_norm, hidden)], dim=-1)
         h = hidden + layer.self_attn(x, positions, cache, slots, cache_positions, attn_mask)
-        h = h + layer.mlp(layer.post_attention_layernorm(h))
+        h = h + layer.mlp(_rms_norm(layer.post_attention_layernorm, h))
         if logits_positions is not None:
             if logits_positions.shape[1] == 0:
                 return None, h
             h_at = h.gather(1, logits_positions[:, :, None].expand(-1, -1, h.shape[-1]))
-            return self.lm_head(self.norm(h_at)).float(), h
-        return self.lm_head(self.norm(h)).float(), h
+            return self.lm_head(_rms_norm(self.norm, h_at)).float(), h
+        return self.lm_head(_rms_norm(self.norm, h)).float(), h
 
     def draft_logits_to_target(self, logits: torch.Tensor) -> torch.Tensor:
         """Scatter draft-vocabulary logits [..., V_draft] into the target vocabulary [..., V];
         target ids outside the draft vocabulary get -inf."""
-        if self.config.draft_vocab_size == self.config.vocab_size and not bool(self.d2t.any()):
-            return logits
+        if self.config.draft_vocab_size == self.config.vocab_size:
+            return logits  # a full-size draft vocabulary is the identity map
         full = logits.new_full(logits.shape[:-1] + (self.config.vocab_size,), float("-inf"))
         return full.index_copy(-1, self.draft_vocab_ids, logits)
 

@@ -211,12 +211,13 @@ class Engine:
         mode = "idle"
         if slots:
             slot_ids = torch.tensor(slots, device=self.device)
+            sampling_args = self._sampling_args(slots, slot_ids)
             if sd is not None and self.drafter is not None:
                 self._check_sd(sd)
-                tokens, logprobs, num_tokens = self._speculative_step(slot_ids, sd)
+                tokens, logprobs, num_tokens = self._speculative_step(slot_ids, sd, sampling_args)
                 mode = "sd"
             else:
-                tokens, logprobs, num_tokens = self._plain_step(slot_ids)
+                tokens, logprobs, num_tokens = self._plain_step(slot_ids, sampling_args)
                 mode = "plain"
             num_emitted = self._emit(slots, tokens, logprobs, num_tokens, sd if mode == "sd" else None, finished)
         self.step_stats.append(StepStats(mode, sd if mode == "sd" else None, len(slots), num_admitted, num_emitted,
@@ -231,8 +232,13 @@ class Engine:
         if sd.top_k > self.drafter.config.draft_vocab_size:
             raise ValueError(f"{sd}: top_k exceeds the draft vocabulary")
 
-    def _target_logprobs(self, logits: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        return sampling_logprobs(logits, self.temperature[slots], self.top_p[slots], self.top_k[slots])
+    def _sampling_args(self, slots: list[int], slot_ids: torch.Tensor) -> tuple:
+        """(temperature, top_p, top_k) for sampling_logprobs: Python scalars when every sequence
+        shares them (no per-row tensors on the hot path), else one value per row."""
+        distinct = {(p.temperature, p.top_p, p.top_k) for p in (self.running[slot].request.params for slot in slots)}
+        if len(distinct) == 1:
+            return distinct.pop()
+        return self.temperature[slot_ids], self.top_p[slot_ids], self.top_k[slot_ids]
 
     def _features(self, hidden: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat(hidden, dim=-1)
@@ -262,7 +268,8 @@ class Engine:
         # Padding past a prompt writes K/V beyond its length, which later steps overwrite.
         out = self.target(ids, positions, self.cache, slots, positions, None, hidden_layers=self.feature_layers,
                           logits_positions=(prompt_lens - 1)[:, None])
-        logprobs = self._target_logprobs(out.logits[:, 0], slots)
+        sampling_args = self._sampling_args([sequence.slot for sequence in admitted], slots)
+        logprobs = sampling_logprobs(out.logits[:, 0], *sampling_args)
         first = sample(logprobs, self.generator)
         self.tokens[slots, :max_len] = ids
         self.tokens[slots, prompt_lens] = first
@@ -281,11 +288,11 @@ class Engine:
 
     # ---- plain decoding -------------------------------------------------------------------
 
-    def _plain_step(self, slots: torch.Tensor):
+    def _plain_step(self, slots: torch.Tensor, sampling_args: tuple):
         lengths = self.lengths[slots]
         out = self.target(self.tokens[slots, lengths][:, None], lengths[:, None], self.cache, slots, lengths[:, None],
                           None, hidden_layers=self.feature_layers)
-        logprobs = self._target_logprobs(out.logits[:, 0], slots)
+        logprobs = sampling_logprobs(out.logits[:, 0], *sampling_args)
         tokens = sample(logprobs, self.generator)
         self.tokens[slots, lengths + 1] = tokens
         self.lengths[slots] = lengths + 1
@@ -321,16 +328,16 @@ class Engine:
         self.num_pending[slots] = 0
         return logits[:, 0], hidden.gather(1, last[:, :, None].expand(-1, -1, hidden.shape[-1]))[:, 0]
 
-    def _speculative_step(self, slots: torch.Tensor, sd: SDConfig):
+    def _speculative_step(self, slots: torch.Tensor, sd: SDConfig, sampling_args: tuple):
         """Draft (chain or tree), verify in one target forward, accept exactly, commit."""
         lengths = self.lengths[slots]
         root_logits, root_hidden = self._drafter_catch_up(slots)
         if sd.is_chain:
             emitted, num_accepted, path, target_logprobs, features = self._chain_step(
-                slots, lengths, root_logits, root_hidden, sd)
+                slots, lengths, root_logits, root_hidden, sd, sampling_args)
         else:
             emitted, num_accepted, path, target_logprobs, features = self._tree_step(
-                slots, lengths, root_logits, root_hidden, sd)
+                slots, lengths, root_logits, root_hidden, sd, sampling_args)
         # Commit: the emitted tokens, the target features of the verified path for the next
         # catch-up, and the new length (root + accepted drafts are now in the target cache).
         num_slots_written = emitted.shape[1]
@@ -343,11 +350,10 @@ class Engine:
             1, path.clamp(min=0)[:, :, None].expand(-1, -1, target_logprobs.shape[-1])), emitted)
         return emitted, logprobs, num_accepted + 1
 
-    def _chain_step(self, slots, lengths, logits, hidden, sd: SDConfig):
-        temperature, top_p, top_k = self.temperature[slots], self.top_p[slots], self.top_k[slots]
+    def _chain_step(self, slots, lengths, logits, hidden, sd: SDConfig, sampling_args: tuple):
         drafts, draft_logprobs = [], []
         for step in range(sd.num_steps):
-            q = sampling_logprobs(self.drafter.draft_logits_to_target(logits), temperature, top_p, top_k)
+            q = sampling_logprobs(self.drafter.draft_logits_to_target(logits), *sampling_args)
             drafts.append(sample(q, self.generator))
             draft_logprobs.append(q)
             if step + 1 < sd.num_steps:
@@ -360,7 +366,7 @@ class Engine:
         positions = lengths[:, None] + torch.arange(sd.num_steps + 1, device=self.device)
         ids = torch.cat([self.tokens[slots, lengths][:, None], drafts], 1)
         out = self.target(ids, positions, self.cache, slots, positions, None, hidden_layers=self.feature_layers)
-        target_logprobs = self._target_logprobs(out.logits, slots)
+        target_logprobs = sampling_logprobs(out.logits, *sampling_args)
         num_accepted, next_tokens = chain_accept(drafts, torch.stack(draft_logprobs, 1), target_logprobs,
                                                  self.generator, self.relaxed)
         emitted = torch.cat([drafts, next_tokens[:, None]], 1)
@@ -369,7 +375,7 @@ class Engine:
         path = torch.arange(sd.num_steps + 1, device=self.device).expand(len(slots), -1)
         return emitted, num_accepted, path, target_logprobs, self._features(out.hidden)
 
-    def _tree_step(self, slots, lengths, root_logits, root_hidden, sd: SDConfig):
+    def _tree_step(self, slots, lengths, root_logits, root_hidden, sd: SDConfig, sampling_args: tuple):
         s, t = sd.num_steps, sd.top_k
         batch_size = len(slots)
         vocab_ids = self.drafter.draft_vocab_ids
@@ -416,7 +422,7 @@ class Engine:
         mask = tree_attention_mask(tree, lengths, int(lengths.max()) + num_nodes)
         out = self.target(tree.tokens, lengths[:, None] + tree.depths, self.cache, slots, cache_positions, mask,
                           hidden_layers=self.feature_layers)
-        target_logprobs = self._target_logprobs(out.logits, slots)
+        target_logprobs = sampling_logprobs(out.logits, *sampling_args)
         path, num_accepted, next_tokens = tree_accept(tree, target_logprobs, self.generator, self.relaxed)
 
         # The accepted path's K/V sits at L + node index; move it to L, L+1, ... (past the path

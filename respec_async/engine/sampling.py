@@ -44,6 +44,12 @@ def sampling_logprobs(logits: torch.Tensor, temperature: float | torch.Tensor = 
     (e.g. one value per row [B] for logits [B, T, V]).
     """
     logits = logits.float()
+    if isinstance(temperature, (int, float)) and isinstance(top_p, (int, float)) and isinstance(top_k, int):
+        # One set of parameters for every row (the common case): no per-row tensors to build.
+        if temperature <= 0:
+            return torch.full_like(logits, float("-inf")).scatter_(-1, logits.argmax(-1, keepdim=True), 0.0)
+        if top_k <= 0 and top_p >= 1:
+            return F.log_softmax(logits / temperature, dim=-1)
     temperature = _as_param(temperature, logits)
     greedy = temperature <= 0
     scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature)

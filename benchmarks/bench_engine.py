@@ -1,0 +1,181 @@
+"""Generation throughput: transformers `generate` vs. our engine, without and with speculative decoding.
+
+    .venv/bin/python benchmarks/bench_engine.py                      # the tiny zoo (trained if missing)
+    .venv/bin/python benchmarks/bench_engine.py --target DIR --drafter DIR --batch-sizes 1,4,16
+
+For every active batch size B, B requests run together with B slots and a fixed number of new
+tokens (no stop tokens), so the active batch stays B for the whole run; tokens/s counts output
+tokens. Rows: (a) transformers' AutoModelForCausalLM.generate on the same checkpoint directory,
+(b) our engine with SD off, (c) our engine with SD on for each (s, t, n) of the grid, with its
+mean acceptance length (accepted drafts + 1 per verify step). Prints a table and writes
+benchmarks/results/bench_engine.json. Each cell is the best of --repeats timed runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from respec_async.engine.checkpoint import load_pretrained  # noqa: E402
+from respec_async.engine.drafter import Eagle3Drafter  # noqa: E402
+from respec_async.engine.engine import Engine, Request, SDConfig  # noqa: E402
+from respec_async.engine.sampling import SamplingParams  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "bench_engine.json"
+DEFAULT_GRID = "3,1,3 5,1,5 7,1,7 3,4,8 5,4,16 5,8,32"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--target", help="target checkpoint dir (default: the zoo's)")
+    parser.add_argument("--drafter", help="drafter dir (default: the zoo's)")
+    parser.add_argument("--batch-sizes", default="1,2,4,8,16,32,64")
+    parser.add_argument("--grid", default=DEFAULT_GRID, help="SD configs 's,t,n' separated by spaces")
+    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--skip-hf", action="store_true", help="leave out transformers generate")
+    parser.add_argument("--out", default=str(RESULTS))
+    return parser.parse_args()
+
+
+def resolve_paths(args) -> tuple[Path, Path | None, Path | None]:
+    """(target dir, drafter dir, tokenizer.json or None)."""
+    if args.target:
+        target_dir = Path(args.target)
+        tokenizer = target_dir / "tokenizer.json"
+        return target_dir, Path(args.drafter) if args.drafter else None, tokenizer if tokenizer.is_file() else None
+    from respec_async.zoo import ensure_zoo
+    paths = ensure_zoo(log=print)
+    return paths.target_dir, Path(args.drafter) if args.drafter else paths.drafter_dir, paths.tokenizer_path
+
+
+def make_prompts(tokenizer_path: Path | None, vocab_size: int, num_prompts: int) -> list[list[int]]:
+    """Held-out arithmetic prompts in the zoo's format, or random ids for an arbitrary model."""
+    if tokenizer_path is not None:
+        from respec_async.engine.tokenizer import Tokenizer
+        from respec_async.tasks import arithmetic
+        from respec_async.zoo import encode_prompt
+        tokenizer = Tokenizer.from_file(tokenizer_path)
+        problems = arithmetic.problems(num_prompts, seed=123, split="heldout")
+        return [encode_prompt(tokenizer, problem.prompt) for problem in problems]
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randint(0, vocab_size, (8 + i % 8,), generator=generator).tolist() for i in range(num_prompts)]
+
+
+def best_of(repeats: int, run) -> tuple[float, object]:
+    best_s, result = float("inf"), None
+    for _ in range(repeats):
+        start_s = time.perf_counter()
+        result = run()
+        best_s = min(best_s, time.perf_counter() - start_s)
+    return best_s, result
+
+
+def bench_hf(target_dir: Path, prompts, new_tokens: int, temperature: float, repeats: int) -> float:
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(str(target_dir), dtype=torch.float32).eval()
+    width = max(len(p) for p in prompts)
+    pad = 0
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else \
+        dict(do_sample=False)
+
+    def run():
+        with torch.inference_mode():
+            return model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                  pad_token_id=pad, eos_token_id=None, **sampling)
+
+    model.generation_config.eos_token_id = None
+    elapsed_s, _ = best_of(repeats, run)
+    return len(prompts) * new_tokens / elapsed_s
+
+
+def bench_engine(target, drafter, prompts, new_tokens: int, temperature: float, sd: SDConfig | None,
+                 repeats: int) -> tuple[float, float]:
+    params = SamplingParams(temperature=temperature, max_new_tokens=new_tokens)
+    max_seq_len = max(len(p) for p in prompts) + new_tokens + 1
+    engine = Engine(target, drafter if sd is not None else None, max_batch_size=len(prompts), max_seq_len=max_seq_len)
+
+    def run():
+        return engine.generate([Request(i, p, params) for i, p in enumerate(prompts)], sd)
+
+    elapsed_s, completions = best_of(repeats, run)
+    num_tokens = sum(len(c.output_ids) for c in completions)
+    num_verify = sum(c.num_verify_steps for c in completions)
+    acceptance_length = (sum(c.num_accepted for c in completions) + num_verify) / num_verify if num_verify else 0.0
+    return num_tokens / elapsed_s, acceptance_length
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    target_dir, drafter_dir, tokenizer_path = resolve_paths(args)
+    target = load_pretrained(target_dir).eval()
+    drafter = Eagle3Drafter.load_pretrained(drafter_dir, target.embed_tokens).eval() if drafter_dir else None
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    grid = [SDConfig(*(int(x) for x in item.split(","))) for item in args.grid.split()] if drafter else []
+    all_prompts = make_prompts(tokenizer_path, target.config.vocab_size, max(batch_sizes))
+
+    # Warm up every path once (allocator, lazy imports) before anything is timed.
+    bench_engine(target, drafter, all_prompts[:2], 4, args.temperature, grid[0] if grid else None, 1)
+    bench_engine(target, drafter, all_prompts[:2], 4, args.temperature, None, 1)
+
+    rows = []
+    for batch_size in batch_sizes:
+        prompts = all_prompts[:batch_size]
+        row = {"batch_size": batch_size}
+        if not args.skip_hf:
+            row["hf_tokens_per_s"] = bench_hf(target_dir, prompts, args.new_tokens, args.temperature, args.repeats)
+        row["plain_tokens_per_s"], _ = bench_engine(target, None, prompts, args.new_tokens, args.temperature, None,
+                                                    args.repeats)
+        row["sd"] = {}
+        for sd in grid:
+            tokens_per_s, acceptance_length = bench_engine(target, drafter, prompts, args.new_tokens,
+                                                           args.temperature, sd, args.repeats)
+            row["sd"][f"{sd.num_steps},{sd.top_k},{sd.num_draft_tokens}"] = {
+                "tokens_per_s": tokens_per_s, "acceptance_length": acceptance_length}
+        rows.append(row)
+        print_row(row, grid, header=len(rows) == 1, with_hf=not args.skip_hf)
+
+    result = {"target": str(target_dir), "drafter": str(drafter_dir) if drafter_dir else None,
+              "new_tokens": args.new_tokens, "temperature": args.temperature, "threads": args.threads,
+              "repeats": args.repeats, "machine": platform.platform(), "torch": torch.__version__,
+              "rows": rows}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {out}")
+
+
+def print_row(row: dict, grid, header: bool, with_hf: bool) -> None:
+    names = [f"{sd.num_steps},{sd.top_k},{sd.num_draft_tokens}" for sd in grid]
+    if header:
+        columns = ["batch"] + (["hf tok/s"] if with_hf else []) + ["plain tok/s"] + \
+            (["plain/hf"] if with_hf else []) + [f"sd({name}) tok/s x plain [acc]" for name in names]
+        print(" | ".join(columns))
+    cells = [f"{row['batch_size']:5d}"]
+    if with_hf:
+        cells.append(f"{row['hf_tokens_per_s']:8.0f}")
+    cells.append(f"{row['plain_tokens_per_s']:11.0f}")
+    if with_hf:
+        cells.append(f"{row['plain_tokens_per_s'] / row['hf_tokens_per_s']:8.2f}")
+    for name in names:
+        sd = row["sd"][name]
+        cells.append(f"{sd['tokens_per_s']:8.0f} x{sd['tokens_per_s'] / row['plain_tokens_per_s']:.2f} "
+                     f"[{sd['acceptance_length']:.2f}]")
+    print(" | ".join(cells), flush=True)
+
+
+if __name__ == "__main__":
+    main()
