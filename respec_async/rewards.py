@@ -26,7 +26,6 @@ retries are exhausted the call's rollouts come back with `ScoreResult.error` set
 from __future__ import annotations
 
 import asyncio
-import collections
 import importlib
 import importlib.util
 import inspect
@@ -43,8 +42,13 @@ from typing import Any, Protocol, TypeVar
 
 import msgspec
 import structlog
+import zmq
+import zmq.asyncio
 
 from respec_async.config import Config, RewardSection
+from transport.channels import Channel, Kind
+from transport.schema import RewardRequest, RewardResponse, RewardSample
+from transport.security import Security
 
 T = TypeVar("T")
 log = structlog.get_logger("reward")
@@ -396,9 +400,7 @@ def zmq_endpoint(url: str) -> str:
     return rest if "://" in rest else f"tcp://{rest}"
 
 
-def zmq_security(cfg: RewardSection) -> Any:
-    from transport.security import Security
-
+def zmq_security(cfg: RewardSection) -> Security | None:
     if cfg.zmq_insecure:
         return Security(insecure=True)
     if cfg.zmq_keys:
@@ -411,26 +413,20 @@ class ZmqScorer:
     to a future by a receive task, so many requests are in flight on one socket."""
 
     def __init__(self, cfg: RewardSection, urls: list[str]) -> None:
-        import zmq.asyncio
-
         self.endpoints = [zmq_endpoint(u) for u in urls]
         self.security = zmq_security(cfg)
         if self.security is None and any(e.startswith("tcp://") for e in self.endpoints):
             raise ValueError("reward.source = zmq:// over tcp: set reward.zmq_keys (CURVE keys shared with "
                              "`respec reward-serve --keys`) or reward.zmq_insecure = true")
         self.zmq = zmq.asyncio.Context()
-        self.channels: dict[str, Any] = {}
+        self.channels: dict[str, Channel] = {}
         self.receivers: list[asyncio.Task[None]] = []
         self.pending: dict[int, asyncio.Future[Any]] = {}
         self.call_ids = itertools.count(1)
         self.caller = Caller(cfg, self.endpoints, cfg.max_concurrency)
         self.stats = self.caller.stats
 
-    def _channel(self, endpoint: str) -> Any:
-        import zmq
-
-        from transport.channels import Channel, Kind
-
+    def _channel(self, endpoint: str) -> Channel:
         channel = self.channels.get(endpoint)
         if channel is None:
             # Not open_channel: IMMEDIATE must be set before connecting. With it, messages queue
@@ -449,9 +445,7 @@ class ZmqScorer:
             self.receivers.append(asyncio.create_task(self._receive(channel)))
         return channel
 
-    async def _receive(self, channel: Any) -> None:
-        from transport.schema import RewardResponse
-
+    async def _receive(self, channel: Channel) -> None:
         while True:
             envelope = await channel.recv()
             message = envelope.message
@@ -462,10 +456,6 @@ class ZmqScorer:
                 future.set_result(message)
 
     async def _request(self, endpoint: str, requests: list[ScoreRequest]) -> list[ScoreResult]:
-        import zmq
-
-        from transport.schema import RewardRequest, RewardSample
-
         channel = self._channel(endpoint)
         call_id = next(self.call_ids)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
