@@ -30,6 +30,7 @@ the forward that verified or sampled it.
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -154,7 +155,8 @@ class Engine:
         self.waiting: list[Request] = []
         self.running: dict[int, _Sequence] = {}  # slot -> sequence
         self.free_slots = list(range(max_batch_size))
-        self.step_stats: list[StepStats] = []
+        # The most recent steps, for metrics; bounded so a long-lived generator does not grow.
+        self.step_stats: deque[StepStats] = deque(maxlen=100_000)
 
     # ---- requests and weights -------------------------------------------------------------
 
@@ -212,7 +214,7 @@ class Engine:
         if slots:
             slot_ids = torch.tensor(slots, device=self.device)
             sampling_args = self._sampling_args(slots, slot_ids)
-            if sd is not None and self.drafter is not None:
+            if sd is not None:
                 self._check_sd(sd)
                 tokens, logprobs, num_tokens = self._speculative_step(slot_ids, sd, sampling_args)
                 mode = "sd"
@@ -225,6 +227,8 @@ class Engine:
         return finished
 
     def _check_sd(self, sd: SDConfig) -> None:
+        if self.drafter is None:
+            raise ValueError(f"speculative decoding {sd} requested, but this engine has no drafter")
         if sd.num_draft_tokens > self.max_draft_tokens or (sd.num_steps - 1) * sd.top_k > self.max_draft_tokens \
                 or sd.num_steps + 1 > MAX_PENDING_FEATURES:
             raise ValueError(f"{sd} exceeds the engine's max_draft_tokens {self.max_draft_tokens} "
