@@ -461,18 +461,19 @@ class Engine:
                     sequence.num_verify_steps += 1
                     sequence.num_drafted += sd.num_draft_tokens
                     sequence.num_accepted += num_tokens[row] - 1
-            reason = None
-            for token, logprob in zip(tokens[row][:num_tokens[row]], logprobs[row]):
-                sequence.output_ids.append(token)
-                sequence.logprobs.append(logprob)
-                num_emitted += 1
-                if token in params.stop_token_ids:
-                    reason = "stop"
-                elif (len(sequence.output_ids) >= params.max_new_tokens
-                      or len(sequence.request.prompt_ids) + len(sequence.output_ids) >= self.max_seq_len):
-                    reason = "length"
-                if reason:
-                    break
+            new_tokens = tokens[row][:num_tokens[row]]
+            num_new, reason = len(new_tokens), None
+            if params.stop_token_ids:  # cut after the first stop token
+                stop_at = next((i for i, token in enumerate(new_tokens) if token in params.stop_token_ids), None)
+                if stop_at is not None:
+                    num_new, reason = stop_at + 1, "stop"
+            budget = min(params.max_new_tokens, self.max_seq_len - len(sequence.request.prompt_ids)) \
+                - len(sequence.output_ids)
+            if num_new > budget or (num_new == budget and reason is None):
+                num_new, reason = budget, "length"
+            sequence.output_ids += new_tokens[:num_new]
+            sequence.logprobs += logprobs[row][:num_new]
+            num_emitted += num_new
             if reason:
                 finished.append(self._finish(sequence, reason))
         return num_emitted
