@@ -99,18 +99,24 @@ class RewardSection(Section):
     # | http://host:port/path | zmq://host:port (or zmq://ipc:///path). Several http or zmq URLs,
     # comma-separated, shard the load (round robin; a retry goes to the next URL).
     source: str = "builtin"
-    batched: bool = False  # python: fn(data_sources, solution_strs, ground_truths, extra_infos) -> list, once per group
-    http_format: Literal["batch", "sample"] = "batch"  # batch: {"query","prompts","labels"} -> {"rewards"}; sample: {"prompt","response","label"} -> number | {"reward"}, one POST per rollout
-    max_concurrency: PosInt = 16  # requests (HTTP/zmq requests, python calls) in flight to the source; also groups being scored at once
+    # python: the function takes lists, fn(data_sources, solution_strs, ground_truths, extra_infos)
+    # -> list, and is called once per group instead of once per rollout.
+    batched: bool = False
+    # http: "batch" posts one group as {"query", "prompts", "labels"} -> {"rewards": [...]} (OpenRLHF);
+    # "sample" posts each rollout as {"prompt", "response", "label"} -> a number or {"reward": ...}.
+    http_format: Literal["batch", "sample"] = "batch"
+    max_concurrency: PosInt = 16  # requests (http/zmq, async python calls) in flight; also groups scored at once
     num_workers: PosInt = 4  # python: threads that run a sync reward function
     timeout_s: PosFloat = 30.0  # per request / per function call
     max_retries: NonNegInt = 3  # retries after the first try fails (timeout, error, bad response)
     retry_backoff_s: PosFloat = 0.5  # retry n waits uniform(0.5, 1) * min(retry_backoff_s * 2**n, retry_backoff_max_s)
     retry_backoff_max_s: PosFloat = 10.0
-    token_env: str = ""  # http: environment variable holding a bearer token for the Authorization header ("" = none)
-    zmq_keys: str = ""  # zmq over tcp: CURVE keys file shared with `respec reward-serve --keys` (transport.security format)
+    token_env: str = ""  # http: environment variable holding a bearer token ("" = no Authorization header)
+    zmq_keys: str = ""  # zmq over tcp: the CURVE keys file of `respec reward-serve --keys` (transport.security)
     zmq_insecure: bool = False  # zmq over tcp: plain tcp, no CURVE (the server must run with --insecure)
-    on_error: Literal["drop", "zero"] = "drop"  # after retries: drop = the group goes back to the trainer and is re-issued; zero = reward 0, counted in ScoredGroup.num_reward_errors
+    # A reward that still fails after the retries: "drop" returns its whole group to the trainer,
+    # which re-issues it; "zero" scores it 0, flagged in ScoredGroup.num_reward_errors.
+    on_error: Literal["drop", "zero"] = "drop"
 
 
 class TrainerSection(Section):
