@@ -12,8 +12,8 @@ the scorer the reward role uses (`make_scorer`), driven by as many concurrent gr
 requests are allowed in flight (`reward.max_concurrency` = N, and `num_workers` = N for the
 thread pool). Each cell scores groups of `--group-size` rollouts for `--seconds` after a short
 warm-up. The last column is the busy share a reward role would have at 64 rollouts/s (the
-tiny demo's order) with that source: 64 / throughput. Prints a table and writes
-benchmarks/results/bench_reward.json.
+tiny demo's order) with that source: 64 / the slowest of its throughputs. Prints a table and
+writes benchmarks/results/bench_reward.json.
 """
 
 from __future__ import annotations
@@ -153,13 +153,17 @@ def main() -> int:
             proc.terminate()
             proc.wait(timeout=10)
 
-    header = "| source         | " + " | ".join(f"{n} in flight" for n in levels) + " | busy share at 64 rollouts/s |"
-    lines = [header, "|" + "|".join("-" * (len(c) + 2) for c in header.strip("|").split(" | ")) + "|"]
+    columns = ["source"] + [f"{n} in flight" for n in levels] + ["busy share at 64 rollouts/s"]
+    rows = []
     for name in sources:
         row = [c for c in cells if c["source"] == name]
-        rates = " | ".join(f"{c['rollouts_per_s']:>{len(str(c['in_flight'])) + 10},.0f}" for c in row)
-        best = max(c["rollouts_per_s"] for c in row)
-        lines.append(f"| {name:<14} | {rates} | {DEMO_ROLLOUTS_PER_S / best:>26.2%} |")
+        slowest = min(c["rollouts_per_s"] for c in row)  # conservative: the worst level
+        rows.append([name] + [f"{c['rollouts_per_s']:,.0f}" for c in row] + [f"{DEMO_ROLLOUTS_PER_S / slowest:.2%}"])
+    widths = [max(len(r[i]) for r in [columns, *rows]) for i in range(len(columns))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths)) + " |",
+             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    lines += ["| " + " | ".join(r[0].ljust(widths[0]) if i == 0 else r[i].rjust(widths[i]) for i in range(len(r)))
+              + " |" for r in rows]
     table = "\n".join(lines)
     print(f"rollouts scored per second (groups of {args.group_size}, trivial reward, {args.seconds:g} s per cell)")
     print(table)
