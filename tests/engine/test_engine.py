@@ -190,3 +190,21 @@ def test_load_target_state_copies_in_place(models):
     expected, _ = run(other, other_drafter, GREEDY, None)
     got = engine.generate(requests(GREEDY), TREE)
     assert [c.output_ids for c in got] == [c.output_ids for c in expected]
+
+
+def test_reduced_draft_vocabulary_keeps_greedy_equality_and_logprobs():
+    target, _ = tiny_models(seed=4)
+    torch.manual_seed(5)
+    drafter = Eagle3Drafter.from_target(target, draft_vocab_ids=torch.tensor([0, 2, 3, 5, 7, 8, 11, 12, 13, 15]))
+    for param in drafter.parameters():
+        if param.dim() > 1:
+            torch.nn.init.normal_(param, std=0.4)
+    plain, _ = run(target, drafter, GREEDY, None)
+    params = SamplingParams(temperature=0.9, top_p=0.95, max_new_tokens=12)
+    for sd in (CHAIN, TREE):
+        speculative, _ = run(target, drafter, GREEDY, sd)
+        assert [c.output_ids for c in speculative] == [c.output_ids for c in plain]
+        sampled, _ = run(target, drafter, params, sd)
+        for completion in sampled:
+            torch.testing.assert_close(torch.tensor(completion.logprobs), full_logprobs(target, completion, params),
+                                       atol=1e-4, rtol=1e-4)

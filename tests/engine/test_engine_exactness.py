@@ -5,8 +5,8 @@ prompt; the law of their first three output tokens under plain sampling is compu
 from full forwards (8^2 prefixes) and compared with the engine's samples by a chi-square test
 (cells with expected count < 5 pooled; any sample in a zero-probability cell fails).
 
-False alarms: every check that must pass uses alpha = 1e-4; this file has 11 of them, so a
-correct engine fails the file with probability < 1.1e-3 (Bonferroni). The checks that must fail
+False alarms: every check that must pass uses alpha = 1e-4; this file has 13 of them, so a
+correct engine fails the file with probability < 1.3e-3 (Bonferroni). The checks that must fail
 (relaxed acceptance, which is not exact) require p < 1e-6, far above their true p-values at
 this sample size. Seeds are fixed, so the outcome is deterministic.
 """
@@ -14,6 +14,7 @@ this sample size. Seeds are fixed, so the outcome is deterministic.
 import pytest
 import torch
 
+from respec_async.engine.drafter import Eagle3Drafter
 from respec_async.engine.engine import Engine, Request, SDConfig
 from respec_async.engine.sampling import SamplingParams, sampling_logprobs
 from respec_async.engine.speculative import RelaxedAcceptance
@@ -88,3 +89,15 @@ def test_relaxed_acceptance_is_detected(models):
     for sd in SD:
         counts, _ = sample_triples(target, drafter, PARAMS[0], sd, relaxed=lossy, seed=13)
         assert chi_square_pvalue(counts, exact_law(target, PARAMS[0])) < 1e-6
+
+
+@pytest.mark.parametrize("sd", SD, ids=str)
+def test_reduced_draft_vocabulary_matches_the_target(models, sd):
+    target, _ = models
+    torch.manual_seed(21)
+    drafter = Eagle3Drafter.from_target(target, draft_vocab_ids=torch.tensor([0, 1, 3, 4, 6]))
+    for param in drafter.parameters():
+        if param.dim() > 1:
+            torch.nn.init.normal_(param, std=0.4)
+    counts, _ = sample_triples(target, drafter, PARAMS[2], sd, seed=20 + SD.index(sd))
+    assert chi_square_pvalue(counts, exact_law(target, PARAMS[2])) > ALPHA
