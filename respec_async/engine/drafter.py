@@ -75,9 +75,10 @@ class DraftAttention(nn.Module):
     def __init__(self, config: DrafterConfig):
         super().__init__()
         self.config = config
-        # Cached (recomputing them is a handful of small ops per call on the hot path), and kept
-        # out of the buffers so that .to(bfloat16) cannot round the frequencies.
-        self.inv_freq = rope_inv_freq(config.cache_config(), "cpu")
+        # cos/sin per position, cached and grown on demand: computing them per call is a dozen
+        # small ops on the drafting hot path. Kept out of the buffers so .to(bfloat16) cannot
+        # round the angles.
+        self.rope_table = torch.empty(0)
         heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         self.q_proj = nn.Linear(2 * config.hidden_size, heads * head_dim, bias=False)
         self.k_proj = nn.Linear(2 * config.hidden_size, kv_heads * head_dim, bias=False)
@@ -90,11 +91,7 @@ class DraftAttention(nn.Module):
         q = self.q_proj(x).view(batch_size, seq_len, -1, config.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch_size, seq_len, -1, config.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch_size, seq_len, -1, config.head_dim).transpose(1, 2)
-        if self.inv_freq.device != positions.device:
-            self.inv_freq = self.inv_freq.to(positions.device)
-        angles = positions.float()[:, None, :, None] * self.inv_freq
-        angles = torch.cat([angles, angles], dim=-1)
-        cos, sin = angles.cos().to(q.dtype), angles.sin().to(q.dtype)
+        cos, sin = self.rope(positions).to(q.dtype).unbind(0)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
             is_causal = attn_mask is None
@@ -114,6 +111,19 @@ class DraftAttention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                              enable_gqa=config.num_key_value_heads != config.num_attention_heads)
         return self.o_proj(out.transpose(1, 2).reshape(batch_size, seq_len, -1))
+
+
+    def rope(self, positions: torch.Tensor) -> torch.Tensor:
+        """cos, sin stacked: [2, B, 1, T, head_dim] (float32), rotate-half layout."""
+        num_positions = int(positions.max()) + 1
+        if self.rope_table.shape[1:2] < (num_positions,) or self.rope_table.device != positions.device:
+            size = max(num_positions, 2 * self.rope_table.shape[1] if self.rope_table.dim() == 3 else 0,
+                       self.config.max_position_embeddings)
+            angles = (torch.arange(size, device=positions.device, dtype=torch.float32)[:, None]
+                      * rope_inv_freq(self.config.cache_config(), positions.device))
+            angles = torch.cat([angles, angles], dim=-1)
+            self.rope_table = torch.stack([angles.cos(), angles.sin()])
+        return self.rope_table[:, positions].unsqueeze(2)
 
 
 class DraftMLP(nn.Module):
