@@ -51,8 +51,9 @@ class SDConfig:
     """One speculative-decoding configuration (ReSpec's (s, t, n)).
 
     num_steps s: drafter forwards per step (tree depth). top_k t: children per expanded node;
-    t = 1 is a chain of s sampled drafts (then num_draft_tokens must equal s). num_draft_tokens
-    n: drafted tokens verified per sequence, the best n of the tree (the root is extra).
+    t = 1 is a chain of s sampled drafts. num_draft_tokens n: drafted tokens verified per
+    sequence, the best n of the tree (the root is extra); a chain verifies exactly its s drafts,
+    so for t = 1 a larger n is clamped to s (and a smaller one is an error).
     """
 
     num_steps: int
@@ -65,8 +66,11 @@ class SDConfig:
         s, t, n = self.num_steps, self.top_k, self.num_draft_tokens
         if s < 1 or t < 1 or n < 1:
             raise ValueError(f"SDConfig needs num_steps, top_k, num_draft_tokens >= 1, got {self}")
-        if t == 1 and n != s:
-            raise ValueError(f"a chain (top_k 1) verifies its num_steps drafts: num_draft_tokens must be {s}, got {n}")
+        if t == 1 and n < s:
+            raise ValueError(f"a chain (top_k 1) verifies its num_steps drafts: num_draft_tokens must be >= {s}, got {n}")
+        if t == 1:
+            n = s
+            object.__setattr__(self, "num_draft_tokens", n)
         if n > t + (s - 1) * t * t:
             raise ValueError(f"{self} drafts at most {t + (s - 1) * t * t} candidates, fewer than num_draft_tokens")
 

@@ -208,3 +208,14 @@ def test_reduced_draft_vocabulary_keeps_greedy_equality_and_logprobs():
         for completion in sampled:
             torch.testing.assert_close(torch.tensor(completion.logprobs), full_logprobs(target, completion, params),
                                        atol=1e-4, rtol=1e-4)
+
+
+def test_sd_config_is_hashable_and_validated():
+    assert SDConfig(4, 1, 8) == SDConfig(4, 1, 4) and len({SDConfig(4, 1, 8), SDConfig(4, 1, 4)}) == 1
+    assert SDConfig(3, 4).num_draft_tokens == 12
+    for bad in [(0, 1, 1), (4, 1, 3), (2, 2, 7)]:
+        with pytest.raises(ValueError):
+            SDConfig(*bad)
+    target, _ = tiny_models()
+    with pytest.raises(ValueError, match="no drafter"):
+        Engine(target, None, max_batch_size=1, max_seq_len=16).generate(requests(GREEDY)[:1], CHAIN)
