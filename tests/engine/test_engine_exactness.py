@@ -7,8 +7,9 @@ from full forwards (8^2 prefixes) and compared with the engine's samples by a ch
 
 False alarms: every check that must pass uses alpha = 1e-4; this file has 13 of them, so a
 correct engine fails the file with probability < 1.3e-3 (Bonferroni). The checks that must fail
-(relaxed acceptance, which is not exact) require p < 1e-6, far above their true p-values at
-this sample size. Seeds are fixed, so the outcome is deterministic.
+(relaxed acceptance, which is not exact, and a chain rule with the classic bug of resampling a
+rejection from p instead of norm(max(p - q, 0))) require p < 1e-6; at this sample size their
+p-values come out below 1e-30. Seeds are fixed, so the outcome is deterministic.
 """
 
 import pytest
@@ -16,7 +17,8 @@ import torch
 
 from respec_async.engine.drafter import Eagle3Drafter
 from respec_async.engine.engine import Engine, Request, SDConfig
-from respec_async.engine.sampling import SamplingParams, sampling_logprobs
+from respec_async.engine import engine as engine_module
+from respec_async.engine.sampling import SamplingParams, sample, sampling_logprobs, token_logprobs
 from respec_async.engine.speculative import RelaxedAcceptance
 from tests.engine.test_engine import tiny_models
 from tests.engine.test_speculative import chi_square_pvalue
@@ -24,7 +26,7 @@ from tests.engine.test_speculative import chi_square_pvalue
 torch.set_num_threads(1)
 V = 8
 PROMPT = [1, 2, 3]
-NUM_SAMPLES = 3000
+NUM_SAMPLES = 2000
 ALPHA = 1e-4
 
 
@@ -47,7 +49,7 @@ def exact_law(target, params: SamplingParams) -> torch.Tensor:
 
 
 def sample_triples(target, drafter, params, policy, relaxed=None, seed=0):
-    engine = Engine(target, drafter, max_batch_size=64, max_seq_len=32, seed=seed, relaxed=relaxed)
+    engine = Engine(target, drafter, max_batch_size=128, max_seq_len=32, seed=seed, relaxed=relaxed)
     completions = engine.generate([Request(i, PROMPT, params) for i in range(NUM_SAMPLES)], policy)
     out = torch.tensor([c.output_ids for c in completions])
     return torch.bincount(out[:, 0] * V * V + out[:, 1] * V + out[:, 2], minlength=V ** 3).double(), completions
@@ -101,3 +103,19 @@ def test_reduced_draft_vocabulary_matches_the_target(models, sd):
             torch.nn.init.normal_(param, std=0.4)
     counts, _ = sample_triples(target, drafter, PARAMS[2], sd, seed=20 + SD.index(sd))
     assert chi_square_pvalue(counts, exact_law(target, PARAMS[2])) > ALPHA
+
+
+def test_a_wrong_residual_is_detected(models, monkeypatch):
+    target, drafter = models
+
+    def resample_rejections_from_p(drafts, draft_logprobs, target_logprobs, generator=None, relaxed=None):
+        num_drafts = drafts.shape[1]
+        p_draft = token_logprobs(target_logprobs[:, :num_drafts], drafts).exp()
+        q_draft = token_logprobs(draft_logprobs, drafts).exp()
+        accepted = torch.rand(p_draft.shape, generator=generator) * q_draft < p_draft
+        num_accepted = accepted.long().cumprod(-1).sum(-1)
+        return num_accepted, sample(target_logprobs[torch.arange(len(drafts)), num_accepted], generator)
+
+    monkeypatch.setattr(engine_module, "chain_accept", resample_rejections_from_p)
+    counts, _ = sample_triples(target, drafter, PARAMS[2], SD[0], seed=14)
+    assert chi_square_pvalue(counts, exact_law(target, PARAMS[2])) < 1e-6
