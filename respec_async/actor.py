@@ -9,7 +9,8 @@ A role subclasses `Actor`, declares handlers with `@handles`, and optionally ove
   behind work, so a role that is computing still proves it is alive.
 - inbox: the role's PULL socket; decoded messages go into a bounded mailbox. When the mailbox
   is full this task waits, the socket's high-water mark fills, and senders wait in turn.
-- dispatch: takes messages from the mailbox and awaits their handler, one at a time.
+- dispatch: takes messages from the mailbox and awaits their handler, one at a time; it starts
+  after `setup`, so handlers never see a half-built actor.
 
 Heavy compute (model forwards, optimizer steps, collectives) goes through `run_blocking`, a
 worker thread, so the loop keeps answering. A handler that raises is logged and counted; the
@@ -193,12 +194,15 @@ class Actor:
         self._tasks = [
             asyncio.create_task(self._control_loop(), name="control"),
             asyncio.create_task(self._inbox_loop(), name="inbox"),
-            asyncio.create_task(self._dispatch_loop(), name="dispatch"),
         ]
         for task in self._tasks:
             task.add_done_callback(self._io_task_done)
         try:
             await self.setup()
+            # Handlers see a fully set-up actor: messages that arrived meanwhile wait in the mailbox.
+            dispatch = asyncio.create_task(self._dispatch_loop(), name="dispatch")
+            dispatch.add_done_callback(self._io_task_done)
+            self._tasks.append(dispatch)
             self.state = "running"
             await self.control.send(Ready(role=self.name, pid=os.getpid(), restart_count=self.ctx.restart_count))
             self.log.info("role.ready", pid=os.getpid(), restart_count=self.ctx.restart_count)

@@ -12,6 +12,7 @@ trainer's weights, so a restarted generator never samples from stale ones.
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from dataclasses import dataclass, field
 
@@ -51,7 +52,7 @@ class GeneratorActor(Actor):
         self.policy_version = -1  # nothing to generate with until the trainer's weights arrive
         self.actor_weights = WeightMember(self, "actor", "trainer-0", cfg.trainer.weight_sync_timeout_s,
                                           cfg.model.device)
-        self.pending: asyncio.Queue[PromptGroup] = asyncio.Queue()
+        self.pending: collections.deque[PromptGroup] = collections.deque()
         self.in_flight: dict[tuple[int, int], GroupInFlight] = {}
         self.wake = asyncio.Event()
         self.num_groups_done = 0
@@ -63,7 +64,7 @@ class GeneratorActor(Actor):
 
     @handles
     async def on_prompt_group(self, message: PromptGroup) -> None:
-        self.pending.put_nowait(message)
+        self.pending.append(message)
         self.wake.set()
 
     @handles
@@ -92,8 +93,10 @@ class GeneratorActor(Actor):
         self.log.info("weights.applied", version=version, seconds=round(time.perf_counter() - started, 4), **fields)
 
     def _admit(self) -> None:
-        while not self.pending.empty():
-            group = self.pending.get_nowait()
+        # A group admitted at version v may only be sampled by weights of version >= v (the
+        # staleness bound counts from there); it waits here until those weights are swapped in.
+        while self.pending and self.pending[0].policy_version <= self.policy_version:
+            group = self.pending.popleft()
             key = (group.group_id, group.attempt)
             self.in_flight[key] = GroupInFlight(group, time.perf_counter())
             for i in range(group.num_samples):
@@ -134,7 +137,7 @@ class GeneratorActor(Actor):
                 last_report = time.perf_counter()
                 self.log.info("generator.utilization", busy_s=round(self.busy_s, 3), idle_s=round(self.idle_s, 3),
                               num_groups_done=self.num_groups_done, version=self.policy_version)
-            if self.engine.num_active == 0 and self.engine.num_waiting == 0:
+            if not self.engine.has_unfinished:
                 idle_from = time.perf_counter()
                 self.wake.clear()
                 waiter = asyncio.create_task(self.wake.wait())

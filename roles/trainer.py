@@ -134,8 +134,6 @@ class TrainerActor(Actor):
             train_started = time.perf_counter()
             stats = await self.run_blocking(self.core.train_step, batch)
             train_s = time.perf_counter() - train_started
-            # The next step's groups can go out as soon as the version moves.
-            await self._issue_admissible()
             sync = await self.weights.publish(self.core.state_dict, self.core.version)
             record = step_metrics(step=step, version=self.core.version, batch=batch, loss=stats, wait_s=wait_s,
                                   train_s=train_s, sync_s=sync.seconds if sync else 0.0,

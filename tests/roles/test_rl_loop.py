@@ -1,0 +1,80 @@
+"""The RL loop with real processes (supervisor, generators, reward, trainer), real sockets and
+real gloo weight broadcasts, on a random tiny actor. Every assertion reads what the roles
+recorded (metrics.jsonl, role logs), not the config."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from respec_async.metrics import read_metrics
+from tests.roles.conftest import rl_config
+
+
+def finished(run, timeout=240):
+    code = run.proc.wait(timeout=timeout)
+    assert code == 0, run.output()
+    return read_metrics(run.run_dir / "metrics.jsonl")
+
+
+def assert_each_group_trained_once(records, steps, groups_per_step=3):
+    trained = [g for r in records for g in r.group_ids]
+    assert sorted(trained) == list(range(steps * groups_per_step)), trained
+
+
+@pytest.mark.parametrize("k", [0, 2])
+def test_staleness_never_exceeds_k(launch, random_actor_dir, k):
+    run = launch(rl_config(random_actor_dir, steps=6, k=k))
+    records = finished(run)
+    assert [r.step for r in records] == list(range(6))
+    for r in records:
+        # staleness = trained version - version the rollout started under, per rollout
+        assert all(0 <= int(lag) <= k for lag in r.staleness), (r.step, r.staleness)
+        assert sum(r.staleness.values()) == r.num_samples == 6
+    assert_each_group_trained_once(records, 6)
+
+
+def test_two_generators_hold_the_trainers_weights_and_share_the_work(launch, random_actor_dir):
+    run = launch(rl_config(random_actor_dir, steps=4, generators=2))
+    records = finished(run)
+    published = {e["version"]: e["checksum"] for e in run.events("trainer-0") if e.get("event") == "weights.published"}
+    assert set(published) == {0, 1, 2, 3, 4}
+    for name in ("generator-0", "generator-1"):
+        applied = [e for e in run.events(name) if e.get("event") == "weights.applied"]
+        assert applied, name
+        for e in applied:
+            assert e["matches"] is True and e["checksum"] == published[e["version"]], (name, e)
+    per_generator = {}
+    for r in records:
+        for g, n in r.groups_per_generator.items():
+            per_generator[g] = per_generator.get(g, 0) + n
+    assert set(per_generator) == {"generator-0", "generator-1"}, per_generator
+
+
+def test_sigkilled_generator_is_restarted_and_no_group_is_lost_or_trained_twice(launch, random_actor_dir):
+    run = launch(rl_config(random_actor_dir, steps=10))
+    run.wait_event(lambda e: e.get("event") == "train.step" and e.get("step") == 2, timeout=180)
+    os.kill(run.role_pids()["generator-0"][0], signal.SIGKILL)
+    records = finished(run)
+    assert len(run.role_pids()["generator-0"]) == 2  # restarted once
+    events = run.events("generator-0")
+    second_start = [i for i, e in enumerate(events) if e.get("event") == "role.ready"][1]
+    applied = [e for e in events[second_start:] if e.get("event") == "weights.applied"]
+    # The restarted generator starts from the trainer's current weights, not the initial ones.
+    assert applied[0]["version"] >= 3 and applied[0]["matches"] is True
+    assert_each_group_trained_once(records, 10)
+    assert records[-1].version == 10
+
+
+def test_sigkilled_trainer_resumes_from_its_checkpoint_at_the_same_version(launch, random_actor_dir):
+    run = launch(rl_config(random_actor_dir, steps=8))
+    run.wait_event(lambda e: e.get("event") == "trainer.checkpoint" and e.get("version") == 4,
+                   timeout=180, source="trainer-0")
+    os.kill(run.role_pids()["trainer-0"][0], signal.SIGKILL)
+    resumed = run.wait_event(lambda e: e.get("event") == "trainer.resumed", timeout=120, source="trainer-0")
+    assert resumed["version"] >= 4
+    records = finished(run)
+    assert records[-1].version == 8
+    assert_each_group_trained_once(records, 8)
