@@ -66,8 +66,8 @@ class DrafterConfig:
 
 
 def _rms_norm(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
-    """model.RMSNorm's math (float32 statistics) as one fused op: the drafter runs s times per
-    speculative step, so its op count is the cost on CPU."""
+    """model.RMSNorm's math (float32 statistics) with the fused kernel: the drafter runs s times
+    per speculative step, and on CPU its op count is its cost."""
     return norm.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=norm.eps).to(x.dtype)
 
 
@@ -112,11 +112,12 @@ class DraftAttention(nn.Module):
                                              enable_gqa=config.num_key_value_heads != config.num_attention_heads)
         return self.o_proj(out.transpose(1, 2).reshape(batch_size, seq_len, -1))
 
-
     def rope(self, positions: torch.Tensor) -> torch.Tensor:
         """cos, sin stacked: [2, B, 1, T, head_dim] (float32), rotate-half layout."""
         num_positions = int(positions.max()) + 1
-        if self.rope_table.shape[1:2] < (num_positions,) or self.rope_table.device != positions.device:
+        # A table built under inference_mode cannot enter autograd: rebuild it for training.
+        if (self.rope_table.shape[1:2] < (num_positions,) or self.rope_table.device != positions.device
+                or (self.rope_table.is_inference() and not torch.is_inference_mode_enabled())):
             size = max(num_positions, 2 * self.rope_table.shape[1] if self.rope_table.dim() == 3 else 0,
                        self.config.max_position_embeddings)
             angles = (torch.arange(size, device=positions.device, dtype=torch.float32)[:, None]

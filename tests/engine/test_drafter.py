@@ -111,3 +111,13 @@ def test_trains_with_the_unrolled_distillation_loss():
     loss.backward()
     assert torch.isfinite(loss) and len(stats.loss_per_step) == 3
     assert drafter.midlayer.self_attn.q_proj.weight.grad is not None
+
+
+def test_trains_after_drafting_under_inference_mode():
+    drafter, _ = make_drafter()
+    ids, features = torch.randint(0, V, (1, 4)), torch.randn(1, 4, 3 * H)
+    with torch.inference_mode():
+        drafter(ids, features, torch.arange(4)[None] + 40)
+    logits, _ = drafter(ids, features)
+    logits.sum().backward()
+    assert drafter.midlayer.self_attn.q_proj.weight.grad is not None
