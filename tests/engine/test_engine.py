@@ -1,6 +1,8 @@
 """Engine behaviour on a tiny random target and drafter: greedy equality of SD with plain
 decoding, behaviour log-probs, continuous batching, mode switching, stopping, weight loading."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -219,3 +221,30 @@ def test_sd_config_is_hashable_and_validated():
     target, _ = tiny_models()
     with pytest.raises(ValueError, match="no drafter"):
         Engine(target, None, max_batch_size=1, max_seq_len=16).generate(requests(GREEDY)[:1], CHAIN)
+
+
+def test_drafter_cache_matches_a_fresh_drafter_pass_after_switching(models):
+    """The drafter's K/V for every consumed position equals a from-scratch drafter pass over the
+    sequence with the target's features (EAGLE's re-run on accepted tokens), whatever mix of
+    plain, chain and tree steps produced the sequence."""
+    target, drafter = models
+    engine = Engine(target, drafter, max_batch_size=2, max_seq_len=96, seed=1)
+    for request in requests(SamplingParams(temperature=1.0, max_new_tokens=80), PROMPTS[:2]):
+        engine.add_request(request)
+    schedule = [CHAIN, None, TREE, TREE] + [None] * 35 + [CHAIN, TREE, None, CHAIN]
+    for sd in schedule:
+        engine.step(sd)
+    for slot in (0, 1):
+        length = int(engine.lengths[slot])
+        consumed = length - int(engine.num_pending[slot])
+        ids = engine.tokens[slot, :length + 1][None]
+        with torch.no_grad():
+            features = torch.cat(target(ids[:, :length], hidden_layers=engine.feature_layers).hidden, -1)
+            cache = SimpleNamespace(k=torch.zeros_like(engine.drafter_cache.k[:, :1]),
+                                    v=torch.zeros_like(engine.drafter_cache.v[:, :1]))
+            drafter(ids[:, 1:consumed + 1], features[:, :consumed], None, cache, torch.tensor([0]))
+        torch.testing.assert_close(engine.drafter_cache.k[0, slot, :, :consumed], cache.k[0, 0, :, :consumed],
+                                   atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(engine.drafter_cache.v[0, slot, :, :consumed], cache.v[0, 0, :, :consumed],
+                                   atol=1e-4, rtol=1e-4)
+        assert consumed > 30
