@@ -161,7 +161,11 @@ def main() -> None:
         rows.append(row)
         print_row(row, grid, header=len(rows) == 1, with_hf=not args.skip_hf, clock=args.clock)
 
-    result = {"target": str(target_dir), "drafter": str(drafter_dir) if drafter_dir else None,
+    checks = target_checks(rows, args.clock)
+    for name, passed in checks.items():
+        print(f"{'PASS' if passed else 'MISS'}  {name}")
+
+    result = {"target": str(target_dir), "checks": checks, "drafter": str(drafter_dir) if drafter_dir else None,
               "new_tokens": args.new_tokens, "temperature": args.temperature, "threads": args.threads,
               "repeats": args.repeats, "machine": platform.platform(), "torch": torch.__version__,
               "rows": rows}
@@ -169,6 +173,22 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"\nwrote {out}")
+
+
+def target_checks(rows: list[dict], clock: str) -> dict[str, bool]:
+    """The engine's performance targets, on the table's clock."""
+    checks = {}
+    if all("hf_tokens_per_s" in row for row in rows):
+        checks["plain >= 1.5x transformers generate at every batch size"] = all(
+            row["plain_tokens_per_s"][clock] >= 1.5 * row["hf_tokens_per_s"][clock] for row in rows)
+    batch_one = [row for row in rows if row["batch_size"] == 1 and row["sd"]]
+    if batch_one:
+        best = max(sd["tokens_per_s"][clock] for sd in batch_one[0]["sd"].values())
+        checks["best SD config at batch 1 >= 2x plain"] = best >= 2 * batch_one[0]["plain_tokens_per_s"][clock]
+    lengths = [sd["acceptance_length"] for row in rows for sd in row["sd"].values()]
+    if lengths:
+        checks["best mean acceptance length >= 3"] = max(lengths) >= 3
+    return checks
 
 
 def print_row(row: dict, grid, header: bool, with_hf: bool, clock: str) -> None:
