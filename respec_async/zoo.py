@@ -30,7 +30,6 @@ import fcntl
 import hashlib
 import json
 import os
-import random
 import shutil
 import sys
 import tempfile
@@ -64,7 +63,7 @@ class ZooSpec:
     intermediate_size: int = 352
     max_position_embeddings: int = 256
     target_lr: float = 3e-3
-    target_batch_size: int = 64
+    target_batch_size: int = 32
     target_max_steps: int = 3000
     # Stop once the held-out probability of sampling the gold solution at temperature 1 reaches
     # this (the band's middle): RL then has room between it and 1.
@@ -76,20 +75,27 @@ class ZooSpec:
     drafter_batch_size: int = 32
     drafter_steps: int = 600
     drafter_unroll_steps: int = 7
-    # Problems sorted by length into this many batches at a time, so a batch pads little.
-    bucket_num_batches: int = 16
 
     def key(self) -> str:
-        blob = json.dumps({"format_version": ZOO_FORMAT_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+        """Names the whole zoo (target and drafter)."""
+        return _hash({"format_version": ZOO_FORMAT_VERSION, **dataclasses.asdict(self)})
+
+    def target_key(self) -> str:
+        """Names the target stage: only the fields the target depends on, so changing a drafter
+        hyperparameter reuses the cached target."""
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if not k.startswith("drafter_")}
+        return _hash({"format_version": ZOO_FORMAT_VERSION, **fields})
+
+
+def _hash(blob: dict) -> str:
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]
 
 
 # A micro zoo for tests: trains in seconds, same code path, not a useful model.
 QUICK_SPEC = ZooSpec(max_digits=3, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
                      num_key_value_heads=1, intermediate_size=64, max_position_embeddings=64,
                      target_batch_size=16, target_max_steps=12, target_stop_accuracy=1.01, eval_every=6,
-                     num_eval_problems=16, drafter_batch_size=8, drafter_steps=6, drafter_unroll_steps=3,
-                     bucket_num_batches=2)
+                     num_eval_problems=16, drafter_batch_size=8, drafter_steps=6, drafter_unroll_steps=3)
 
 
 @dataclass(frozen=True)
@@ -103,55 +109,87 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("RESPEC_ZOO_DIR") or Path.home() / ".cache" / "respec_async" / "zoo")
 
 
-def _paths(root: Path) -> ZooPaths:
-    return ZooPaths(target_dir=root / "target", drafter_dir=root / "drafter",
-                    tokenizer_path=root / "target" / "tokenizer.json")
+def _stage_dirs(cache_dir: Path, spec: ZooSpec) -> tuple[Path, Path]:
+    return cache_dir / f"target-{spec.target_key()}", cache_dir / f"zoo-{spec.key()}"
 
 
-def _is_complete(root: Path, spec: ZooSpec) -> bool:
-    stamp_path = root / STAMP_NAME
-    if not stamp_path.is_file():
-        return False
+def _paths(cache_dir: Path, spec: ZooSpec) -> ZooPaths:
+    target_root, zoo_root = _stage_dirs(cache_dir, spec)
+    return ZooPaths(target_dir=target_root, drafter_dir=zoo_root / "drafter",
+                    tokenizer_path=target_root / "tokenizer.json")
+
+
+def _stamp_matches(root: Path, key: str, required: tuple[str, ...]) -> bool:
     try:
-        stamp = json.loads(stamp_path.read_text())
+        stamp = json.loads((root / STAMP_NAME).read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    paths = _paths(root)
-    return (stamp.get("key") == spec.key() and (paths.target_dir / "config.json").is_file()
-            and (paths.drafter_dir / "config.json").is_file() and paths.tokenizer_path.is_file())
+    return stamp.get("key") == key and all((root / name).is_file() for name in required)
+
+
+def _is_complete(cache_dir: Path, spec: ZooSpec) -> bool:
+    target_root, zoo_root = _stage_dirs(cache_dir, spec)
+    return (_stamp_matches(target_root, spec.target_key(), ("config.json", "tokenizer.json"))
+            and _stamp_matches(zoo_root, spec.key(), ("drafter/config.json",)))
+
+
+def _build_stage(root: Path, key: str, build: Callable[[Path], dict]) -> None:
+    """Run build(staging_dir) -> metrics in a temporary directory beside root, stamp it, and
+    rename it into place: root is either absent, the old stage, or complete."""
+    staging = Path(tempfile.mkdtemp(prefix=f".staging-{root.name}-", dir=root.parent))
+    try:
+        metrics = build(staging)
+        (staging / STAMP_NAME).write_text(json.dumps({"key": key, "format_version": ZOO_FORMAT_VERSION,
+                                                      "metrics": metrics}, indent=2))
+        if root.exists():
+            shutil.rmtree(root)
+        os.rename(staging, root)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def ensure_zoo(cache_dir: str | Path | None = None, spec: ZooSpec | None = None, force: bool = False,
                log: Callable[[str], None] | None = None) -> ZooPaths:
-    """The zoo's directories, trained first unless a matching one is cached (see module docstring)."""
+    """The zoo's directories, trained first unless a matching one is cached (see module docstring).
+
+    Two stages, each cached under its own key: target-<key> (model + tokenizer) and zoo-<key>
+    (the drafter, the evaluation, the full spec). --force retrains both."""
     spec = spec or ZooSpec()
-    log = log or (lambda message: None)
+    log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     cache_dir.mkdir(parents=True, exist_ok=True)
-    root = cache_dir / f"zoo-{spec.key()}"
+    paths = _paths(cache_dir, spec)
+    target_root, zoo_root = _stage_dirs(cache_dir, spec)
     with open(cache_dir / ".lock", "w") as lock:
         # Serialises concurrent callers: the second waits, then finds the first one's zoo.
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if _is_complete(root, spec) and not force:
-            log(f"zoo: using cached {root}")
-            return _paths(root)
-        staging = Path(tempfile.mkdtemp(prefix=f".staging-{spec.key()}-", dir=cache_dir))
-        try:
-            metrics = train_zoo(staging, spec, log)
-            stamp = {"key": spec.key(), "format_version": ZOO_FORMAT_VERSION, "spec": dataclasses.asdict(spec),
-                     "metrics": metrics}
-            (staging / STAMP_NAME).write_text(json.dumps(stamp, indent=2))
-            if root.exists():
-                shutil.rmtree(root)
-            os.rename(staging, root)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    log(f"zoo: saved to {root}")
-    return _paths(root)
+        if _is_complete(cache_dir, spec) and not force:
+            log(f"zoo: using cached {zoo_root}")
+            return paths
+        # Holding the lock, any staging directory is a killed builder's leftover.
+        for leftover in cache_dir.glob(".staging-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        if force or not _stamp_matches(target_root, spec.target_key(), ("config.json", "tokenizer.json")):
+            _build_stage(target_root, spec.target_key(), lambda out: train_target_stage(out, spec, log))
+        else:
+            log(f"zoo: using cached target {target_root}")
+
+        def build_drafter_stage(out: Path) -> dict:
+            metrics = train_drafter_stage(target_root, out / "drafter", spec, log)
+            metrics["spec"] = dataclasses.asdict(spec)
+            return metrics
+
+        _build_stage(zoo_root, spec.key(), build_drafter_stage)
+    log(f"zoo: saved to {zoo_root}")
+    return paths
 
 
 def read_stamp(paths: ZooPaths) -> dict:
-    return json.loads((paths.target_dir.parent / STAMP_NAME).read_text())
+    """The zoo's record: key, spec and every measured number (target, drafter, generation)."""
+    stamp = json.loads((paths.drafter_dir.parent / STAMP_NAME).read_text())
+    target_stamp = json.loads((paths.target_dir / STAMP_NAME).read_text())
+    stamp["metrics"]["target"] = target_stamp["metrics"]
+    return stamp
 
 
 # ---- data --------------------------------------------------------------------------------
@@ -180,26 +218,19 @@ def encode_problems(tokenizer, problems: list[arithmetic.Problem]) -> TokenBatch
 
 
 class TrainBatches:
-    """Batches of train-split problems, in order of problem index, grouped by length: each
-    draw of `num_batches` batches is sorted by length and handed out in a shuffled order."""
+    """Batches of train-split problems in order of problem index, so a batch mixes short and long
+    problems as the task's distribution does. (Sorting problems into length buckets pads less,
+    but batches of only-short or only-long problems trained markedly slower per step.)"""
 
     def __init__(self, tokenizer, spec: ZooSpec, batch_size: int, seed: int):
-        self.tokenizer, self.spec, self.batch_size = tokenizer, spec, batch_size
-        self.rng = random.Random(seed)
+        self.tokenizer, self.spec, self.batch_size, self.seed = tokenizer, spec, batch_size, seed
         self.next_index = 0
-        self.seed = seed
-        self.pending: list[list[arithmetic.Problem]] = []
 
     def next(self) -> TokenBatch:
-        if not self.pending:
-            count = self.batch_size * self.spec.bucket_num_batches
-            drawn = arithmetic.problems(count, seed=self.seed, split="train", start=self.next_index,
-                                        max_digits=self.spec.max_digits)
-            self.next_index += count
-            drawn.sort(key=lambda p: len(p.prompt) + len(p.completion))
-            self.pending = [drawn[i: i + self.batch_size] for i in range(0, count, self.batch_size)]
-            self.rng.shuffle(self.pending)
-        return encode_problems(self.tokenizer, self.pending.pop())
+        problems = arithmetic.problems(self.batch_size, seed=self.seed, split="train", start=self.next_index,
+                                       max_digits=self.spec.max_digits)
+        self.next_index += self.batch_size
+        return encode_problems(self.tokenizer, problems)
 
 
 def heldout_batches(tokenizer, spec: ZooSpec, batch_size: int = 64) -> list[TokenBatch]:
@@ -436,12 +467,10 @@ def num_parameters(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def train_zoo(out_dir: str | Path, spec: ZooSpec, log: Callable[[str], None] = print,
-              evaluate: bool = True) -> dict:
-    """Train the target and the drafter into out_dir/target and out_dir/drafter; returns metrics."""
+def train_target_stage(out_dir: Path, spec: ZooSpec, log: Callable[[str], None]) -> dict:
+    """Train the target and save it with its tokenizer in Hugging Face layout into out_dir."""
     from respec_async.engine.checkpoint import save_pretrained
 
-    paths = _paths(Path(out_dir))
     tokenizer = build_tokenizer()
     # Forked so training the zoo leaves the caller's random state as it found it.
     with torch.random.fork_rng():
@@ -449,17 +478,29 @@ def train_zoo(out_dir: str | Path, spec: ZooSpec, log: Callable[[str], None] = p
         target = build_target(spec, tokenizer)
         log(f"zoo: target {num_parameters(target):,} parameters, training until held-out p(gold)@T1 >= "
             f"{spec.target_stop_accuracy}")
-        target_metrics = train_target(target, tokenizer, spec, log)
-        target.requires_grad_(False)
+        metrics = train_target(target, tokenizer, spec, log)
+    save_pretrained(target, out_dir)
+    tokenizer.save(out_dir / "tokenizer.json")
+    return {"num_parameters": num_parameters(target), **metrics}
+
+
+def train_drafter_stage(target_dir: Path, drafter_dir: Path, spec: ZooSpec, log: Callable[[str], None],
+                        evaluate: bool = True) -> dict:
+    """Distill a drafter from the saved target into drafter_dir; measure generation with both."""
+    from respec_async.engine.checkpoint import load_pretrained
+    from respec_async.engine.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_dir(target_dir)
+    target = load_pretrained(target_dir).eval()
+    target.requires_grad_(False)
+    with torch.random.fork_rng():
+        torch.manual_seed(spec.seed + 1)
         drafter = build_drafter(target)
         log(f"zoo: drafter {num_parameters(drafter):,} parameters (feature layers "
             f"{tuple(drafter.config.feature_layers)}), {spec.drafter_steps} distillation steps")
-        drafter_metrics = train_drafter(drafter, target, tokenizer, spec, log)
-    save_pretrained(target, paths.target_dir)
-    tokenizer.save(paths.tokenizer_path)
-    drafter.save_pretrained(paths.drafter_dir)
-    metrics = {"target": {"num_parameters": num_parameters(target), **target_metrics},
-               "drafter": {"num_parameters": num_parameters(drafter), **drafter_metrics}}
+        metrics = {"drafter": {"num_parameters": num_parameters(drafter),
+                               **train_drafter(drafter, target, tokenizer, spec, log)}}
+    drafter.save_pretrained(drafter_dir)
     if evaluate:
         metrics["generation"] = evaluate_generation(target, tokenizer, spec, drafter,
                                                     num_problems=min(128, spec.num_eval_problems))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 
 import pytest
 import torch
@@ -37,45 +38,59 @@ def test_quick_zoo_reloads_target_tokenizer_and_drafter(quick_zoo):
 
 def test_stamp_records_the_spec_and_the_measured_numbers(quick_zoo):
     stamp = zoo.read_stamp(zoo.ensure_zoo(quick_zoo, spec=zoo.QUICK_SPEC))
-    assert stamp["key"] == zoo.QUICK_SPEC.key() and stamp["spec"] == dataclasses.asdict(zoo.QUICK_SPEC)
+    assert stamp["key"] == zoo.QUICK_SPEC.key()
     metrics = stamp["metrics"]
+    assert metrics["spec"] == dataclasses.asdict(zoo.QUICK_SPEC)
     assert metrics["target"]["num_parameters"] > 0 and metrics["target"]["num_steps"] == zoo.QUICK_SPEC.target_max_steps
     assert len(metrics["drafter"]["top1_agreement_per_step"]) == zoo.QUICK_SPEC.drafter_unroll_steps
     assert 0.0 <= metrics["generation"]["accuracy_t1"] <= 1.0
     assert metrics["generation"]["acceptance_length"] >= 1.0
 
 
-def test_a_matching_zoo_is_reused_without_training(quick_zoo, monkeypatch):
+def forbid_training(monkeypatch, *names):
     def fail(*args, **kwargs):
-        raise AssertionError("the cached zoo should have been reused")
+        raise AssertionError("a cached stage should have been reused")
 
-    monkeypatch.setattr(zoo, "train_zoo", fail)
+    for name in names:
+        monkeypatch.setattr(zoo, name, fail)
+
+
+def test_a_matching_zoo_is_reused_without_training(quick_zoo, monkeypatch):
+    forbid_training(monkeypatch, "train_target_stage", "train_drafter_stage")
     messages = []
     zoo.ensure_zoo(quick_zoo, spec=zoo.QUICK_SPEC, log=messages.append)
     assert any("using cached" in m for m in messages)
 
 
-def test_a_different_spec_or_a_stale_stamp_does_not_match(quick_zoo, tmp_path):
-    assert dataclasses.replace(zoo.QUICK_SPEC, seed=1).key() != zoo.QUICK_SPEC.key()
-    root = quick_zoo / f"zoo-{zoo.QUICK_SPEC.key()}"
-    assert zoo._is_complete(root, zoo.QUICK_SPEC)
+def test_a_drafter_hyperparameter_change_retrains_only_the_drafter(quick_zoo, monkeypatch):
+    spec = dataclasses.replace(zoo.QUICK_SPEC, drafter_steps=2)
+    assert spec.target_key() == zoo.QUICK_SPEC.target_key() and spec.key() != zoo.QUICK_SPEC.key()
+    forbid_training(monkeypatch, "train_target_stage")
+    paths = zoo.ensure_zoo(quick_zoo, spec=spec, log=lambda message: None)
+    assert paths.target_dir == zoo.ensure_zoo(quick_zoo, spec=zoo.QUICK_SPEC).target_dir
+    assert zoo.read_stamp(paths)["metrics"]["drafter"]["num_steps"] == 2
+
+
+def test_a_different_target_spec_or_a_stale_stamp_does_not_match(quick_zoo, tmp_path):
+    assert dataclasses.replace(zoo.QUICK_SPEC, seed=1).target_key() != zoo.QUICK_SPEC.target_key()
+    assert zoo._is_complete(quick_zoo, zoo.QUICK_SPEC)
     copy = tmp_path / "copy"
-    import shutil
-    shutil.copytree(root, copy)
-    stamp = json.loads((copy / zoo.STAMP_NAME).read_text())
+    shutil.copytree(quick_zoo, copy)
+    target_root, _ = zoo._stage_dirs(copy, zoo.QUICK_SPEC)
+    stamp = json.loads((target_root / zoo.STAMP_NAME).read_text())
     stamp["key"] = "older"
-    (copy / zoo.STAMP_NAME).write_text(json.dumps(stamp))
+    (target_root / zoo.STAMP_NAME).write_text(json.dumps(stamp))
     assert not zoo._is_complete(copy, zoo.QUICK_SPEC)
 
 
 def test_a_failed_training_leaves_no_partial_zoo(tmp_path, monkeypatch):
     def crash(out_dir, spec, log):
-        (out_dir / "target").mkdir()
+        (out_dir / "config.json").write_text("{}")
         raise RuntimeError("interrupted")
 
-    monkeypatch.setattr(zoo, "train_zoo", crash)
+    monkeypatch.setattr(zoo, "train_target_stage", crash)
     with pytest.raises(RuntimeError, match="interrupted"):
-        zoo.ensure_zoo(tmp_path, spec=zoo.QUICK_SPEC)
+        zoo.ensure_zoo(tmp_path, spec=zoo.QUICK_SPEC, log=lambda message: None)
     assert [p.name for p in tmp_path.iterdir()] == [".lock"]
 
 
