@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -97,6 +98,8 @@ class HttpRewardServer:
 
     def __init__(self, token: str = "") -> None:
         self.faults: list[str] = []
+        self.choose_fault = None  # optional: body -> fault name or None, instead of `faults`
+        self.prompts_seen: list[str] = []
         self.token = token
         self.num_requests = 0
         self.num_in_flight = 0
@@ -123,11 +126,15 @@ class HttpRewardServer:
             await self.runner.cleanup()
             self.runner = None
 
-    async def _fault(self, request: web.Request, n: int) -> web.Response | None:
+    async def _fault(self, request: web.Request, body: dict, n: int) -> web.Response | None:
         self.num_requests += 1
+        self.prompts_seen.extend(body.get("prompts", [body.get("prompt")]))
         if self.token and request.headers.get("Authorization") != f"Bearer {self.token}":
             return web.Response(status=401, text="unauthorized")
-        fault = self.faults.pop(0) if self.faults else None
+        if self.choose_fault is not None:
+            fault = self.choose_fault(body)
+        else:
+            fault = self.faults.pop(0) if self.faults else None
         if fault == "timeout":
             await asyncio.sleep(5.0)
         if fault == "500":
@@ -149,7 +156,7 @@ class HttpRewardServer:
         try:
             body = await request.json()
             n = len(body["query"]) if "query" in body else 1
-            fault = await self._fault(request, n)
+            fault = await self._fault(request, body, n)
             if fault is not None:
                 return fault
             if self.delay_s:
@@ -167,6 +174,31 @@ class HttpRewardServer:
 
     async def _sample(self, request: web.Request) -> web.Response:
         return await self._answer(request, lambda b: {"reward": float(b["response"].strip() == b["label"])})
+
+
+class ServerThread:
+    """Runs an HttpRewardServer on an event loop of its own, in a thread, for tests whose own
+    thread is busy waiting on a launched run."""
+
+    def __init__(self, server: HttpRewardServer) -> None:
+        self.server = server
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def call(self, coro_fn) -> None:
+        asyncio.run_coroutine_threadsafe(coro_fn(), self.loop).result(30)
+
+    def start(self) -> None:
+        self.call(self.server.start)
+
+    def stop(self) -> None:
+        self.call(self.server.stop)
+
+    def close(self) -> None:
+        self.stop()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
 
 
 class RewardServeProcess:
