@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         if code == 0 and config.roles.trainer:
             from respec_async.summary import print_summary
 
-            print_summary(run_dir)
+            print_summary(run_dir, config.run.final_eval)
         return code
     raise AssertionError(args.command)
 

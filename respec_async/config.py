@@ -31,6 +31,7 @@ class RunSection(Section):
     root: str = "runs"  # where run directories are created
     seed: int = 0  # global seed; each role derives its own from it
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    final_eval: bool = True  # after a successful run, measure held-out accuracy before vs after
 
 
 class SupervisorSection(Section):

@@ -28,7 +28,7 @@ def print_eval(run_dir: Path, num_prompts: int | None = None) -> tuple[EvalResul
     return before, after
 
 
-def print_summary(run_dir: Path) -> None:
+def print_summary(run_dir: Path, final_eval: bool = True) -> None:
     records = read_metrics(run_dir / "metrics.jsonl")
     if not records:
         print(f"run {run_dir}: no training steps recorded")
@@ -44,5 +44,6 @@ def print_summary(run_dir: Path) -> None:
     accept = [r.acceptance_length for r in records if r.acceptance_length]
     if accept:
         print(f"  SD acceptance    {_mean(accept):.2f} tokens per verify step")
-    print_eval(run_dir)
+    if final_eval:
+        print_eval(run_dir)
     print(f"  plots: respec report {run_dir}    metrics: {run_dir / 'metrics.jsonl'}    logs: {run_dir / 'logs'}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -62,7 +63,12 @@ def main(argv: list[str] | None = None) -> int:
         ctx = RoleContext(config, run_dir, args.name, endpoints, security, args.restart_count)
         return await actor_class(ctx).run()
 
-    return uvloop.run(run())
+    code = uvloop.run(run())
+    # The actor has stopped cleanly; a worker thread may still sit in a collective whose peer
+    # is gone (until its timeout). Do not let it hold the process: exit now.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

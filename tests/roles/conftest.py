@@ -32,6 +32,8 @@ def random_actor_dir(tmp_path_factory):
 
 def rl_config(actor_dir, *, steps: int = 6, k: int = 1, generators: int = 1, extra: str = "") -> str:
     return f"""
+[run]
+final_eval = false
 [roles]
 generator = {generators}
 reward = 1

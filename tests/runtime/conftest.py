@@ -86,7 +86,11 @@ def launch(tmp_path):
     def start(toml: str, *overrides: str) -> LaunchedRun:
         root = tmp_path / "runs"
         config = tmp_path / f"config{len(runs)}.toml"
-        config.write_text(f'[run]\nroot = "{root}"\n' + toml)
+        if "[run]" in toml:
+            toml = toml.replace("[run]", f'[run]\nroot = "{root}"', 1)
+        else:
+            toml = f'[run]\nroot = "{root}"\n' + toml
+        config.write_text(toml)
         args = [sys.executable, "-m", "respec_async.cli", "launch", str(config)]
         for o in overrides:
             args += ["--set", o]
