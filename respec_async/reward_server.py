@@ -83,8 +83,11 @@ class RewardServer:
         self.num_requests += 1
         requests = [ScoreRequest(rollout_id=s.rollout_id, prompt_text=s.prompt, completion_text=s.response,
                                  answer=s.label, data_source=s.data_source) for s in request.samples]
-        results = await self.scorer.score(requests)
-        errors = [r.error for r in results if r.error]
+        try:
+            results = await self.scorer.score(requests)
+            errors = [r.error for r in results if r.error]
+        except Exception as exc:  # a bug here must still answer, not leave the client to time out
+            results, errors = [], [f"reward server: {exc!r}"[:500]]
         if errors:
             self.num_errors += 1
             response = RewardResponse(call_id=request.call_id, error=errors[0])

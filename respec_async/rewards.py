@@ -164,12 +164,14 @@ def _number(value: Any, what: str) -> float:
     return reward
 
 
-def to_result(value: Any, source: str, what: str = "reward") -> ScoreResult:
-    """A number, or a dict with `score` (verl) or `reward` (per-sample HTTP), into a result;
-    a dict's other scalar keys become `extra` (logged), its `acc` (if any) says correct."""
+def to_result(value: Any, source: str, what: str = "reward", key: str = "score") -> ScoreResult:
+    """A number, or a dict with `key` (verl's "score"; "reward" for per-sample HTTP; the other
+    of the two if `key` is missing), into a result; a dict's other scalar keys become `extra`
+    (logged), its `acc` (if any) says correct."""
     extra: dict[str, Any] = {}
     if isinstance(value, dict):
-        key = "score" if "score" in value else "reward"
+        if key not in value:
+            key = "reward" if key == "score" else "score"
         if key not in value:
             raise RewardSourceError("bad_response", f"{what} is a dict without 'score' or 'reward': {sorted(value)[:8]}")
         extra = {k: v for k, v in value.items() if k != key and isinstance(v, (int, float, str, bool))}
@@ -238,7 +240,10 @@ def load_function(spec: str) -> Callable[..., Any]:
         sys.modules[module_name] = module
         module_spec.loader.exec_module(module)
     else:
-        module = importlib.import_module(target)
+        try:
+            module = importlib.import_module(target)
+        except ImportError as exc:
+            raise ValueError(f"reward function {spec!r}: cannot import {target}: {exc}") from None
     fn = getattr(module, name, None)
     if not callable(fn):
         raise ValueError(f"reward function {spec!r}: {target} has no function {name!r}")
@@ -380,7 +385,7 @@ class HttpScorer:
         payload = {"prompt": r.prompt_text, "response": r.completion_text, "label": r.answer}
 
         async def attempt(url: str) -> ScoreResult:
-            return to_result(await self._post(url, payload), url)
+            return to_result(await self._post(url, payload), url, key="reward")
 
         result, url, error = await self.caller.call(attempt, [r.rollout_id])
         return result if result is not None else _failed(1, url, error)[0]
@@ -513,19 +518,35 @@ def source_urls(source: str) -> list[str]:
     return [u.strip() for u in source.split(",") if u.strip()]
 
 
-def make_scorer(config: Config | RewardSection) -> Scorer:
-    cfg = config.reward if isinstance(config, Config) else config
-    source = cfg.source.strip()
+def source_kind(source: str) -> str:
+    """"builtin" | "python" | "http" | "zmq" for a valid `reward.source`, else ValueError. Cheap
+    (imports nothing, reads no file), so a config can be checked before anything starts."""
+    source = source.strip()
     if source == "builtin":
-        return BuiltinScorer()
+        return "builtin"
     if source.startswith("python:"):
-        return PythonScorer(cfg, source.removeprefix("python:"))
+        target, sep, name = source.removeprefix("python:").rpartition(":")
+        if sep and target and name.isidentifier():
+            return "python"
     urls = source_urls(source)
     schemes = {u.split("://", 1)[0] for u in urls}
-    if schemes <= {"http", "https"}:
-        return HttpScorer(cfg, urls)
-    if schemes == {"zmq"}:
-        return ZmqScorer(cfg, urls)
+    if urls and all("://" in u for u in urls):
+        if schemes <= {"http", "https"}:
+            return "http"
+        if schemes == {"zmq"}:
+            return "zmq"
     raise ValueError(f"reward.source: unsupported source {source!r} (builtin | python:pkg.mod:fn | "
                      "python:/path/file.py:fn | http://host:port/path | zmq://host:port; several URLs of one "
                      "scheme, comma-separated)")
+
+
+def make_scorer(config: Config | RewardSection) -> Scorer:
+    cfg = config.reward if isinstance(config, Config) else config
+    kind = source_kind(cfg.source)
+    if kind == "builtin":
+        return BuiltinScorer()
+    if kind == "python":
+        return PythonScorer(cfg, cfg.source.strip().removeprefix("python:"))
+    if kind == "http":
+        return HttpScorer(cfg, source_urls(cfg.source))
+    return ZmqScorer(cfg, source_urls(cfg.source))

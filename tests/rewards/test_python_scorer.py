@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from respec_async.rewards import make_scorer
+from respec_async.rewards import make_scorer, source_kind, to_result
 from tests.rewards.conftest import expected_rewards, make_requests, run, section
 
 
@@ -80,5 +80,18 @@ def test_nan_string_or_wrong_length_is_a_bad_response_of_the_source(reward_file,
 def test_a_bad_source_is_refused_with_the_key_named(reward_file):
     with pytest.raises(ValueError, match="no function 'nope'"):
         make_scorer(section(f"python:{reward_file}:nope"))
-    with pytest.raises(ValueError, match="reward.source"):
-        make_scorer(section("ftp://example"))
+    with pytest.raises(ValueError, match="cannot import no_such_pkg"):
+        make_scorer(section("python:no_such_pkg.mod:fn"))
+    for bad in ["ftp://example", "python:nofunction", "http://a:1/x,zmq://b:2", "localhost:8000", ""]:
+        with pytest.raises(ValueError, match="reward.source"):
+            source_kind(bad)
+    assert [source_kind(s) for s in ["builtin", "python:pkg.mod:fn", "python:/a/b.py:fn",
+                                     "http://a:1/x, https://b/y", "zmq://h:5555,zmq://ipc:///tmp/s"]] == \
+        ["builtin", "python", "python", "http", "zmq"]
+
+
+def test_dict_results_use_score_for_functions_and_reward_for_http_samples():
+    assert to_result({"score": 1.0, "reward": 0.5}, "f").reward == 1.0
+    assert to_result({"score": 1.0, "reward": 0.5}, "u", key="reward").reward == 0.5
+    assert to_result({"reward": 0.5, "acc": True}, "f").correct is True
+    assert to_result(True, "f").reward == 1.0
