@@ -119,10 +119,10 @@ class RewardActor(Actor):
                 reason = f"reward failed for {len(failed)}/{len(requests)} rollouts: {failed[0][1].error}"
                 await self.send("trainer-0", ReturnedGroup(group=group, reason=reason[:500]))
                 return
-            for result in results:
-                if result.extra:
-                    self.log.debug("reward.extra", server=result.source, **{k: v for k, v in result.extra.items()
-                                                                           if isinstance(v, (int, float, str, bool))})
+            for request, result in zip(requests, results):
+                if result.extra:  # the source's other keys (a dict's non-score keys, extra_logs)
+                    self.log.debug("reward.extra", server=result.source, rollout_id=request.rollout_id,
+                                   extra=result.extra)
             scored = ScoredGroup(
                 group=group, rollouts=message.rollouts,
                 rewards=[0.0 if r.error else r.reward for r in results],
