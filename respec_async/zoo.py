@@ -73,8 +73,10 @@ class ZooSpec:
     # Drafter: EAGLE-3 shaped for the target, distilled with the unrolled loss.
     drafter_lr: float = 3e-3
     drafter_batch_size: int = 32
-    drafter_steps: int = 600
-    drafter_unroll_steps: int = 7
+    drafter_steps: int = 300
+    drafter_unroll_steps: int = 6
+    # Each batch runs as this many length-sorted parts (same gradient, far less padding).
+    num_length_groups: int = 4
 
     def key(self) -> str:
         """Names the whole zoo (target and drafter)."""
@@ -95,7 +97,7 @@ def _hash(blob: dict) -> str:
 QUICK_SPEC = ZooSpec(max_digits=3, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
                      num_key_value_heads=1, intermediate_size=64, max_position_embeddings=64,
                      target_batch_size=16, target_max_steps=12, target_stop_accuracy=1.01, eval_every=6,
-                     num_eval_problems=16, drafter_batch_size=8, drafter_steps=6, drafter_unroll_steps=3)
+                     num_eval_problems=16, drafter_batch_size=8, drafter_steps=6, drafter_unroll_steps=3, num_length_groups=2)
 
 
 @dataclass(frozen=True)
@@ -149,15 +151,28 @@ def _build_stage(root: Path, key: str, build: Callable[[Path], dict]) -> None:
 
 
 def ensure_zoo(cache_dir: str | Path | None = None, spec: ZooSpec | None = None, force: bool = False,
-               log: Callable[[str], None] | None = None) -> ZooPaths:
+               log: Callable[[str], None] | None = None, num_threads: int = 1) -> ZooPaths:
     """The zoo's directories, trained first unless a matching one is cached (see module docstring).
 
     Two stages, each cached under its own key: target-<key> (model + tokenizer) and zoo-<key>
-    (the drafter, the evaluation, the full spec). --force retrains both."""
+    (the drafter, the evaluation, the full spec). --force retrains both.
+
+    Training runs on num_threads torch threads (restored afterwards). One is the default: these
+    matrices are too small to gain much from a second thread, and on a shared 2-core machine
+    under load a second OpenMP thread made a training step 8x slower (13.9 s vs 1.7 s)."""
     spec = spec or ZooSpec()
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     cache_dir.mkdir(parents=True, exist_ok=True)
+    previous_num_threads = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        return _ensure_zoo_locked(cache_dir, spec, force, log)
+    finally:
+        torch.set_num_threads(previous_num_threads)
+
+
+def _ensure_zoo_locked(cache_dir: Path, spec: ZooSpec, force: bool, log: Callable[[str], None]) -> ZooPaths:
     paths = _paths(cache_dir, spec)
     target_root, zoo_root = _stage_dirs(cache_dir, spec)
     with open(cache_dir / ".lock", "w") as lock:
@@ -199,6 +214,18 @@ def read_stamp(paths: ZooPaths) -> dict:
 class TokenBatch:
     input_ids: torch.Tensor  # [B, T], right-padded: <bos> prompt completion <eos> <pad>...
     loss_mask: torch.Tensor  # [B, T], 1 at the positions that predict a completion token or <eos>
+    lengths: torch.Tensor  # [B], tokens before the padding
+
+    def split_by_length(self, num_parts: int) -> list["TokenBatch"]:
+        """The rows sorted by length into num_parts batches, each padded only to its own
+        longest row. A mixed batch of the task's long-tailed lengths is mostly padding; summing
+        per-token losses over the parts (over the whole batch's token count) gives the same
+        gradient at a fraction of the compute."""
+        parts = []
+        for rows in self.lengths.argsort().chunk(num_parts):
+            width = int(self.lengths[rows].max())
+            parts.append(TokenBatch(self.input_ids[rows, :width], self.loss_mask[rows, :width], self.lengths[rows]))
+        return parts
 
 
 def encode_problems(tokenizer, problems: list[arithmetic.Problem]) -> TokenBatch:
@@ -214,7 +241,7 @@ def encode_problems(tokenizer, problems: list[arithmetic.Problem]) -> TokenBatch
         input_ids[i, : len(row)] = torch.tensor(row)
         # Position s predicts token s+1: from the prompt's last token to the one before <eos>.
         loss_mask[i, prompt_length - 1: len(row) - 1] = 1.0
-    return TokenBatch(input_ids, loss_mask)
+    return TokenBatch(input_ids, loss_mask, torch.tensor([len(row) for row in rows]))
 
 
 class TrainBatches:
@@ -243,12 +270,13 @@ def heldout_batches(tokenizer, spec: ZooSpec, batch_size: int = 64) -> list[Toke
 # ---- target --------------------------------------------------------------------------------
 
 
-def completion_loss(logits: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
-    """Mean next-token cross-entropy over the completion tokens."""
+def completion_loss(logits: torch.Tensor, batch: TokenBatch, num_tokens: float | None = None) -> torch.Tensor:
+    """Next-token cross-entropy summed over the completion tokens, divided by num_tokens (by
+    default this batch's count: the mean)."""
     logprobs = F.log_softmax(logits[:, :-1].float(), dim=-1)
     token_logprobs = logprobs.gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
     mask = batch.loss_mask[:, :-1]
-    return -(token_logprobs * mask).sum() / mask.sum()
+    return -(token_logprobs * mask).sum() / (num_tokens if num_tokens is not None else mask.sum())
 
 
 @torch.no_grad()
@@ -285,16 +313,20 @@ def train_target(model, tokenizer, spec: ZooSpec, log: Callable[[str], None]) ->
         for group in optimizer.param_groups:
             group["lr"] = spec.target_lr * min(1.0, step / warmup_steps)
         batch = batches.next()
-        loss = completion_loss(model(batch.input_ids).logits, batch)
+        num_tokens = batch.loss_mask.sum().item()
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = 0.0
+        for part in batch.split_by_length(spec.num_length_groups):
+            part_loss = completion_loss(model(part.input_ids).logits, part, num_tokens)
+            part_loss.backward()
+            loss += part_loss.item()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         if step % spec.eval_every == 0 or step == spec.target_max_steps:
             model.eval()
             accuracy = teacher_forced_accuracy(model, heldout)
             model.train()
-            log(f"target step {step:5d}  loss {loss.item():.3f}  held-out greedy {accuracy['greedy']:.3f}  "
+            log(f"target step {step:5d}  loss {loss:.3f}  held-out greedy {accuracy['greedy']:.3f}  "
                 f"p(gold)@T1 {accuracy['sampled_t1']:.3f}  {time.perf_counter() - start_s:.0f}s")
             if accuracy["sampled_t1"] >= spec.target_stop_accuracy:
                 break
@@ -365,16 +397,21 @@ def train_drafter(drafter, target, tokenizer, spec: ZooSpec, log: Callable[[str]
         for group in optimizer.param_groups:
             group["lr"] = spec.drafter_lr * scale
         batch = batches.next()
-        features, logits = target_features_and_logits(target, batch.input_ids, drafter.config.feature_layers)
-        loss, stats = unrolled_distill_loss(drafter, features, batch.input_ids, logits, batch.loss_mask,
-                                            num_steps=spec.drafter_unroll_steps)
+        num_tokens = batch.loss_mask.sum().item()
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = 0.0
+        for part in batch.split_by_length(spec.num_length_groups):
+            features, logits = target_features_and_logits(target, part.input_ids, drafter.config.feature_layers)
+            part_loss, stats = unrolled_distill_loss(drafter, features, part.input_ids, logits, part.loss_mask,
+                                                     num_steps=spec.drafter_unroll_steps)
+            # Each part's loss is a per-token mean: weight it by its share of the batch's tokens.
+            (part_loss * part.loss_mask.sum().item() / num_tokens).backward()
+            loss += part_loss.item() * part.loss_mask.sum().item() / num_tokens
         torch.nn.utils.clip_grad_norm_(drafter.parameters(), 1.0)
         optimizer.step()
         if step % log_every == 0 or step == spec.drafter_steps:
             agreement = " ".join(f"{a:.2f}" for a in stats.top1_agreement_per_step)
-            log(f"drafter step {step:5d}  loss {loss.item():.3f}  top-1 agreement per step [{agreement}]  "
+            log(f"drafter step {step:5d}  loss {loss:.3f}  top-1 agreement per step [{agreement}]  "
                 f"{time.perf_counter() - start_s:.0f}s")
     drafter.eval()
     summary = evaluate_drafter(drafter, target, heldout, spec.drafter_unroll_steps)
@@ -513,10 +550,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="cache directory (default: $RESPEC_ZOO_DIR or ~/.cache/respec_async/zoo)")
     parser.add_argument("--force", action="store_true", help="retrain even when a matching zoo is cached")
     parser.add_argument("--quick", action="store_true", help="a micro zoo in seconds (tests; not a useful model)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for training (default 1)")
     args = parser.parse_args(argv)
     spec = QUICK_SPEC if args.quick else ZooSpec()
     start_s = time.perf_counter()
-    paths = ensure_zoo(args.out, spec=spec, force=args.force, log=lambda message: print(message, flush=True))
+    paths = ensure_zoo(args.out, spec=spec, force=args.force, log=lambda message: print(message, flush=True),
+                       num_threads=args.threads)
     metrics = read_stamp(paths)["metrics"]
     print(json.dumps(metrics, indent=2))
     print(f"target:    {paths.target_dir}\ndrafter:   {paths.drafter_dir}\ntokenizer: {paths.tokenizer_path}\n"
