@@ -137,9 +137,10 @@ def serve(function: str, bind: str, *, batched: bool = False, workers: int = 4, 
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         serving = asyncio.create_task(server.serve(stop, ready))
-        await ready.wait()
-        print(f"reward-serve ready on {bind}", flush=True)
-        await serving
+        await asyncio.wait({serving, asyncio.create_task(ready.wait())}, return_when=asyncio.FIRST_COMPLETED)
+        if ready.is_set():
+            print(f"reward-serve ready on {bind}", flush=True)
+        await serving  # raises what stopped it before it was ready (e.g. the address is in use)
 
     uvloop.run(run())
     return 0
@@ -152,3 +153,6 @@ def main(args: Any) -> int:
     except ValueError as exc:
         print(f"reward-serve: {exc}", file=sys.stderr)
         return 2
+    except zmq.ZMQError as exc:
+        print(f"reward-serve: {args.bind}: {exc}", file=sys.stderr)
+        return 1
