@@ -21,7 +21,6 @@ from tests.roles.conftest import rl_config
 pytestmark = pytest.mark.slow
 
 STEPS, GROUPS_PER_STEP, GROUP_SIZE = 6, 3, 2  # rl_config's shape
-QUICK_SUMMARY = ("data.eval_size=4",)  # the end-of-run held-out eval is not under test here
 
 
 def finished(run, timeout=300):
@@ -71,7 +70,7 @@ max_retries = 1
 retry_backoff_s = 0.05
 on_error = "drop"
 """
-        run = launch(rl_config(random_actor_dir, steps=STEPS, extra=extra), *QUICK_SUMMARY)
+        run = launch(rl_config(random_actor_dir, steps=STEPS, extra=extra))
         records = finished(run)
     finally:
         thread.close()
@@ -117,7 +116,7 @@ max_retries = 1
 retry_backoff_s = 0.05
 on_error = "zero"
 """
-    run = launch(rl_config(random_actor_dir, steps=STEPS, extra=extra), *QUICK_SUMMARY)
+    run = launch(rl_config(random_actor_dir, steps=STEPS, extra=extra))
     records = finished(run)
     assert_each_group_trained_once(records, STEPS)
     failures = (tmp_path / "zero_reward.py.failures").read_text().split()
@@ -148,7 +147,7 @@ retry_backoff_s = 0.1
 on_error = "drop"
 """
     steps = 8
-    run = launch(rl_config(random_actor_dir, steps=steps, extra=extra), *QUICK_SUMMARY)
+    run = launch(rl_config(random_actor_dir, steps=steps, extra=extra))
     run.wait_event(lambda e: e.get("event") == "train.step" and e.get("step") == 1, timeout=240)
     server.kill()
     time.sleep(3.0)  # long enough for groups in flight to exhaust their retries
