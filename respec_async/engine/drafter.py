@@ -68,6 +68,8 @@ class DrafterConfig:
 def _rms_norm(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
     """model.RMSNorm's math (float32 statistics) with the fused kernel: the drafter runs s times
     per speculative step, and on CPU its op count is its cost."""
+    if x.dtype == torch.float32 and norm.weight.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
     return norm.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=norm.eps).to(x.dtype)
 
 
