@@ -3,9 +3,13 @@
     .venv/bin/python benchmarks/bench_engine.py                      # the tiny zoo (trained if missing)
     .venv/bin/python benchmarks/bench_engine.py --target DIR --drafter DIR --batch-sizes 1,4,16
 
-For every active batch size B, B requests run together with B slots and a fixed number of new
-tokens (no stop tokens), so the active batch stays B for the whole run; tokens/s counts output
-tokens. Rows: (a) transformers' AutoModelForCausalLM.generate on the same checkpoint directory,
+For every active batch size B the engine gets B slots. Workload "stream" (the default when the
+target has a tokenizer with an end-of-sequence token, as the zoo does): max(2B, 8) held-out
+prompts, each generated until EOS (or --new-tokens), so the engine keeps refilling its B slots
+as a rollout generator does and the drafter sees real completions; transformers runs the same
+prompts in static batches of B, each batch until its longest sequence ends. Workload "fixed":
+B prompts and exactly --new-tokens tokens each, no stop token, so the active batch is B
+throughout. tokens/s counts output tokens (up to and including EOS). Rows: (a) transformers' AutoModelForCausalLM.generate on the same checkpoint directory,
 (b) our engine with SD off, (c) our engine with SD on for each (s, t, n) of the grid, with its
 mean acceptance length (accepted drafts + 1 per verify step). Prints a table and writes
 benchmarks/results/bench_engine.json. Each cell is the best of --repeats timed runs.
@@ -34,7 +38,7 @@ from respec_async.engine.engine import Engine, Request, SDConfig  # noqa: E402
 from respec_async.engine.sampling import SamplingParams  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_engine.json"
-DEFAULT_GRID = "3,1,3 5,1,5 7,1,7 3,4,8 5,4,16 5,8,32"
+DEFAULT_GRID = "3,1,3 5,1,5 7,1,7 3,2,4 4,2,6 5,4,16 5,8,32"
 
 
 def parse_args() -> argparse.Namespace:
@@ -43,9 +47,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--drafter", help="drafter dir (default: the zoo's)")
     parser.add_argument("--batch-sizes", default="1,2,4,8,16,32,64")
     parser.add_argument("--grid", default=DEFAULT_GRID, help="SD configs 's,t,n' separated by spaces")
-    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--new-tokens", type=int, default=128, help="max new tokens (exact with --workload fixed)")
+    parser.add_argument("--workload", choices=("stream", "fixed"), help="default: stream if the target has an EOS")
     parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip-hf", action="store_true", help="leave out transformers generate")
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu", help="clock the table reports")
@@ -64,17 +69,17 @@ def resolve_paths(args) -> tuple[Path, Path | None, Path | None]:
     return paths.target_dir, Path(args.drafter) if args.drafter else paths.drafter_dir, paths.tokenizer_path
 
 
-def make_prompts(tokenizer_path: Path | None, vocab_size: int, num_prompts: int) -> list[list[int]]:
-    """Held-out arithmetic prompts in the zoo's format, or random ids for an arbitrary model."""
+def make_prompts(tokenizer_path: Path | None, vocab_size: int, num_prompts: int) -> tuple[list[list[int]], int | None]:
+    """Held-out arithmetic prompts in the zoo's format and its EOS id, or random ids (no EOS)."""
     if tokenizer_path is not None:
         from respec_async.engine.tokenizer import Tokenizer
         from respec_async.tasks import arithmetic
         from respec_async.zoo import encode_prompt
         tokenizer = Tokenizer.from_file(tokenizer_path)
         problems = arithmetic.problems(num_prompts, seed=123, split="heldout")
-        return [encode_prompt(tokenizer, problem.prompt) for problem in problems]
+        return [encode_prompt(tokenizer, problem.prompt) for problem in problems], tokenizer.eos_token_id
     generator = torch.Generator().manual_seed(0)
-    return [torch.randint(0, vocab_size, (8 + i % 8,), generator=generator).tolist() for i in range(num_prompts)]
+    return [torch.randint(0, vocab_size, (8 + i % 8,), generator=generator).tolist() for i in range(num_prompts)], None
 
 
 def best_of(repeats: int, run) -> tuple[dict[str, float], object]:
@@ -93,32 +98,40 @@ def rates(num_tokens: int, seconds: dict[str, float]) -> dict[str, float]:
     return {clock: num_tokens / elapsed_s for clock, elapsed_s in seconds.items()}
 
 
-def bench_hf(target_dir: Path, prompts, new_tokens: int, temperature: float, repeats: int) -> dict[str, float]:
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(str(target_dir), dtype=torch.float32).eval()
-    width = max(len(p) for p in prompts)
+def bench_hf(model, prompts, batch_size: int, new_tokens: int, temperature: float, stop_id: int | None,
+             repeats: int) -> dict[str, float]:
+    """transformers generate over `prompts` in static batches of batch_size (left-padded)."""
     pad = 0
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else \
         dict(do_sample=False)
+    length_args = dict(eos_token_id=stop_id) if stop_id is not None else dict(eos_token_id=None,
+                                                                             min_new_tokens=new_tokens)
+    model.generation_config.eos_token_id = stop_id
 
     def run():
-        with torch.inference_mode():
-            return model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                  pad_token_id=pad, eos_token_id=None, **sampling)
+        num_tokens = 0
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start:start + batch_size]
+            width = max(len(p) for p in chunk)
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk])
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+            with torch.inference_mode():
+                output = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, pad_token_id=pad,
+                                        **length_args, **sampling)[:, width:]
+            for row in output.tolist():
+                num_tokens += row.index(stop_id) + 1 if stop_id in row else len(row)
+        return num_tokens
 
-    model.generation_config.eos_token_id = None
-    seconds, output = best_of(repeats, run)
-    assert output.shape[1] - ids.shape[1] == new_tokens
-    return rates(len(prompts) * new_tokens, seconds)
+    seconds, num_tokens = best_of(repeats, run)
+    return rates(num_tokens, seconds)
 
 
-def bench_engine(target, drafter, prompts, new_tokens: int, temperature: float, sd: SDConfig | None,
-                 repeats: int) -> tuple[dict[str, float], float]:
-    params = SamplingParams(temperature=temperature, max_new_tokens=new_tokens)
+def bench_engine(target, drafter, prompts, batch_size: int, new_tokens: int, temperature: float,
+                 stop_id: int | None, sd: SDConfig | None, repeats: int) -> tuple[dict[str, float], float]:
+    params = SamplingParams(temperature=temperature, max_new_tokens=new_tokens,
+                            stop_token_ids=() if stop_id is None else (stop_id,))
     max_seq_len = max(len(p) for p in prompts) + new_tokens + 1
-    engine = Engine(target, drafter if sd is not None else None, max_batch_size=len(prompts), max_seq_len=max_seq_len)
+    engine = Engine(target, drafter if sd is not None else None, max_batch_size=batch_size, max_seq_len=max_seq_len)
 
     def run():
         return engine.generate([Request(i, p, params) for i, p in enumerate(prompts)], sd)
@@ -138,24 +151,31 @@ def main() -> None:
     drafter = Eagle3Drafter.load_pretrained(drafter_dir, target.embed_tokens).eval() if drafter_dir else None
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     grid = [SDConfig(*(int(x) for x in item.split(","))) for item in args.grid.split()] if drafter else []
-    all_prompts = make_prompts(tokenizer_path, target.config.vocab_size, max(batch_sizes))
+    all_prompts, eos_id = make_prompts(tokenizer_path, target.config.vocab_size, max(2 * max(batch_sizes), 8))
+    workload = args.workload or ("stream" if eos_id is not None else "fixed")
+    stop_id = eos_id if workload == "stream" else None
+    hf_model = None
+    if not args.skip_hf:
+        from transformers import AutoModelForCausalLM
+        hf_model = AutoModelForCausalLM.from_pretrained(str(target_dir), dtype=torch.float32).eval()
 
     # Warm up every path once (allocator, lazy imports) before anything is timed.
-    bench_engine(target, drafter, all_prompts[:2], 4, args.temperature, grid[0] if grid else None, 1)
-    bench_engine(target, drafter, all_prompts[:2], 4, args.temperature, None, 1)
+    bench_engine(target, drafter, all_prompts[:2], 2, 4, args.temperature, stop_id, grid[0] if grid else None, 1)
+    bench_engine(target, drafter, all_prompts[:2], 2, 4, args.temperature, stop_id, None, 1)
 
     rows = []
     for batch_size in batch_sizes:
-        prompts = all_prompts[:batch_size]
-        row = {"batch_size": batch_size}
-        if not args.skip_hf:
-            row["hf_tokens_per_s"] = bench_hf(target_dir, prompts, args.new_tokens, args.temperature, args.repeats)
-        row["plain_tokens_per_s"], _ = bench_engine(target, None, prompts, args.new_tokens, args.temperature, None,
-                                                    args.repeats)
+        prompts = all_prompts[:max(2 * batch_size, 8)] if workload == "stream" else all_prompts[:batch_size]
+        row = {"batch_size": batch_size, "num_requests": len(prompts)}
+        if hf_model is not None:
+            row["hf_tokens_per_s"] = bench_hf(hf_model, prompts, batch_size, args.new_tokens, args.temperature,
+                                              stop_id, args.repeats)
+        row["plain_tokens_per_s"], _ = bench_engine(target, None, prompts, batch_size, args.new_tokens,
+                                                    args.temperature, stop_id, None, args.repeats)
         row["sd"] = {}
         for sd in grid:
-            tokens_per_s, acceptance_length = bench_engine(target, drafter, prompts, args.new_tokens,
-                                                           args.temperature, sd, args.repeats)
+            tokens_per_s, acceptance_length = bench_engine(target, drafter, prompts, batch_size, args.new_tokens,
+                                                           args.temperature, stop_id, sd, args.repeats)
             row["sd"][f"{sd.num_steps},{sd.top_k},{sd.num_draft_tokens}"] = {
                 "tokens_per_s": tokens_per_s, "acceptance_length": acceptance_length}
         rows.append(row)
@@ -165,7 +185,7 @@ def main() -> None:
     for name, passed in checks.items():
         print(f"{'PASS' if passed else 'MISS'}  {name}")
 
-    result = {"target": str(target_dir), "checks": checks, "drafter": str(drafter_dir) if drafter_dir else None,
+    result = {"target": str(target_dir), "checks": checks, "workload": workload, "drafter": str(drafter_dir) if drafter_dir else None,
               "new_tokens": args.new_tokens, "temperature": args.temperature, "threads": args.threads,
               "repeats": args.repeats, "machine": platform.platform(), "torch": torch.__version__,
               "rows": rows}
