@@ -64,6 +64,10 @@ class ActorTrainer:
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.model.state_dict()
 
+    def snapshot(self) -> tuple[int, dict[str, torch.Tensor]]:
+        """(policy version, weights) as one consistent pair, for a broadcast."""
+        return self.version, self.model.state_dict()
+
     def train_step(self, batch: list[ScoredGroup]) -> TrainStats:
         t = self.config.trainer
         temperature = self.config.sampling.temperature

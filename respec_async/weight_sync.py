@@ -2,7 +2,8 @@
 members that receive them into staging buffers.
 
 Protocol (control messages over the actors' inboxes, bytes over torch.distributed):
-  member -> owner   WeightsJoin(token)    on start, on restart, and after a failed receive
+  member -> owner   WeightsJoin(token)    on start, on restart, after a failed receive, and when
+                                        asked by WeightsRejoin (which a restarted owner sends)
   owner  -> member  GroupFormation        a new epoch, once every expected member has joined
   owner  -> member  WeightsUpdate         version + manifest + checksum, then the broadcast
 
@@ -27,11 +28,16 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from transport.schema import GroupFormation, WeightsJoin, WeightsUpdate
+from transport.schema import GroupFormation, WeightsJoin, WeightsRejoin, WeightsUpdate
 from transport.weights import BroadcastStats, WeightGroup, WeightSyncError, manifest_of, weights_checksum
 
 if TYPE_CHECKING:
     from respec_async.actor import Actor
+
+
+def incarnation_token() -> int:
+    """Unique per process incarnation (pid and start time), to tell restarts apart."""
+    return (os.getpid() << 20) | (time.time_ns() // 1_000_000 & 0xFFFFF)
 
 
 class WeightOwner:
@@ -41,6 +47,7 @@ class WeightOwner:
         self.group_name = group
         self.expected = list(expected_members)
         self.group = WeightGroup(actor.ctx.endpoints.torch_dist, name=group, timeout_s=timeout_s, device=device)
+        self.token = incarnation_token()  # names this owner's epochs in the rendezvous store
         self.tokens: dict[str, int] = {}  # member -> token of its latest join
         self.formed_tokens: dict[str, int] = {}  # the tokens the current epoch was formed with
         self.epoch = -1
@@ -48,6 +55,12 @@ class WeightOwner:
         self.changed = asyncio.Event()
         self.num_broadcasts = 0
         self.last_stats: BroadcastStats | None = None
+        self.last_version = -1
+
+    async def announce(self) -> None:
+        """Ask every member to (re)join: after an owner restart they do not know it is back."""
+        for member in self.expected:
+            await self.actor.send(member, WeightsRejoin(group=self.group_name, owner=self.actor.name))
 
     def on_join(self, message: WeightsJoin) -> None:
         if message.role not in self.expected:
@@ -68,23 +81,29 @@ class WeightOwner:
             await self.changed.wait()
         self.epoch += 1
         members = [self.actor.name, *self.expected]
-        tokens = [0, *(self.tokens[m] for m in self.expected)]
+        tokens = [self.token, *(self.tokens[m] for m in self.expected)]
         formation = GroupFormation(group=self.group_name, epoch=self.epoch, members=members, tokens=tokens)
         for member in self.expected:
             await self.actor.send(member, formation)
         started = time.perf_counter()
-        await self.actor.run_blocking(self.group.form, self.epoch, members, self.actor.name, thread=self.group_name)
+        await self.actor.run_blocking(self.group.form, self.epoch, members, self.actor.name, str(self.token),
+                                      thread=self.group_name)
         self.formed_tokens = dict(zip(self.expected, tokens[1:]))
         self.actor.log.info("weights.group_formed", group=self.group_name, epoch=self.epoch, members=members,
                             seconds=round(time.perf_counter() - started, 3))
 
-    async def publish(self, state_fn: Callable[[], Mapping[str, torch.Tensor]], version: int) -> BroadcastStats | None:
-        """Broadcast `state_fn()` as `version` to every member, (re)forming the group first when
-        membership changed; retries until it succeeds (each collective has a timeout)."""
+    async def publish(self, snapshot: Callable[[], tuple[int, Mapping[str, torch.Tensor]]]) -> BroadcastStats | None:
+        """Broadcast the (version, weights) that `snapshot()` returns to every member, (re)forming
+        the group first when membership changed; retries until it succeeds (each collective has
+        a timeout). `snapshot` runs in the compute thread, so it never sees a half-done step."""
         if not self.expected:
             return None
         async with self.lock:
-            state = await self.actor.run_blocking(lambda: {k: v.detach().clone() for k, v in state_fn().items()})
+            def copy() -> tuple[int, dict[str, torch.Tensor]]:
+                version, state = snapshot()
+                return version, {k: v.detach().clone() for k, v in state.items()}
+
+            version, state = await self.actor.run_blocking(copy)
             checksum = weights_checksum(state)
             manifest = manifest_of(state)
             while True:
@@ -108,6 +127,7 @@ class WeightOwner:
                         pass
             self.num_broadcasts += 1
             self.last_stats = stats
+            self.last_version = version
             self.actor.log.info("weights.published", group=self.group_name, version=version, epoch=self.epoch,
                                 bytes=stats.num_bytes, seconds=round(stats.seconds, 4), checksum=checksum[:12])
             return stats
@@ -121,7 +141,7 @@ class WeightMember:
         self.group_name = group
         self.owner = owner
         self.group = WeightGroup(actor.ctx.endpoints.torch_dist, name=group, timeout_s=timeout_s, device=device)
-        self.token = (os.getpid() << 16) | (int(time.time()) & 0xFFFF)
+        self.token = incarnation_token()
         self.queue: asyncio.Queue[GroupFormation | WeightsUpdate] = asyncio.Queue()
         self.staged: tuple[int, dict[str, torch.Tensor], str] | None = None  # (version, tensors, checksum)
         self.arrived = asyncio.Event()
@@ -149,7 +169,7 @@ class WeightMember:
                     if mine != self.token:
                         continue  # queued for a previous incarnation of this role
                     await self.actor.run_blocking(self.group.form, message.epoch, message.members, self.actor.name,
-                                                  thread=self.group_name)
+                                                  str(message.tokens[0]), thread=self.group_name)
                     self.actor.log.info("weights.group_joined", group=self.group_name, epoch=message.epoch)
                 elif self.group.formed and message.epoch == self.group.epoch:
                     tensors, stats = await self.actor.run_blocking(

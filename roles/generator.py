@@ -24,7 +24,15 @@ from respec_async.engine.sampling import SamplingParams
 from respec_async.models import load_drafter, load_target
 from respec_async.weight_sync import WeightMember
 from transport.weights import weights_checksum
-from transport.schema import GeneratorHello, GroupFormation, PromptGroup, Rollout, RolloutGroup, WeightsUpdate
+from transport.schema import (
+    GeneratorHello,
+    GroupFormation,
+    PromptGroup,
+    Rollout,
+    RolloutGroup,
+    WeightsRejoin,
+    WeightsUpdate,
+)
 
 
 @dataclass
@@ -74,6 +82,10 @@ class GeneratorActor(Actor):
     @handles
     async def on_weights_update(self, message: WeightsUpdate) -> None:
         self.actor_weights.on_message(message)
+
+    @handles
+    async def on_weights_rejoin(self, message: WeightsRejoin) -> None:
+        await self.actor_weights.join()
 
     def _swap_in_staged(self) -> None:
         staged = self.actor_weights.take()

@@ -54,14 +54,20 @@ class TrainerActor(Actor):
         self.batch_arrived = asyncio.Event()
         self.issue_wanted = asyncio.Event()
         self.metrics = MetricsWriter(self.ctx.run_dir / "metrics.jsonl")
-        self.idle_s = 0.0
         self.num_returned = 0
+        self.background: set[asyncio.Task[object]] = set()
 
     # --- messages ---------------------------------------------------------------------
 
     @handles
     async def on_join(self, message: WeightsJoin) -> None:
         self.weights.on_join(message)
+        if self.weights.num_broadcasts:
+            # A member came back mid-run: give it the current weights now rather than at the
+            # next step, which may be waiting on the groups only that member can finish.
+            task = asyncio.create_task(self.weights.publish(self.core.snapshot))
+            self.background.add(task)
+            task.add_done_callback(self.background.discard)
 
     @handles
     async def on_generator_hello(self, message: GeneratorHello) -> None:
@@ -120,7 +126,9 @@ class TrainerActor(Actor):
     async def main(self) -> None:
         cfg = self.ctx.config
         # Everyone starts from the trainer's weights, bit for bit (also after a restart).
-        await self.weights.publish(self.core.state_dict, self.core.version)
+        if self.ctx.restart_count:
+            await self.weights.announce()
+        await self.weights.publish(self.core.snapshot)
         await self.notify("trainer.started", version=self.core.version, num_steps=cfg.trainer.num_steps)
         while self.core.version < cfg.trainer.num_steps:
             step = self.core.version
@@ -134,7 +142,7 @@ class TrainerActor(Actor):
             train_started = time.perf_counter()
             stats = await self.run_blocking(self.core.train_step, batch)
             train_s = time.perf_counter() - train_started
-            sync = await self.weights.publish(self.core.state_dict, self.core.version)
+            sync = await self.weights.publish(self.core.snapshot)
             record = step_metrics(step=step, version=self.core.version, batch=batch, loss=stats, wait_s=wait_s,
                                   train_s=train_s, sync_s=sync.seconds if sync else 0.0,
                                   num_reissued=self.admission.num_reissued, num_returned=self.num_returned,

@@ -180,9 +180,16 @@ class WeightsJoin(Struct):
     token: int  # unique per member incarnation (its pid); stale formations are recognised by it
 
 
+class WeightsRejoin(Struct):
+    """Owner -> member: the owner (re)started; send WeightsJoin again so it can form a group."""
+
+    group: str
+    owner: str
+
+
 class GroupFormation(Struct):
     """Owner -> members: build the group `group` for `epoch`; members[0] is the source.
-    tokens[i] is the join token of members[i] (0 for the owner)."""
+    tokens[i] is the join token of members[i]; tokens[0] is the owner's own incarnation token."""
 
     group: str
     epoch: int
@@ -222,7 +229,7 @@ class TensorMessage(Struct):
 Message = (
     Ready | Ping | Pong | Shutdown | RoleFailed | RoleEvent
     | PromptGroup | Rollout | RolloutGroup | ScoredGroup | ReturnedGroup | GeneratorHello
-    | TensorSpec | WeightsJoin | GroupFormation | WeightsUpdate
+    | TensorSpec | WeightsJoin | WeightsRejoin | GroupFormation | WeightsUpdate
     | RewardSample | RewardRequest | RewardResponse
     | Echo | TensorMessage
 )

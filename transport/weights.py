@@ -118,7 +118,7 @@ class WeightGroup:
         v = f" version {version}" if version is not None else ""
         return f"group {self.name!r} epoch {self.epoch}{v} [{who}]"
 
-    def form(self, epoch: int, members: list[str], me: str) -> None:
+    def form(self, epoch: int, members: list[str], me: str, namespace: str = "") -> None:
         """(Re)build the group for `epoch` with `members` (members[0] is the source); blocks until
         every member has joined or the timeout passes."""
         if me not in members:
@@ -129,7 +129,9 @@ class WeightGroup:
             self._store = dist.TCPStore(self.host, self.port, is_master=False, timeout=self.timeout,
                                         wait_for_workers=False)
         self.epoch, self.members, self.rank = epoch, list(members), members.index(me)
-        store = dist.PrefixStore(f"{self.name}/epoch{epoch}", self._store)
+        # `namespace` tells incarnations of the owner apart: a restarted owner counts epochs
+        # from 0 again and must not meet the keys its predecessor left in the store.
+        store = dist.PrefixStore(f"{self.name}/{namespace}/epoch{epoch}", self._store)
         try:
             if self.backend == "nccl":
                 options = dist.ProcessGroupNCCL.Options()

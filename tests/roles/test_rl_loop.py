@@ -74,7 +74,10 @@ def test_sigkilled_trainer_resumes_from_its_checkpoint_at_the_same_version(launc
                    timeout=180, source="trainer-0")
     os.kill(run.role_pids()["trainer-0"][0], signal.SIGKILL)
     resumed = run.wait_event(lambda e: e.get("event") == "trainer.resumed", timeout=120, source="trainer-0")
-    assert resumed["version"] >= 4
+    events = run.events("trainer-0")
+    before_kill = events[:events.index(resumed)]
+    last_saved = max(e["version"] for e in before_kill if e.get("event") == "trainer.checkpoint")
+    assert resumed["version"] == last_saved >= 4
     records = finished(run)
     assert records[-1].version == 8
     assert_each_group_trained_once(records, 8)
