@@ -16,7 +16,7 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python pyproject.toml
 	@if [ -n "$(TORCH)" ]; then $(BIN)/pip install --quiet "$(TORCH)"; fi
-	$(BIN)/pip install --quiet -e '.[test,report]'
+	$(BIN)/pip install --quiet -e '.[test]'
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -12,7 +12,7 @@ mkdir -p "$OUT"
 PY=.venv/bin/python
 if [ ! -x "$PY" ]; then
   python3 -m venv .venv && .venv/bin/pip install -q --upgrade pip
-  .venv/bin/pip install -q torch && .venv/bin/pip install -q -e '.[test,report]'
+  .venv/bin/pip install -q torch && .venv/bin/pip install -q -e '.[test]'
 fi
 declare -A RESULT TIME
 

@@ -231,6 +231,12 @@ def check_config(config: Config, source: str) -> None:
     if g.sd != "off" and g.sd_num_draft_tokens < g.sd_num_steps and g.sd_top_k == 1:
         raise ConfigError(f"{source}: generator.sd_num_draft_tokens: a chain verifies all sd_num_steps drafts, "
                           f"so it must be >= sd_num_steps ({g.sd_num_draft_tokens} < {g.sd_num_steps})")
+    from respec_async.rewards import source_kind  # lazy: rewards imports the transport
+
+    try:
+        source_kind(config.reward.source)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
     s = config.supervisor
     if s.ping_timeout_s <= s.ping_interval_s:
         raise ConfigError(
