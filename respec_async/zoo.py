@@ -19,7 +19,14 @@ on sampled accuracy), and greedy decoding is right exactly when every gold token
 
 The drafter is distilled from the finished target with the unrolled loss of
 `respec_async.algorithms.distill` on the target's own distributions over held-in problems,
-and reports its per-step top-1 agreement and acceptance rate on held-out ones.
+and reports its per-step top-1 agreement and acceptance rate on held-out ones. Finally both
+run through the engine on held-out prompts; the stamp (zoo.json) keeps every number.
+
+Measured with the default spec on the shared 2-core machine under load (one torch thread):
+target 741k parameters, stopped at step 1125 after 475 s with held-out p(gold)@T1 0.46;
+engine generations on 128 held-out prompts: accuracy 0.55 at temperature 1, 0.56 greedy.
+Drafter 269k parameters, 300 steps in 300 s, per-step top-1 agreement about 0.80 over 6
+unrolled steps; chain drafts of 4 at temperature 1 accept 3.17 tokens per verify step.
 """
 
 from __future__ import annotations
@@ -246,8 +253,9 @@ def encode_problems(tokenizer, problems: list[arithmetic.Problem]) -> TokenBatch
 
 class TrainBatches:
     """Batches of train-split problems in order of problem index, so a batch mixes short and long
-    problems as the task's distribution does. (Sorting problems into length buckets pads less,
-    but batches of only-short or only-long problems trained markedly slower per step.)"""
+    problems as the task's distribution does. (Batches drawn from length buckets pad less, but
+    in one comparison trained several times slower per step; `split_by_length` saves the
+    padding without changing the gradient.)"""
 
     def __init__(self, tokenizer, spec: ZooSpec, batch_size: int, seed: int):
         self.tokenizer, self.spec, self.batch_size, self.seed = tokenizer, spec, batch_size, seed

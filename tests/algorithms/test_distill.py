@@ -13,6 +13,15 @@ from respec_async.algorithms.distill import reward_weights, unroll_drafter, unro
 from respec_async.engine.drafter import DrafterConfig, Eagle3Drafter
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    # Tiny tensors: a second OpenMP thread only adds waiting on a shared, loaded machine.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 class TokenTableDrafter(torch.nn.Module):
     """A stand-in drafter whose logits depend only on the input token (a lookup table), with a
     learned mixing of the incoming hidden so the unrolled steps are connected."""
