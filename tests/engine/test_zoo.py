@@ -109,3 +109,33 @@ def test_transformers_loads_the_zoo_target_with_the_same_logits(quick_zoo):
     ids = torch.tensor([[1, 5, 6, 13, 7, 8, 14]])
     with torch.no_grad():
         assert torch.allclose(reference(ids).logits, target(ids).logits, atol=1e-4)
+
+
+def test_target_only_trains_no_drafter_and_a_later_call_adds_it(tmp_path, monkeypatch):
+    spec = dataclasses.replace(zoo.QUICK_SPEC, drafter_steps=1, target_max_steps=2)
+    forbid_training(monkeypatch, "train_drafter_stage")
+    paths = zoo.ensure_zoo(tmp_path, spec=spec, log=lambda message: None, with_drafter=False)
+    assert (paths.target_dir / "config.json").is_file() and not paths.drafter_dir.exists()
+    monkeypatch.undo()
+    forbid_training(monkeypatch, "train_target_stage")
+    paths = zoo.ensure_zoo(tmp_path, spec=spec, log=lambda message: None)
+    assert (paths.drafter_dir / "config.json").is_file()
+
+
+def test_a_share_of_the_supervised_solutions_states_no_answer():
+    spec = dataclasses.replace(zoo.QUICK_SPEC, unanswered_fraction=0.5)
+    tokenizer = zoo.build_tokenizer()
+    batches = zoo.TrainBatches(tokenizer, spec, batch_size=200, seed=0)
+    batch = batches.next()
+    texts = [tokenizer.decode(row[1:length - 1].tolist()) for row, length in zip(batch.input_ids, batch.lengths)]
+    answered = [zoo.arithmetic.parse_answer(text.split("=", 1)[1]) is not None for text in texts]
+    # Binomial(200, 0.5): outside [70, 130] has probability < 1e-5.
+    assert 70 <= sum(answered) <= 130
+    # The cut solutions keep every column: only the answer line is gone.
+    problems = zoo.arithmetic.problems(200, seed=0, split="train", max_digits=spec.max_digits)
+    for text, problem, has_answer in zip(texts, problems, answered):
+        expected = problem.completion if has_answer else problem.completion.split(zoo.arithmetic.ANSWER_PREFIX)[0]
+        assert text == problem.prompt + expected
+    # Deterministic: the same stream again gives the same cut.
+    again = zoo.TrainBatches(tokenizer, spec, batch_size=200, seed=0).next()
+    assert torch.equal(again.input_ids, batch.input_ids)
