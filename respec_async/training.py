@@ -65,8 +65,13 @@ class ActorTrainer:
         return self.model.state_dict()
 
     def snapshot(self) -> tuple[int, dict[str, torch.Tensor]]:
-        """(policy version, weights) as one consistent pair, for a broadcast."""
-        return self.version, self.model.state_dict()
+        """(policy version, weights) as one consistent pair, for a broadcast, in the generators'
+        dtype (model.dtype): with bfloat16 the trainer sends the bytes the generators hold (their
+        checksum matches) and half as many; the float32 master weights stay here."""
+        state = self.model.state_dict()
+        if self.compute_dtype != torch.float32:
+            state = {name: t.to(self.compute_dtype) if t.is_floating_point() else t for name, t in state.items()}
+        return self.version, state
 
     def train_step(self, batch: list[ScoredGroup]) -> TrainStats:
         t = self.config.trainer
