@@ -90,7 +90,7 @@ class WeightOwner:
                                       thread=self.group_name)
         self.formed_tokens = dict(zip(self.expected, tokens[1:]))
         self.actor.log.info("weights.group_formed", group=self.group_name, epoch=self.epoch, members=members,
-                            seconds=round(time.perf_counter() - started, 3))
+                            backend=self.group.backend, seconds=round(time.perf_counter() - started, 3))
 
     async def publish(self, snapshot: Callable[[], tuple[int, Mapping[str, torch.Tensor]]]) -> BroadcastStats | None:
         """Broadcast the (version, weights) that `snapshot()` returns to every member, (re)forming
@@ -170,7 +170,8 @@ class WeightMember:
                         continue  # queued for a previous incarnation of this role
                     await self.actor.run_blocking(self.group.form, message.epoch, message.members, self.actor.name,
                                                   str(message.tokens[0]), thread=self.group_name)
-                    self.actor.log.info("weights.group_joined", group=self.group_name, epoch=message.epoch)
+                    self.actor.log.info("weights.group_joined", group=self.group_name, epoch=message.epoch,
+                                        backend=self.group.backend)
                 elif self.group.formed and message.epoch == self.group.epoch:
                     tensors, stats = await self.actor.run_blocking(
                         self.group.receive, message.manifest, message.version, thread=self.group_name)

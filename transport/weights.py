@@ -11,12 +11,21 @@ rendezvous store, so a restarted process can be admitted without restarting the 
 groups are standalone `ProcessGroupGloo` / `ProcessGroupNCCL` objects, not the default group,
 so one process can be in several (a generator receives actor and drafter weights).
 Every collective runs under a timeout, and a failure raises `WeightSyncError` naming the group,
-epoch, version and members instead of hanging. Backend: gloo on CPU, NCCL on CUDA.
+epoch, version and members instead of hanging.
+
+Backend: gloo on CPU; on CUDA, NCCL when every member has a GPU of its own. NCCL refuses two
+ranks on one GPU ("Duplicate GPU detected"), which is what roles sharing a single GPU are, so
+members on CUDA first exchange which physical GPU they hold (host and GPU UUID, through the
+rendezvous store) and all take gloo when any two share one: gloo broadcasts CUDA tensors too,
+staged through host memory.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import socket
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -79,6 +88,27 @@ def _itemsize(dtype_name: str) -> int:
     return torch.empty((), dtype=DTYPES[dtype_name]).element_size()
 
 
+def device_identity(device: str | torch.device) -> dict[str, str]:
+    """The physical device this process's tensors live on, comparable across processes: the
+    host, and for CUDA the GPU's UUID (processes with different CUDA_VISIBLE_DEVICES agree)."""
+    device = torch.device(device)
+    host = socket.gethostname()
+    if device.type != "cuda":
+        return {"host": host, "type": device.type, "id": str(os.getpid())}
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
+    gpu = str(uuid) if uuid is not None else f"{os.environ.get('CUDA_VISIBLE_DEVICES', '*')}/{index}"
+    return {"host": host, "type": "cuda", "id": gpu}
+
+
+def choose_backend(identities: list[dict[str, str]]) -> str:
+    """NCCL when every member is on a CUDA device of its own, else gloo."""
+    if not all(i["type"] == "cuda" for i in identities) or not dist.is_nccl_available():
+        return "gloo"
+    gpus = [(i["host"], i["id"]) for i in identities]
+    return "nccl" if len(set(gpus)) == len(gpus) else "gloo"
+
+
 @dataclass
 class BroadcastStats:
     version: int
@@ -105,7 +135,8 @@ class WeightGroup:
         self.host, self.port = url.hostname, url.port
         self.name = name
         self.device = torch.device(device)
-        self.backend = backend or ("nccl" if self.device.type == "cuda" else "gloo")
+        self.requested_backend = backend  # None: gloo on CPU, chosen per formation on CUDA
+        self.backend = backend or "gloo"  # the current formation's
         self.timeout = timedelta(seconds=timeout_s)
         self.epoch = -1
         self.rank = -1
@@ -133,6 +164,7 @@ class WeightGroup:
         # from 0 again and must not meet the keys its predecessor left in the store.
         store = dist.PrefixStore(f"{self.name}/{namespace}/epoch{epoch}", self._store)
         try:
+            self.backend = self._agree_on_backend(store)
             if self.backend == "nccl":
                 options = dist.ProcessGroupNCCL.Options()
                 options._timeout = self.timeout
@@ -143,6 +175,17 @@ class WeightGroup:
             described = self.describe()
             self.epoch = -1
             raise WeightSyncError(f"forming {described} failed as {me}: {exc}") from exc
+
+    def _agree_on_backend(self, store: dist.Store) -> str:
+        """The backend of this formation; on CUDA every member derives the same one from the
+        devices all members announced in the epoch's store."""
+        if self.requested_backend is not None:
+            return self.requested_backend
+        if self.device.type != "cuda":
+            return "gloo"
+        devices = dist.PrefixStore("devices", store)
+        devices.set(str(self.rank), json.dumps(device_identity(self.device)))
+        return choose_backend([json.loads(devices.get(str(rank))) for rank in range(len(self.members))])
 
     def leave(self) -> None:
         self._pg = None
@@ -191,6 +234,10 @@ class WeightGroup:
         options.timeout = self.timeout
         try:
             self._pg.broadcast([flat], options).wait()  # type: ignore[union-attr]
+            if flat.is_cuda:
+                # NCCL's wait() only orders the current stream: finish here, so the bytes are
+                # in place and the stats time the transfer, and a failure surfaces in this call.
+                torch.cuda.current_stream(flat.device).synchronize()
         except Exception as exc:
             raise WeightSyncError(f"broadcast failed in {self.describe(version)} at rank {self.rank}: {exc}") from exc
 

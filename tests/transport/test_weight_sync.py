@@ -13,6 +13,8 @@ from respec_async.endpoints import free_tcp_port
 from transport.weights import (
     WeightGroup,
     WeightSyncError,
+    choose_backend,
+    device_identity,
     host_rendezvous_store,
     manifest_of,
     plan_buckets,
@@ -110,3 +112,20 @@ def test_bucket_plan_keeps_one_dtype_per_bucket_and_respects_the_size():
     assert sorted(i for b in plan for i in b) == list(range(len(manifest)))
     for bucket in plan:
         assert len({manifest[i].dtype for i in bucket}) == 1
+
+
+def test_nccl_only_when_every_member_has_a_gpu_of_its_own(monkeypatch):
+    monkeypatch.setattr("torch.distributed.is_nccl_available", lambda: True)
+    gpu = lambda host, uuid: {"host": host, "type": "cuda", "id": uuid}  # noqa: E731
+    assert choose_backend([gpu("a", "GPU-0"), gpu("a", "GPU-1"), gpu("b", "GPU-0")]) == "nccl"
+    # Two roles on one GPU: NCCL would fail with "Duplicate GPU detected".
+    assert choose_backend([gpu("a", "GPU-0"), gpu("a", "GPU-1"), gpu("a", "GPU-0")]) == "gloo"
+    assert choose_backend([gpu("a", "GPU-0"), device_identity("cpu")]) == "gloo"
+    monkeypatch.setattr("torch.distributed.is_nccl_available", lambda: False)
+    assert choose_backend([gpu("a", "GPU-0"), gpu("a", "GPU-1")]) == "gloo"
+
+
+def test_cpu_groups_use_gloo_without_asking_the_other_members(rendezvous):
+    group = WeightGroup(rendezvous, device="cpu")
+    assert group.backend == "gloo" and group._agree_on_backend(store=None) == "gloo"
+    assert WeightGroup(rendezvous, backend="nccl", device="cpu")._agree_on_backend(store=None) == "nccl"
