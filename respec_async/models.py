@@ -33,6 +33,38 @@ def resolve_models(config: Config) -> Config:
     return config
 
 
+MODEL_ROLES = ("generator", "trainer", "drafter_learner")  # the roles that hold models on model.device
+
+
+def role_device(device: str, role: str, num_gpus: int | None = None) -> str:
+    """The device of one role's models. Plain "cuda" with two or more visible GPUs spreads the
+    roles: the trainer (and the drafter learner) on cuda:0, generator i on cuda:1 + i mod (n - 1),
+    so every member of the actor weight group has a GPU of its own and the broadcast runs over
+    NCCL. "cpu", an explicit "cuda:N", or a single GPU: every role on that device (weights then
+    go over gloo; NCCL cannot put two ranks on one GPU)."""
+    if device != "cuda":
+        return device
+    if num_gpus is None:
+        num_gpus = torch.cuda.device_count()
+    if num_gpus < 2:
+        return device
+    kind, _, index = role.rpartition("-")
+    if kind == "generator":
+        return f"cuda:{1 + int(index) % (num_gpus - 1)}"
+    return "cuda:0"
+
+
+def place_role(config: Config, role: str) -> Config:
+    """Set model.device to this role's device (see role_device) and make it the process's
+    current CUDA device, so nothing lands on cuda:0 by default. A no-op on CPU."""
+    if not config.model.device.startswith("cuda") or role.rpartition("-")[0] not in MODEL_ROLES:
+        return config
+    config.model.device = role_device(config.model.device, role)
+    if ":" in config.model.device:
+        torch.cuda.set_device(torch.device(config.model.device))
+    return config
+
+
 def _dtype(config: Config) -> torch.dtype:
     return torch.bfloat16 if config.model.dtype == "bfloat16" else torch.float32
 

@@ -47,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
 
     run_dir: Path = args.run_dir
     config = msgspec.json.decode((run_dir / "config.json").read_bytes(), type=Config)
+    if config.model.device.startswith("cuda"):
+        from respec_async.models import place_role  # imports torch: only when there is a GPU to place on
+
+        place_role(config, args.name)
     endpoints = Endpoints.load(run_dir / "endpoints.json")
     keys = run_dir / "keys.json"
     security = Security.load(keys) if keys.exists() else Security(insecure=True)

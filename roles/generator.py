@@ -141,7 +141,7 @@ class GeneratorActor(Actor):
     async def main(self) -> None:
         await self.actor_weights.arrived.wait()
         await self.run_blocking(self._swap_in_staged)
-        await self.notify("generator.ready", version=self.policy_version)
+        await self.notify("generator.ready", version=self.policy_version, device=self.ctx.config.model.device)
         last_report = time.perf_counter()
         while True:
             self._admit()

@@ -129,7 +129,8 @@ class TrainerActor(Actor):
         if self.ctx.restart_count:
             await self.weights.announce()
         await self.weights.publish(self.core.snapshot)
-        await self.notify("trainer.started", version=self.core.version, num_steps=cfg.trainer.num_steps)
+        await self.notify("trainer.started", version=self.core.version, num_steps=cfg.trainer.num_steps,
+                          device=cfg.model.device)
         while self.core.version < cfg.trainer.num_steps:
             step = self.core.version
             await self._issue_admissible()
