@@ -66,7 +66,9 @@ class ModelSection(Section):
     path: str = ""  # Hugging Face model directory of the actor; "" = the tiny zoo model (trained on first use)
     drafter_path: str = ""  # EAGLE-3 drafter directory; "" = the zoo drafter (when SD is on)
     dtype: Literal["float32", "bfloat16"] = "float32"
-    device: str = "cpu"  # "cpu" or "cuda" / "cuda:N"; weight sync uses gloo on CPU, NCCL on CUDA
+    # "cpu", "cuda" or "cuda:N". Plain "cuda" with 2+ GPUs: trainer on cuda:0, generators on the
+    # others, weights over NCCL; roles sharing a GPU (one GPU, or cuda:N) sync over gloo.
+    device: str = "cpu"
 
 
 class SamplingSection(Section):
