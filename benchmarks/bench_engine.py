@@ -15,8 +15,10 @@ mean acceptance length (accepted drafts + 1 per verify step). Prints a table and
 benchmarks/results/bench_engine.json. Each cell is the best of --repeats timed runs.
 
 Throughput is measured twice: wall clock, and this process's CPU time (`--clock cpu`, the
-default for the table). On a machine shared with other jobs the wall clock mostly measures the
-neighbours; with one thread, CPU time is what the work itself cost. The JSON has both.
+default for the table on CPU). On a machine shared with other jobs the wall clock mostly
+measures the neighbours; with one thread, CPU time is what the work itself cost. The JSON has
+both. `--device cuda` runs every row on the GPU (float32, TF32 off unless --tf32) and reports
+wall clock: every timed run ends by reading its tokens back to the host, which waits for the GPU.
 """
 
 from __future__ import annotations
@@ -53,7 +55,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip-hf", action="store_true", help="leave out transformers generate")
-    parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu", help="clock the table reports")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where both models run (default cpu)")
+    parser.add_argument("--tf32", action="store_true", help="allow TF32 matmuls on CUDA")
+    parser.add_argument("--clock", choices=("cpu", "wall"), help="clock the table reports (default: cpu on CPU, "
+                        "wall on CUDA)")
     parser.add_argument("--out", default=str(RESULTS))
     return parser.parse_args()
 
@@ -99,7 +104,7 @@ def rates(num_tokens: int, seconds: dict[str, float]) -> dict[str, float]:
 
 
 def bench_hf(model, prompts, batch_size: int, new_tokens: int, temperature: float, stop_id: int | None,
-             repeats: int) -> dict[str, float]:
+             repeats: int, device: str = "cpu") -> dict[str, float]:
     """transformers generate over `prompts` in static batches of batch_size (left-padded)."""
     pad = 0
     sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else \
@@ -113,8 +118,8 @@ def bench_hf(model, prompts, batch_size: int, new_tokens: int, temperature: floa
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]
             width = max(len(p) for p in chunk)
-            ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk])
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
             with torch.inference_mode():
                 output = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, pad_token_id=pad,
                                         **length_args, **sampling)[:, width:]
@@ -146,8 +151,14 @@ def bench_engine(target, drafter, prompts, batch_size: int, new_tokens: int, tem
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    clock = args.clock or ("wall" if device.type == "cuda" else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     target_dir, drafter_dir, tokenizer_path = resolve_paths(args)
-    target = load_pretrained(target_dir).eval()
+    target = load_pretrained(target_dir, device=device).eval()
+    # The drafter follows the target's device and dtype (it shares the target's embedding).
     drafter = Eagle3Drafter.load_pretrained(drafter_dir, target.embed_tokens).eval() if drafter_dir else None
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     grid = [SDConfig(*(int(x) for x in item.split(","))) for item in args.grid.split()] if drafter else []
@@ -157,7 +168,7 @@ def main() -> None:
     hf_model = None
     if not args.skip_hf:
         from transformers import AutoModelForCausalLM
-        hf_model = AutoModelForCausalLM.from_pretrained(str(target_dir), dtype=torch.float32).eval()
+        hf_model = AutoModelForCausalLM.from_pretrained(str(target_dir), dtype=torch.float32).to(device).eval()
 
     # Warm up every path once (allocator, lazy imports) before anything is timed.
     bench_engine(target, drafter, all_prompts[:2], 2, 4, args.temperature, stop_id, grid[0] if grid else None, 1)
@@ -169,7 +180,7 @@ def main() -> None:
         row = {"batch_size": batch_size, "num_requests": len(prompts)}
         if hf_model is not None:
             row["hf_tokens_per_s"] = bench_hf(hf_model, prompts, batch_size, args.new_tokens, args.temperature,
-                                              stop_id, args.repeats)
+                                              stop_id, args.repeats, device)
         row["plain_tokens_per_s"], _ = bench_engine(target, None, prompts, batch_size, args.new_tokens,
                                                     args.temperature, stop_id, None, args.repeats)
         row["sd"] = {}
@@ -179,14 +190,16 @@ def main() -> None:
             row["sd"][f"{sd.num_steps},{sd.top_k},{sd.num_draft_tokens}"] = {
                 "tokens_per_s": tokens_per_s, "acceptance_length": acceptance_length}
         rows.append(row)
-        print_row(row, grid, header=len(rows) == 1, with_hf=not args.skip_hf, clock=args.clock)
+        print_row(row, grid, header=len(rows) == 1, with_hf=not args.skip_hf, clock=clock)
 
-    checks = target_checks(rows, args.clock)
+    checks = target_checks(rows, clock)
     for name, passed in checks.items():
         print(f"{'PASS' if passed else 'MISS'}  {name}")
 
     result = {"target": str(target_dir), "checks": checks, "workload": workload, "drafter": str(drafter_dir) if drafter_dir else None,
               "new_tokens": args.new_tokens, "temperature": args.temperature, "threads": args.threads,
+              "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+              "clock": clock,
               "repeats": args.repeats, "machine": platform.platform(), "torch": torch.__version__,
               "rows": rows}
     out = Path(args.out)
