@@ -50,7 +50,7 @@ cat "$OUT/device.txt"
 # 1. Equivalence and CUDA tests.
 run equivalence 180 env RESPEC_TEST_DEVICE=cuda $PY -m pytest -q -rs -p no:cacheprovider \
     tests/engine/test_cuda.py tests/engine/test_model.py
-DETAIL[equivalence]=$(grep -E "^[0-9]+ (passed|failed)|^(FAILED|ERROR) " "$OUT/equivalence.log" | tail -4 | tr '\n' ' ')
+DETAIL[equivalence]=$(grep -E "^[0-9]+ (passed|failed|skipped|errors?)|^no tests ran|^(FAILED|ERROR) " "$OUT/equivalence.log" | tail -4 | tr '\n' ' ')
 
 # 2. A few RL steps of the tiny config on CUDA.
 ZOO_VARS=$(timeout 30 $PY benchmarks/gpu_check_models.py "$OUT/zoo" --zoo "$ZOO" 2>"$OUT/models.log")
@@ -64,7 +64,8 @@ import json, sys
 from pathlib import Path
 runs = sorted(Path(sys.argv[1]).glob("*/metrics.jsonl"))
 if not runs:
-    sys.exit(print("no metrics.jsonl"))
+    print("no metrics.jsonl: no RL step ran")
+    sys.exit(1)
 run_dir = runs[-1].parent
 steps = [json.loads(line) for line in runs[-1].read_text().splitlines() if line.strip()]
 def events(role):
@@ -76,8 +77,9 @@ sync = sum(s["sync_s"] for s in steps) / max(len(steps), 1)
 tok = sum(s["tokens_per_s"] for s in steps) / max(len(steps), 1)
 print(f"{len(steps)} steps ({sys.argv[2]} zoo), weights over {'/'.join(map(str, backends))} {sync:.3f}s/step, "
       f"{tok:.0f} tok/s, " + " ".join(f"{role}@{device}" for role, device in sorted(devices.items())))
+sys.exit(0 if len(steps) == 4 else 1)
 EOF
-)
+) || { [ "${RESULT[rl_steps]}" != pass ] || RESULT[rl_steps]="FAIL (not 4 steps)"; }
 
   # 3. The engine benchmark on CUDA.
   run bench_engine 120 $PY benchmarks/bench_engine.py --device cuda --target "$TARGET" --drafter "$DRAFTER" \
@@ -100,9 +102,9 @@ else
 fi
 
 echo
-printf "%-13s %-7s %-16s %s\n" check seconds result detail
+printf "%-13s %-7s %-20s %s\n" check seconds result detail
 for name in equivalence rl_steps bench_engine; do
-  printf "%-13s %-7s %-16s %s\n" "$name" "${TIME[$name]:-0}" "${RESULT[$name]:-not run}" "${DETAIL[$name]:-}"
+  printf "%-13s %-7s %-20s %s\n" "$name" "${TIME[$name]:-0}" "${RESULT[$name]:-not run}" "${DETAIL[$name]:-}"
 done
 TOTAL=$(( $(date +%s) - START ))
 echo "total ${TOTAL}s (limit 480s) on $(cat "$OUT/device.txt"); logs in $OUT"
