@@ -229,6 +229,9 @@ def check_config(config: Config, source: str) -> None:
     """Cross-field rules that a single field's type cannot express."""
     if config.data.task == "jsonl" and not config.data.path:
         raise ConfigError(f"{source}: data.path: required when data.task = \"jsonl\"")
+    if config.data.task == "jsonl" and config.run.final_eval and config.roles.trainer:
+        raise ConfigError(f"{source}: run.final_eval: the held-out evaluation needs the arithmetic task's held-out "
+                          f"split; with data.task = \"jsonl\" set run.final_eval = false")
     g = config.generator
     if g.sd != "off" and g.sd_num_draft_tokens < g.sd_num_steps and g.sd_top_k == 1:
         raise ConfigError(f"{source}: generator.sd_num_draft_tokens: a chain verifies all sd_num_steps drafts, "

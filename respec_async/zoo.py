@@ -73,14 +73,16 @@ class ZooSpec:
     target_lr: float = 3e-3
     target_batch_size: int = 32
     target_max_steps: int = 3000
-    # Stop once the held-out probability of sampling the gold solution at temperature 1 reaches
-    # this (the band's middle): RL then has room between it and 1.
-    target_stop_accuracy: float = 0.25
+    # Stop once the held-out probability of sampling the whole gold solution (answer line
+    # included) at temperature 1 reaches this: about 0.6 of the columns-right probability times
+    # the 0.4 chance of stating the answer. RL then has room on both.
+    target_stop_accuracy: float = 0.24
     # Share of the supervised solutions that stop after the columns without the " ans N" line
     # (a corpus that mixes two styles). Only a stated answer earns reward, so the trained target
-    # states it about half the time and RL has a consistent signal to learn from at every
-    # problem length, on top of the arithmetic it gets right only part of the time.
-    unanswered_fraction: float = 0.5
+    # states it less than half the time (greedy decoding mostly omits it) and RL has a
+    # consistent signal at every problem length, on top of the arithmetic it gets right only
+    # part of the time.
+    unanswered_fraction: float = 0.6
     eval_every: int = 25
     num_eval_problems: int = 256
     # Drafter: EAGLE-3 shaped for the target, distilled with the unrolled loss.
@@ -124,6 +126,14 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("RESPEC_ZOO_DIR") or Path.home() / ".cache" / "respec_async" / "zoo")
 
 
+# Trained copies of the default zoo's two stages, shipped with the package (about 4 MB) so a
+# fresh clone's demo does not spend six minutes training the target first. They are what this
+# module's training writes, stamp included; ensure_zoo copies a stage from here into the cache
+# only when its stamp's key matches the spec (any recipe change retrains), and --force always
+# retrains. Refresh them with `python -m respec_async.zoo --force --ship`.
+SHIPPED_DIR = Path(__file__).resolve().parent / "zoo_shipped"
+
+
 def _stage_dirs(cache_dir: Path, spec: ZooSpec) -> tuple[Path, Path]:
     return cache_dir / f"target-{spec.target_key()}", cache_dir / f"zoo-{spec.key()}"
 
@@ -132,6 +142,10 @@ def _paths(cache_dir: Path, spec: ZooSpec) -> ZooPaths:
     target_root, zoo_root = _stage_dirs(cache_dir, spec)
     return ZooPaths(target_dir=target_root, drafter_dir=zoo_root / "drafter",
                     tokenizer_path=target_root / "tokenizer.json")
+
+
+TARGET_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+DRAFTER_FILES = ("drafter/config.json", "drafter/model.safetensors")
 
 
 def _stamp_matches(root: Path, key: str, required: tuple[str, ...]) -> bool:
@@ -144,8 +158,26 @@ def _stamp_matches(root: Path, key: str, required: tuple[str, ...]) -> bool:
 
 def _is_complete(cache_dir: Path, spec: ZooSpec) -> bool:
     target_root, zoo_root = _stage_dirs(cache_dir, spec)
-    return (_stamp_matches(target_root, spec.target_key(), ("config.json", "tokenizer.json"))
-            and _stamp_matches(zoo_root, spec.key(), ("drafter/config.json",)))
+    return (_stamp_matches(target_root, spec.target_key(), TARGET_FILES)
+            and _stamp_matches(zoo_root, spec.key(), DRAFTER_FILES))
+
+
+def _copy_shipped(root: Path, key: str, required: tuple[str, ...], log: Callable[[str], None]) -> bool:
+    """Copy the shipped stage named like root into root if its stamp matches key."""
+    shipped = SHIPPED_DIR / root.name
+    if not _stamp_matches(shipped, key, required):
+        return False
+    staging = Path(tempfile.mkdtemp(prefix=f".staging-{root.name}-", dir=root.parent))
+    try:
+        shutil.copytree(shipped, staging, dirs_exist_ok=True)
+        if root.exists():
+            shutil.rmtree(root)
+        os.rename(staging, root)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log(f"zoo: {root.name} copied from the trained copy shipped with the package "
+        f"(python -m respec_async.zoo --force retrains it)")
+    return True
 
 
 def _build_stage(root: Path, key: str, build: Callable[[Path], dict]) -> None:
@@ -198,7 +230,7 @@ def _ensure_zoo_locked(cache_dir: Path, spec: ZooSpec, force: bool, log: Callabl
         if _is_complete(cache_dir, spec) and not force:
             log(f"zoo: using cached {zoo_root}")
             return paths
-        target_ready = _stamp_matches(target_root, spec.target_key(), ("config.json", "tokenizer.json"))
+        target_ready = _stamp_matches(target_root, spec.target_key(), TARGET_FILES)
         if not with_drafter and target_ready and not force:
             log(f"zoo: using cached target {target_root}")
             return paths
@@ -206,11 +238,14 @@ def _ensure_zoo_locked(cache_dir: Path, spec: ZooSpec, force: bool, log: Callabl
         for leftover in cache_dir.glob(".staging-*"):
             shutil.rmtree(leftover, ignore_errors=True)
         if force or not target_ready:
-            _build_stage(target_root, spec.target_key(), lambda out: train_target_stage(out, spec, log))
+            if force or not _copy_shipped(target_root, spec.target_key(), TARGET_FILES, log):
+                _build_stage(target_root, spec.target_key(), lambda out: train_target_stage(out, spec, log))
         else:
             log(f"zoo: using cached target {target_root}")
         if not with_drafter:
-            log(f"zoo: saved the target to {target_root}")
+            log(f"zoo: target ready in {target_root}")
+            return paths
+        if not force and _copy_shipped(zoo_root, spec.key(), DRAFTER_FILES, log):
             return paths
 
         def build_drafter_stage(out: Path) -> dict:
@@ -581,17 +616,32 @@ def train_drafter_stage(target_dir: Path, drafter_dir: Path, spec: ZooSpec, log:
     return metrics
 
 
+def ship(paths: ZooPaths, shipped_dir: Path | None = None) -> None:
+    """Replace the shipped copies with these two stages (target and drafter) and their stamps."""
+    shipped_dir = shipped_dir or SHIPPED_DIR
+    if shipped_dir.exists():
+        shutil.rmtree(shipped_dir)
+    shipped_dir.mkdir(parents=True)
+    for stage in (paths.target_dir, paths.drafter_dir.parent):
+        shutil.copytree(stage, shipped_dir / stage.name, ignore=shutil.ignore_patterns(".*"))
+    print(f"shipped: {shipped_dir}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m respec_async.zoo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", help="cache directory (default: $RESPEC_ZOO_DIR or ~/.cache/respec_async/zoo)")
     parser.add_argument("--force", action="store_true", help="retrain even when a matching zoo is cached")
     parser.add_argument("--quick", action="store_true", help="a micro zoo in seconds (tests; not a useful model)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for training (default 1)")
+    parser.add_argument("--ship", action="store_true",
+                        help=f"also copy the trained stages into {SHIPPED_DIR} (the copies shipped with the package)")
     args = parser.parse_args(argv)
     spec = QUICK_SPEC if args.quick else ZooSpec()
     start_s = time.perf_counter()
     paths = ensure_zoo(args.out, spec=spec, force=args.force, log=lambda message: print(message, flush=True),
                        num_threads=args.threads)
+    if args.ship:
+        ship(paths)
     metrics = read_stamp(paths)["metrics"]
     print(json.dumps(metrics, indent=2))
     print(f"target:    {paths.target_dir}\ndrafter:   {paths.drafter_dir}\ntokenizer: {paths.tokenizer_path}\n"

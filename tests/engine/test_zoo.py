@@ -139,3 +139,31 @@ def test_a_share_of_the_supervised_solutions_states_no_answer():
     # Deterministic: the same stream again gives the same cut.
     again = zoo.TrainBatches(tokenizer, spec, batch_size=200, seed=0).next()
     assert torch.equal(again.input_ids, batch.input_ids)
+
+
+def test_a_shipped_copy_with_a_matching_stamp_seeds_the_cache_without_training(quick_zoo, tmp_path, monkeypatch):
+    paths = zoo.ensure_zoo(quick_zoo, spec=zoo.QUICK_SPEC)
+    shipped = tmp_path / "shipped"
+    zoo.ship(paths, shipped)
+    monkeypatch.setattr(zoo, "SHIPPED_DIR", shipped)
+    forbid_training(monkeypatch, "train_target_stage", "train_drafter_stage")
+    messages = []
+    seeded = zoo.ensure_zoo(tmp_path / "cache", spec=zoo.QUICK_SPEC, log=messages.append)
+    assert sum("shipped with the package" in m for m in messages) == 2
+    for name in ("model.safetensors", "config.json", "tokenizer.json"):
+        assert (seeded.target_dir / name).read_bytes() == (paths.target_dir / name).read_bytes()
+    assert (seeded.drafter_dir / "model.safetensors").read_bytes() == (paths.drafter_dir / "model.safetensors").read_bytes()
+    assert zoo.read_stamp(seeded) == zoo.read_stamp(paths)
+
+
+def test_a_shipped_copy_of_another_spec_is_ignored_and_force_retrains(quick_zoo, tmp_path, monkeypatch):
+    shipped = tmp_path / "shipped"
+    zoo.ship(zoo.ensure_zoo(quick_zoo, spec=zoo.QUICK_SPEC), shipped)
+    monkeypatch.setattr(zoo, "SHIPPED_DIR", shipped)
+    other = dataclasses.replace(zoo.QUICK_SPEC, seed=5, target_max_steps=1, drafter_steps=1)
+    messages = []
+    zoo.ensure_zoo(tmp_path / "cache", spec=other, log=messages.append, with_drafter=False)
+    assert not any("shipped with the package" in m for m in messages)
+    messages.clear()
+    zoo.ensure_zoo(tmp_path / "cache2", spec=zoo.QUICK_SPEC, log=messages.append, force=True, with_drafter=False)
+    assert not any("shipped with the package" in m for m in messages)

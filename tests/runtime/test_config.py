@@ -33,6 +33,7 @@ def cfg(tmp_path):
         ("[roles]\ntrainer = 2\n", [], "roles.trainer", "<= 1"),
         (GOOD, ["supervisor.ping_timeout_s=0.1"], "supervisor.ping_timeout_s", "greater than"),
         (GOOD, ["supervisor.shutdown_grace_s=abc"], "supervisor.shutdown_grace_s", "Expected `float`"),
+        ("[data]\ntask = 'jsonl'\npath = 'x.jsonl'\n", [], "run.final_eval", "run.final_eval = false"),
     ],
 )
 def test_bad_config_names_file_and_dotted_key(cfg, text, overrides, key, expected):
