@@ -95,6 +95,11 @@ class GeneratorSection(Section):
     sd_num_draft_tokens: PosInt = 4  # static SD config: draft tokens verified (n)
     num_threads: PosInt = 1  # torch intra-op threads in this role
     verify_weights: bool = True  # checksum the weights after each swap against the trainer's
+    # Relaxed (lossy) SD acceptance, SGLang's threshold_single / threshold_acc: 1.0 and 1.0 (the
+    # default) is exact rejection sampling; below 1 more drafts pass and rollouts follow the
+    # drafter, not the target (ReSpec's Gap 3). Behaviour log-probs stay the target's.
+    sd_relaxed_threshold_single: Annotated[float, msgspec.Meta(gt=0, le=1)] = 1.0
+    sd_relaxed_threshold_acc: Annotated[float, msgspec.Meta(gt=0, le=1)] = 1.0
 
 
 class RewardSection(Section):
@@ -139,6 +144,30 @@ class TrainerSection(Section):
     num_threads: PosInt = 1  # torch intra-op threads in this role
 
 
+class DrafterSection(Section):
+    """The drafter learner (roles.drafter_learner = 1 turns it on): online, reward-weighted
+    distillation of the drafter from the evolving actor, pushed to the generators."""
+
+    update_interval: PosInt = 1  # I: publish a new drafter every I actor versions
+    lr: PosFloat = 1e-3
+    weight_decay: NonNegFloat = 0.0
+    grad_clip: PosFloat = 1.0
+    batch_size: PosInt = 16  # rollouts per drafter optimizer step
+    buffer_size: PosInt = 512  # replay buffer (rollouts); the oldest leave first
+    # Drafter optimizer steps are paced by the data: it trains while samples drawn <
+    # replay_ratio * rollouts received, then waits for more (bounded CPU, no overfitting a
+    # stale buffer while the actor is slow).
+    replay_ratio: PosFloat = 2.0
+    unroll_steps: PosInt = 4  # unrolled training-time-test steps of the KD loss (EAGLE-3 uses 7)
+    step_decay: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.8  # weight of unrolled step j: step_decay**j
+    # "reward": w(r) = min-max normalised reward in the batch, clipped to [w_min, 1] (ReSpec);
+    # "none": w = 1, plain KD.
+    weighting: Literal["reward", "none"] = "reward"
+    w_min: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.05
+    num_threads: PosInt = 1  # torch intra-op threads in this role
+    metrics_every_s: PosFloat = 5.0  # how often the learner's counters go to its metrics file
+
+
 class EchoSection(Section):
     num_rounds: NonNegInt = 0  # echo-0 drives this many round trips, then finishes (0 = serve)
 
@@ -155,6 +184,7 @@ class Config(Section):
     generator: GeneratorSection = msgspec.field(default_factory=GeneratorSection)
     reward: RewardSection = msgspec.field(default_factory=RewardSection)
     trainer: TrainerSection = msgspec.field(default_factory=TrainerSection)
+    drafter: DrafterSection = msgspec.field(default_factory=DrafterSection)
 
 
 class ConfigError(ValueError):
@@ -236,6 +266,11 @@ def check_config(config: Config, source: str) -> None:
     if g.sd != "off" and g.sd_num_draft_tokens < g.sd_num_steps and g.sd_top_k == 1:
         raise ConfigError(f"{source}: generator.sd_num_draft_tokens: a chain verifies all sd_num_steps drafts, "
                           f"so it must be >= sd_num_steps ({g.sd_num_draft_tokens} < {g.sd_num_steps})")
+    if config.roles.drafter_learner and config.generator.sd == "off" and config.roles.generator:
+        raise ConfigError(f"{source}: roles.drafter_learner: the drafter learner trains the drafter the generators "
+                          f"draft with; it needs generator.sd = \"static\" or \"adaptive\" (got \"off\")")
+    if config.roles.drafter_learner and not config.roles.trainer:
+        raise ConfigError(f"{source}: roles.drafter_learner: needs roles.trainer = 1 (it follows the trainer's actor)")
     from respec_async.rewards import source_kind  # lazy: rewards imports the transport
 
     try:

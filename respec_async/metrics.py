@@ -49,6 +49,9 @@ class StepRecord(msgspec.Struct, kw_only=True):
     num_returned: int = 0
     num_duplicates: int = 0
     num_reward_errors: int = 0
+    # Mean (policy version - drafter version) of the batch's SD rollouts when they finished: how
+    # many actor versions the drafter that drafted them lagged behind (-1: no SD).
+    drafter_lag: float = -1.0
 
     def console_fields(self) -> dict[str, Any]:
         return {
@@ -71,6 +74,7 @@ def step_metrics(*, step: int, version: int, batch: list[ScoredGroup], loss: Los
     verify_steps = sum(r.num_verify_steps for g in batch for r in g.rollouts)
     decode_steps = sum(r.num_decode_steps for g in batch for r in g.rollouts)
     accepted = sum(r.num_accepted for g in batch for r in g.rollouts)
+    lags = [r.max_policy_version - r.drafter_version for g in batch for r in g.rollouts if r.drafter_version >= 0]
     return StepRecord(
         step=step, version=version, time=time.time(),
         reward_mean=sum(rewards) / max(len(rewards), 1),
@@ -91,6 +95,7 @@ def step_metrics(*, step: int, version: int, batch: list[ScoredGroup], loss: Los
         groups_per_generator=dict(collections.Counter(g.generator for g in batch)),
         num_reissued=num_reissued, num_returned=num_returned, num_duplicates=num_duplicates,
         num_reward_errors=sum(g.num_reward_errors for g in batch),
+        drafter_lag=sum(lags) / len(lags) if lags else -1.0,
     )
 
 

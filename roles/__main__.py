@@ -28,6 +28,7 @@ ROLE_CLASSES = {
     "generator": "roles.generator:GeneratorActor",
     "reward": "roles.reward:RewardActor",
     "trainer": "roles.trainer:TrainerActor",
+    "drafter_learner": "roles.drafter_learner:DrafterLearnerActor",
 }
 
 

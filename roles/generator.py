@@ -21,6 +21,7 @@ import torch
 from respec_async.actor import Actor, handles
 from respec_async.engine.engine import Completion, Engine, Request, SDConfig
 from respec_async.engine.sampling import SamplingParams
+from respec_async.engine.speculative import RelaxedAcceptance
 from respec_async.models import load_drafter, load_target
 from respec_async.weight_sync import WeightMember
 from transport.weights import weights_checksum
@@ -50,8 +51,11 @@ class GeneratorActor(Actor):
         self.target, self.tokenizer = await self.run_blocking(load_target, cfg)
         self.drafter = await self.run_blocking(load_drafter, cfg, self.target) if cfg.generator.sd != "off" else None
         g = cfg.generator
+        relaxed = None
+        if g.sd != "off" and (g.sd_relaxed_threshold_single < 1.0 or g.sd_relaxed_threshold_acc < 1.0):
+            relaxed = RelaxedAcceptance(g.sd_relaxed_threshold_single, g.sd_relaxed_threshold_acc)
         self.engine = Engine(self.target, self.drafter, max_batch_size=g.max_batch_size, max_seq_len=g.max_seq_len,
-                             seed=cfg.run.seed * 1000 + self.ctx.index)
+                             seed=cfg.run.seed * 1000 + self.ctx.index, relaxed=relaxed)
         s = cfg.sampling
         stop = (self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id is not None else ()
         self.params = SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
@@ -60,6 +64,12 @@ class GeneratorActor(Actor):
         self.policy_version = -1  # nothing to generate with until the trainer's weights arrive
         self.actor_weights = WeightMember(self, "actor", "trainer-0", cfg.trainer.weight_sync_timeout_s,
                                           cfg.model.device)
+        # The drafter learner's "drafter" group: new drafters swap in at a step boundary too.
+        self.drafter_version = 0  # the offline drafter counts as distilled from the initial actor
+        self.drafter_weights = None
+        if self.drafter is not None and cfg.roles.drafter_learner:
+            self.drafter_weights = WeightMember(self, "drafter", "drafter_learner-0",
+                                                cfg.trainer.weight_sync_timeout_s, cfg.model.device)
         self.pending: collections.deque[PromptGroup] = collections.deque()
         self.in_flight: dict[tuple[int, int], GroupInFlight] = {}
         self.wake = asyncio.Event()
@@ -68,6 +78,8 @@ class GeneratorActor(Actor):
         self.idle_s = 0.0  # nothing to generate (waiting for prompts or for weights)
         self.reward_roles = sorted(n for n in self.ctx.endpoints.inboxes if n.startswith("reward-"))
         await self.actor_weights.join()
+        if self.drafter_weights is not None:
+            await self.drafter_weights.join()
         await self.send("trainer-0", GeneratorHello(role=self.name, restart_count=self.ctx.restart_count))
 
     @handles
@@ -75,19 +87,48 @@ class GeneratorActor(Actor):
         self.pending.append(message)
         self.wake.set()
 
+    def _member(self, group: str) -> WeightMember | None:
+        if group == "drafter":
+            return self.drafter_weights
+        return self.actor_weights
+
     @handles
     async def on_group_formation(self, message: GroupFormation) -> None:
-        self.actor_weights.on_message(message)
+        member = self._member(message.group)
+        if member is not None:
+            member.on_message(message)
 
     @handles
     async def on_weights_update(self, message: WeightsUpdate) -> None:
-        self.actor_weights.on_message(message)
+        member = self._member(message.group)
+        if member is not None:
+            member.on_message(message)
 
     @handles
     async def on_weights_rejoin(self, message: WeightsRejoin) -> None:
-        await self.actor_weights.join()
+        member = self._member(message.group)
+        if member is not None:
+            await member.join()
+
+    def _swap_in_drafter(self) -> None:
+        staged = self.drafter_weights.take() if self.drafter_weights is not None else None
+        if staged is None:
+            return
+        version, tensors, checksum = staged
+        started = time.perf_counter()
+        self.engine.load_drafter_state(tensors)
+        self.drafter_version = version
+        fields = {}
+        if self.ctx.config.generator.verify_weights:
+            held = weights_checksum(self.drafter.state_dict())
+            fields = {"checksum": held[:12], "matches": held == checksum}
+            if held != checksum:
+                self.log.error("drafter.checksum_mismatch", version=version, expected=checksum[:12], held=held[:12])
+        self.log.info("drafter.applied", version=version, policy_version=self.policy_version,
+                      lag=self.policy_version - version, seconds=round(time.perf_counter() - started, 4), **fields)
 
     def _swap_in_staged(self) -> None:
+        self._swap_in_drafter()
         staged = self.actor_weights.take()
         if staged is None:
             return
@@ -135,6 +176,7 @@ class GeneratorActor(Actor):
             finish_reason=completion.finish_reason, num_drafted=completion.num_drafted,
             num_accepted=completion.num_accepted, num_verify_steps=completion.num_verify_steps,
             num_decode_steps=completion.num_decode_steps,
+            drafter_version=self.drafter_version if self.drafter is not None else -1,
         )
         return flight if len(flight.rollouts) == flight.group.num_samples else None
 

@@ -95,6 +95,7 @@ class Rollout(Struct, gc=False):
     num_accepted: int = 0
     num_verify_steps: int = 0
     num_decode_steps: int = 0
+    drafter_version: int = -1  # actor version the drafter was distilled from, when it finished; -1 = no SD
 
 
 class RolloutGroup(Struct):
