@@ -3,6 +3,7 @@
     respec launch CONFIG [--set a.b=c ...]     start a run under the supervisor
     respec launch --resume RUN_DIR             continue a run from its last checkpoint
     respec config show CONFIG [--set a.b=c]    print the resolved config (validated)
+    respec profile CONFIG [--set ...] [--out P] profile SD step costs + acceptance for generator.sd = "adaptive"
     respec report RUN_DIR                      write PNG plots of the run's metrics
     respec eval RUN_DIR                        held-out accuracy: initial actor vs last checkpoint
     respec reward-serve pkg.mod:fn --bind EP   serve a reward function over ZeroMQ (reward.source = "zmq://...")
@@ -53,6 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
     reward_serve.add_argument("--keys", type=Path, help="CURVE keys file for tcp (created when missing)")
     reward_serve.add_argument("--insecure", action="store_true", help="tcp without CURVE")
 
+    profile = commands.add_parser("profile", help="measure plain and SD decode step costs and acceptance lengths "
+                                  "(the adaptive SD server's profile)")
+    _add_config_args(profile)
+    profile.add_argument("--out", type=Path, help="profile JSON (default: a new <run.root>/<run.name>-profile-<time>/"
+                         "sd_profile.json)")
+    profile.add_argument("--repeats", type=int, default=10, help="timed steps per mode and batch size (default 10)")
+    profile.add_argument("--acceptance-prompts", type=int, default=64,
+                         help="task prompts each config generates to measure acceptance length (default 64)")
+    profile.add_argument("--clock", choices=("cpu", "wall"), help="step-cost clock (default: cpu on CPU, wall on CUDA)")
+
     config = commands.add_parser("config", help="inspect configs")
     config_commands = config.add_subparsers(dest="config_command", required=True)
     show = config_commands.add_parser("show", help="print the resolved config")
@@ -94,6 +105,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "config":
         sys.stdout.write(config_to_toml(config))
+        return 0
+    if args.command == "profile":
+        from respec_async.adaptive import profile_command
+
+        profile_command(config, args.out, repeats=args.repeats, num_acceptance_prompts=args.acceptance_prompts,
+                        clock=args.clock)
         return 0
     if args.command == "launch":
         from respec_async.supervisor import launch

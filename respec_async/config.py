@@ -93,6 +93,15 @@ class GeneratorSection(Section):
     sd_num_steps: PosInt = 4  # static SD config: draft steps (s)
     sd_top_k: PosInt = 1  # static SD config: children per node (t); 1 = chain
     sd_num_draft_tokens: PosInt = 4  # static SD config: draft tokens verified (n)
+    # adaptive SD (respec_async.adaptive): the profile JSON written by `respec profile CONFIG`;
+    # "" = profile at generator start (about a minute on the tiny zoo) into <run dir>/sd_profile.json,
+    # which a restarted generator, another generator of the run or --resume reuses.
+    sd_profile: str = ""
+    # adaptive: the SD configs "s,t,n" profiled and chosen from (with sd_profile set: the profile's own)
+    sd_grid: list[Annotated[str, msgspec.Meta(pattern=r"^\d+,\d+(,\d+)?$")]] = msgspec.field(default_factory=lambda: [
+        "1,1,1", "2,1,2", "3,1,3", "4,1,4", "6,1,6", "3,2,4", "4,2,8", "5,4,16"])
+    sd_acceptance_ema: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.2  # adaptive: weight of each new acceptance window
+    sd_probe_interval: NonNegInt = 64  # adaptive: every N decode steps try an unplanned config once (0 = never)
     num_threads: PosInt = 1  # torch intra-op threads in this role
     verify_weights: bool = True  # checksum the weights after each swap against the trainer's
     # Relaxed (lossy) SD acceptance, SGLang's threshold_single / threshold_acc: 1.0 and 1.0 (the

@@ -108,6 +108,7 @@ class StepStats:
     num_admitted: int
     num_emitted: int
     duration_s: float
+    num_accepted: int = 0  # drafts accepted in this step, summed over sequences (before any stop cut)
 
 
 @dataclass
@@ -213,7 +214,7 @@ class Engine:
         finished: list[Completion] = []
         num_admitted = self._admit(finished)
         slots = sorted(self.running)
-        num_emitted = 0
+        num_emitted = num_accepted = 0
         mode = "idle"
         if slots:
             slot_ids = torch.tensor(slots, device=self.device)
@@ -226,8 +227,10 @@ class Engine:
                 tokens, logprobs, num_tokens = self._plain_step(slot_ids, sampling_args)
                 mode = "plain"
             num_emitted = self._emit(slots, tokens, logprobs, num_tokens, sd if mode == "sd" else None, finished)
+            if mode == "sd":
+                num_accepted = int(num_tokens.sum()) - len(slots)
         self.step_stats.append(StepStats(mode, sd if mode == "sd" else None, len(slots), num_admitted, num_emitted,
-                                         time.perf_counter() - start_s))
+                                         time.perf_counter() - start_s, num_accepted))
         return finished
 
     def _check_sd(self, sd: SDConfig) -> None:

@@ -1,0 +1,692 @@
+"""ReSpec's adaptive speculative-decoding server: profiler, solver and per-step scheduler.
+
+Speculative decoding (SD) pays off at small active batch sizes and loses at large ones, and an
+RL generation phase sweeps through all of them as long-tail sequences finish. Three pieces:
+
+**Profiler** (`run_profile`, `respec profile CONFIG`). For the target + drafter on this
+hardware it measures the cost of one decode step of every active sequence, plain and with each
+SD config (s = draft steps, t = top-k, n = draft tokens) of a grid, at active batch sizes B =
+1, 2, 4, ..., max. The modes are timed round-robin on the same live batches (B sequences
+decoding with no stop token, restarted before they outgrow `context_len`), so a load spike on
+a shared machine hits every mode alike; each cell is the median of `repeats` steps. Separately
+it measures each config's acceptance length L_c (mean tokens emitted per verify step =
+accepted drafts + 1) on real rollouts of the task (prompts from the run's data, its sampling
+settings, until EOS). Step cost uses the clock named in the profile: "cpu" (this thread's CPU
+time, robust on a shared machine; the process's with more than one torch thread) or "wall".
+
+**Solver** (`SpeedupModel`). What is fitted, per mode m (plain, and each SD config):
+
+    T_m(B) = a_m + b_m * B ** p_m          step seconds at active batch size B
+
+with a_m, b_m >= 0 by least squares on the relative error (residuals divided by the measured
+time), for each p_m on a grid from 0.25 to 2 (the best p_m is kept). a_m is the per-step
+overhead (kernel launches, Python, the drafter's fixed cost), b_m * B ** p_m the work that
+grows with the batch (matmuls over B rows x tokens per row; p_m < 1 where the hardware still
+has idle width, > 1 where attention or caches start to thrash). Acceptance length is taken per
+config and independent of B (it is a property of the drafter and the task, not the batch). The
+predicted throughput speedup of config c over plain decoding at batch size B is
+
+    S_c(B) = L_c * T_plain(B) / T_c(B)
+
+and the best choice at B is argmax_c S_c(B) if that exceeds 1, else SD off. The fit error
+(`SpeedupModel.fit_error`): relative error of the fitted vs measured step time per mode and
+of the predicted vs measured speedup per config at each profiled B (mean and max), the
+leave-one-out error of the step-time fit at interior batch sizes (how well it predicts a batch
+size it was not fitted on), and the regret of the fitted choice: at each profiled B, the
+measured speedup of the config the fit picks over the measured best.
+
+**Scheduler** (`AdaptiveScheduler`). Before each engine step it reads the active batch size
+and returns the planned choice (a table of best choices for B = 1..max, re-solved only when an
+estimate changes). Beyond the paper's offline-only profile it re-estimates acceptance online:
+per config, the accepted counts of its verify steps are pooled into windows of
+`window_rows` sequence-steps; each window's observed L over the profiled L gives a ratio x,
+and the config's ratio r_c <- (1 - alpha) r_c + alpha x; every other config's ratio moves by
+alpha * coupling toward x as well (the configs share one drafter, so a drop seen through one is
+evidence for all, only weaker). Estimates are L_c = profiled L_c * r_c (never below 1). Every
+`probe_interval` decode steps it runs one step with a config the plan does not use at that B
+(round robin over those predicted within `probe_margin` of the best), so a config whose
+estimate went stale (or a drafter that recovers after SD was switched off) is seen again.
+`report()` gives the share of steps per mode and the predicted vs observed speedup over plain
+decoding, both against the profile's fitted plain step cost: a decode step at batch B that
+emitted k tokens per sequence in t seconds (measured) ran at speedup k * T_plain(B) / t
+(plain decoding needs T_plain(B) per token per sequence); the window's observed speedup is
+the time-weighted mean of that, sum(k * T_plain(B)) / sum(t), and the predicted speedup the
+time-weighted mean of the S_choice(B) the scheduler expected when it chose (1 for plain
+steps). Steps that also admitted (prefilled) new requests are left out of both.
+
+Nothing here touches roles or sockets; the generator calls `choose` and `observe` around each
+`Engine.step`, and the engine switches mode and config per step without reallocating.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from respec_async.engine.engine import SDConfig, StepStats
+
+PROFILE_FORMAT_VERSION = 1
+# The grid `respec profile` and the adaptive generator use unless generator.sd_grid says
+# otherwise: chains of 1-6 drafts and three trees, about a minute to profile on the tiny zoo.
+DEFAULT_GRID = ("1,1,1", "2,1,2", "3,1,3", "4,1,4", "6,1,6", "3,2,4", "4,2,8", "5,4,16")
+PLAIN = "plain"
+
+Progress = Callable[[int, str], None]  # (units done since the last call, what is running)
+
+
+# ---- configs and clocks ---------------------------------------------------------------------
+
+def config_key(sd: SDConfig | None) -> str:
+    return PLAIN if sd is None else f"{sd.num_steps},{sd.top_k},{sd.num_draft_tokens}"
+
+
+def parse_config(text: str) -> SDConfig:
+    """'s,t,n' (or 's,t') -> SDConfig; ValueError naming the text when it is not a valid config."""
+    try:
+        parts = [int(x) for x in text.split(",")]
+        if not 1 <= len(parts) <= 3:
+            raise ValueError("expected 's,t,n'")
+        return SDConfig(*parts)
+    except ValueError as exc:
+        raise ValueError(f"SD config {text!r}: {exc}") from None
+
+
+def parse_grid(items: Iterable[str]) -> list[SDConfig]:
+    configs = [parse_config(item) for item in items]
+    if not configs:
+        raise ValueError("the SD grid is empty")
+    return list(dict.fromkeys(configs))  # drop duplicates, keep order
+
+
+def engine_draft_budget(configs: Iterable[SDConfig]) -> int:
+    """The Engine's max_draft_tokens that fits every config (its default 64 at least)."""
+    return max([64] + [max(sd.num_draft_tokens, (sd.num_steps - 1) * sd.top_k) for sd in configs])
+
+
+def profile_batch_sizes(max_batch_size: int) -> list[int]:
+    """1, 2, 4, ... below max_batch_size, and max_batch_size itself."""
+    sizes, b = [], 1
+    while b < max_batch_size:
+        sizes.append(b)
+        b *= 2
+    return sizes + [max_batch_size]
+
+
+def make_clock(kind: str) -> Callable[[], float]:
+    """Seconds on the named clock. "cpu": the calling thread's CPU time when torch computes on
+    that thread alone (one intra-op thread), else the process's; "wall": perf_counter, after a
+    CUDA synchronize when a GPU is in use."""
+    if kind == "wall":
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            def wall() -> float:
+                torch.cuda.synchronize()
+                return time.perf_counter()
+            return wall
+        return time.perf_counter
+    if kind == "cpu":
+        import torch
+
+        return time.thread_time if torch.get_num_threads() == 1 else time.process_time
+    raise ValueError(f"unknown clock {kind!r} (cpu or wall)")
+
+
+# ---- the profile ----------------------------------------------------------------------------
+
+@dataclass
+class Profile:
+    """Measured step costs and acceptance lengths (what `respec profile` writes as JSON)."""
+
+    batch_sizes: list[int]
+    plain_s: list[float]  # median seconds of a plain decode step, per batch size
+    sd_s: dict[str, list[float]]  # config key "s,t,n" -> median seconds of an SD step, per batch size
+    acceptance: dict[str, float]  # config key -> mean tokens per verify step on the task's rollouts
+    clock: str = "cpu"
+    meta: dict[str, Any] = field(default_factory=dict)  # models, sampling, repeats, machine, time taken
+    fit: dict[str, Any] = field(default_factory=dict)  # the solver's fit error and plan, for reading
+
+    @property
+    def configs(self) -> list[SDConfig]:
+        return [parse_config(key) for key in self.sd_s]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format_version": PROFILE_FORMAT_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, blob: dict[str, Any]) -> "Profile":
+        blob = dict(blob)
+        version = blob.pop("format_version", None)
+        if version != PROFILE_FORMAT_VERSION:
+            raise ValueError(f"profile format_version {version!r}, expected {PROFILE_FORMAT_VERSION}")
+        profile = cls(**blob)
+        n = len(profile.batch_sizes)
+        if n == 0 or len(profile.plain_s) != n or any(len(v) != n for v in profile.sd_s.values()):
+            raise ValueError("profile: every mode needs one step time per batch size")
+        if set(profile.acceptance) != set(profile.sd_s):
+            raise ValueError("profile: acceptance and step times name different configs")
+        profile.configs  # noqa: B018  (validates the keys)
+        return profile
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2))
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Profile":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def measure_step_costs(target, drafter, configs: Sequence[SDConfig], batch_sizes: Sequence[int],
+                       prompts: Sequence[list[int]], params, *, repeats: int = 10, clock: str = "cpu",
+                       context_len: int = 96, seed: int = 0,
+                       progress: Progress | None = None) -> tuple[list[float], dict[str, list[float]]]:
+    """Median seconds of one decode step per mode (plain, then each config) and batch size.
+
+    Every repetition steps each batch size's live batch once in every mode, the mode order
+    rotating between repetitions; a batch is restarted (fresh prompts, new engine) before its
+    longest sequence would pass context_len, so no sequence ever finishes and B stays B."""
+    from respec_async.engine.engine import Engine, Request
+    from respec_async.engine.sampling import SamplingParams
+
+    now = make_clock(clock)
+    modes: list[SDConfig | None] = [None, *configs]
+    per_round = sum(1 if sd is None else sd.num_steps + 1 for sd in modes)
+    endless = SamplingParams(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+                             max_new_tokens=10 ** 9, stop_token_ids=())
+    longest_prompt = max(len(p) for p in prompts)
+    context_len = max(context_len, longest_prompt + 2 * per_round)
+    draft_budget = engine_draft_budget(configs)
+    engines: dict[int, Engine] = {}
+    restarts = Counter()
+
+    def fresh(batch_size: int) -> Engine:
+        engine = Engine(target, drafter, max_batch_size=batch_size, max_seq_len=context_len + per_round + 2,
+                        seed=seed + 7919 * restarts[batch_size] + batch_size, max_draft_tokens=draft_budget)
+        offset = restarts[batch_size] * batch_size
+        for i in range(batch_size):
+            engine.add_request(Request(i, list(prompts[(offset + i) % len(prompts)]), endless))
+        engine.step(None)  # prefill
+        restarts[batch_size] += 1
+        return engine
+
+    samples: dict[tuple[int, int], list[float]] = defaultdict(list)
+    for rep in range(repeats + 1):  # repetition 0 warms every path up and is not kept
+        for batch_size in batch_sizes:
+            engine = engines.get(batch_size)
+            if engine is None or int(engine.lengths[:batch_size].max()) + per_round >= context_len:
+                engine = engines[batch_size] = fresh(batch_size)
+            order = list(range(len(modes)))
+            shift = rep % len(modes)
+            for index in order[shift:] + order[:shift]:
+                start = now()
+                engine.step(modes[index])
+                elapsed = now() - start
+                assert len(engine.running) == batch_size, "a profiled sequence finished early"
+                if rep:
+                    samples[index, batch_size].append(elapsed)
+            if progress is not None and rep:
+                progress(len(modes), f"step cost, batch {batch_size}")
+    plain = [statistics.median(samples[0, b]) for b in batch_sizes]
+    sd = {config_key(c): [statistics.median(samples[i + 1, b]) for b in batch_sizes] for i, c in enumerate(configs)}
+    return plain, sd
+
+
+def measure_acceptance(target, drafter, configs: Sequence[SDConfig], prompts: Sequence[list[int]], params, *,
+                       batch_size: int = 16, seed: int = 0, progress: Progress | None = None) -> dict[str, float]:
+    """Mean tokens per verify step (accepted drafts + 1) of each config on rollouts of `prompts`
+    with the run's sampling params, each sequence until its stop token or max_new_tokens."""
+    from respec_async.engine.engine import Engine, Request
+
+    max_seq_len = max(len(p) for p in prompts) + params.max_new_tokens + 1
+    out = {}
+    for sd in configs:
+        engine = Engine(target, drafter, max_batch_size=min(batch_size, len(prompts)), max_seq_len=max_seq_len,
+                        seed=seed, max_draft_tokens=engine_draft_budget([sd]))
+        completions = engine.generate([Request(i, list(p), params) for i, p in enumerate(prompts)], sd)
+        verify = sum(c.num_verify_steps for c in completions)
+        accepted = sum(c.num_accepted for c in completions)
+        out[config_key(sd)] = (accepted + verify) / verify if verify else 1.0
+        if progress is not None:
+            progress(1, f"acceptance {config_key(sd)}")
+    return out
+
+
+def run_profile(target, drafter, configs: Sequence[SDConfig], batch_sizes: Sequence[int],
+                prompts: Sequence[list[int]], params, *, repeats: int = 10, num_acceptance_prompts: int = 64,
+                clock: str = "cpu", context_len: int = 96, seed: int = 0, progress: Progress | None = None,
+                meta: dict[str, Any] | None = None) -> Profile:
+    """Measure everything the solver needs; see the module docstring."""
+    started = time.perf_counter()
+    configs = list(configs)
+    batch_sizes = sorted(set(batch_sizes))
+    plain, sd = measure_step_costs(target, drafter, configs, batch_sizes, prompts, params, repeats=repeats,
+                                   clock=clock, context_len=context_len, seed=seed, progress=progress)
+    acceptance_prompts = [prompts[i % len(prompts)] for i in range(num_acceptance_prompts)]
+    acceptance = measure_acceptance(target, drafter, configs, acceptance_prompts, params, seed=seed,
+                                    progress=progress)
+    meta = dict(meta or {})
+    meta.update(repeats=repeats, num_acceptance_prompts=num_acceptance_prompts, context_len=context_len,
+                temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+                max_new_tokens=params.max_new_tokens, seconds=round(time.perf_counter() - started, 2),
+                created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    profile = Profile(batch_sizes=batch_sizes, plain_s=plain, sd_s=sd, acceptance=acceptance, clock=clock, meta=meta)
+    model = SpeedupModel(profile)
+    profile.fit = {"model": "T_m(B) = a_m + b_m * B ** p_m per mode; S_c(B) = L_c * T_plain(B) / T_c(B)",
+                   "params": model.fit_params(), "error": model.fit_error(),
+                   "plan": model.plan_summary(max(batch_sizes))}
+    return profile
+
+
+def profile_units(num_configs: int, num_batch_sizes: int, repeats: int) -> int:
+    """Progress units run_profile reports in all (for a progress bar's total)."""
+    return (num_configs + 1) * num_batch_sizes * repeats + num_configs
+
+
+# ---- the solver -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CostFit:
+    """Step seconds T(B) = a + b * B ** p."""
+
+    a: float
+    b: float
+    p: float
+
+    def __call__(self, batch_size: float) -> float:
+        return self.a + self.b * batch_size ** self.p
+
+
+_EXPONENTS = tuple(0.25 + 0.05 * i for i in range(36))  # 0.25 .. 2.0
+
+
+def fit_cost(batch_sizes: Sequence[int], seconds: Sequence[float]) -> CostFit:
+    """Least squares on relative residuals (a + b B^p - T) / T with a, b >= 0, best p of a grid."""
+    if len(batch_sizes) == 1:
+        return CostFit(seconds[0], 0.0, 1.0)
+    weights = [1.0 / (t * t) for t in seconds]
+    best: tuple[float, CostFit] | None = None
+    for p in _EXPONENTS:
+        xs = [b ** p for b in batch_sizes]
+        candidates = []
+        sw = sum(weights)
+        swx = sum(w * x for w, x in zip(weights, xs))
+        swxx = sum(w * x * x for w, x in zip(weights, xs))
+        swt = sum(w * t for w, t in zip(weights, seconds))
+        swxt = sum(w * x * t for w, x, t in zip(weights, xs, seconds))
+        det = sw * swxx - swx * swx
+        if det > 0:
+            a = (swt * swxx - swx * swxt) / det
+            b = (sw * swxt - swx * swt) / det
+            if a >= 0 and b >= 0:
+                candidates.append((a, b))
+        candidates.append((swt / sw, 0.0))  # constant
+        candidates.append((0.0, swxt / swxx))  # proportional
+        for a, b in candidates:
+            error = sum(w * (a + b * x - t) ** 2 for w, x, t in zip(weights, xs, seconds))
+            if best is None or error < best[0] - 1e-15:
+                best = (error, CostFit(a, b, p))
+    assert best is not None
+    return best[1]
+
+
+def _summary(errors: list[float]) -> dict[str, float]:
+    return {"mean": sum(errors) / len(errors), "max": max(errors)} if errors else {"mean": 0.0, "max": 0.0}
+
+
+class SpeedupModel:
+    """The fitted speedup S_c(B) of every profiled config (see the module docstring)."""
+
+    def __init__(self, profile: Profile) -> None:
+        self.profile = profile
+        self.configs = {config_key(c): c for c in profile.configs}
+        self.plain = fit_cost(profile.batch_sizes, profile.plain_s)
+        self.cost = {key: fit_cost(profile.batch_sizes, seconds) for key, seconds in profile.sd_s.items()}
+
+    def step_seconds(self, key: str, batch_size: float) -> float:
+        return self.plain(batch_size) if key == PLAIN else self.cost[key](batch_size)
+
+    def speedup(self, key: str, batch_size: float, acceptance: dict[str, float] | None = None) -> float:
+        if key == PLAIN:
+            return 1.0
+        length = (acceptance or self.profile.acceptance)[key]
+        return length * self.plain(batch_size) / self.cost[key](batch_size)
+
+    def best(self, batch_size: float, acceptance: dict[str, float] | None = None) -> tuple[str, float]:
+        """(PLAIN or the best config's key, its predicted speedup) at this batch size."""
+        choice, value = PLAIN, 1.0
+        for key in self.cost:
+            s = self.speedup(key, batch_size, acceptance)
+            if s > value:
+                choice, value = key, s
+        return choice, value
+
+    def plan(self, max_batch_size: int, acceptance: dict[str, float] | None = None) -> list[tuple[str, float]]:
+        """best(B) for B = 1..max_batch_size (index B - 1)."""
+        return [self.best(b, acceptance) for b in range(1, max_batch_size + 1)]
+
+    def plan_summary(self, max_batch_size: int, acceptance: dict[str, float] | None = None) -> list[dict[str, Any]]:
+        """The plan as runs of batch sizes with the same choice: [{from, to, choice, speedup}, ...]
+        (speedup: predicted, at the run's first batch size)."""
+        runs: list[dict[str, Any]] = []
+        for b, (key, value) in enumerate(self.plan(max_batch_size, acceptance), start=1):
+            if runs and runs[-1]["choice"] == key:
+                runs[-1]["to"] = b
+            else:
+                runs.append({"from": b, "to": b, "choice": key, "speedup": round(value, 3)})
+        return runs
+
+    def fit_params(self) -> dict[str, dict[str, float]]:
+        fits = {PLAIN: self.plain, **self.cost}
+        return {key: {"a": f.a, "b": f.b, "p": round(f.p, 2)} for key, f in fits.items()}
+
+    def measured_speedup(self, key: str, index: int) -> float:
+        p = self.profile
+        return p.acceptance[key] * p.plain_s[index] / p.sd_s[key][index]
+
+    def fit_error(self) -> dict[str, Any]:
+        """Relative errors of the fit against the profile's measurements (see module docstring)."""
+        p = self.profile
+        sizes = p.batch_sizes
+        measured = {PLAIN: p.plain_s, **p.sd_s}
+        step_errors = {key: [abs(self.step_seconds(key, b) - t) / t for b, t in zip(sizes, seconds)]
+                       for key, seconds in measured.items()}
+        speedup_errors = {key: [abs(self.speedup(key, b) - self.measured_speedup(key, i)) / self.measured_speedup(key, i)
+                                for i, b in enumerate(sizes)] for key in p.sd_s}
+        loo = []
+        for key, seconds in measured.items():
+            for i in range(1, len(sizes) - 1):
+                fit = fit_cost(sizes[:i] + sizes[i + 1:], seconds[:i] + seconds[i + 1:])
+                loo.append(abs(fit(sizes[i]) - seconds[i]) / seconds[i])
+        regret = []
+        for i, b in enumerate(sizes):
+            choice, _ = self.best(b)
+            measured_best = max([1.0] + [self.measured_speedup(key, i) for key in p.sd_s])
+            got = 1.0 if choice == PLAIN else self.measured_speedup(choice, i)
+            regret.append({"batch_size": b, "choice": choice, "measured_speedup": round(got, 4),
+                           "measured_best": round(measured_best, 4), "ratio": round(got / measured_best, 4)})
+        all_steps = [e for errors in step_errors.values() for e in errors]
+        all_speedups = [e for errors in speedup_errors.values() for e in errors]
+        return {
+            "step_time": {**_summary(all_steps), "per_mode": {k: _summary(v) for k, v in step_errors.items()}},
+            "speedup": {**_summary(all_speedups), "per_config": {k: _summary(v) for k, v in speedup_errors.items()}},
+            "step_time_leave_one_out": _summary(loo),
+            "choice_vs_measured_best": regret,
+            "worst_choice_ratio": min(r["ratio"] for r in regret),
+        }
+
+
+def format_profile(profile: Profile, model: SpeedupModel | None = None) -> str:
+    """The profile and fit as a table: measured step ms per mode and batch size with the
+    measured (fitted) speedup, then the fit error and the plan."""
+    model = model or SpeedupModel(profile)
+    sizes = profile.batch_sizes
+    lines = [f"step cost ({profile.clock} clock, ms) and speedup over plain: measured (fitted); acceptance length L",
+             f"{'mode':>9} {'L':>5} | " + " | ".join(f"B={b:<16d}" for b in sizes)]
+    lines.append(f"{PLAIN:>9} {1.0:5.2f} | " + " | ".join(f"{t * 1e3:6.2f}ms{'':10}" for t in profile.plain_s))
+    for key, seconds in profile.sd_s.items():
+        cells = [f"{t * 1e3:6.2f}ms {model.measured_speedup(key, i):4.2f}({model.speedup(key, b):4.2f})"
+                 for i, (b, t) in enumerate(zip(sizes, seconds))]
+        lines.append(f"{key:>9} {profile.acceptance[key]:5.2f} | " + " | ".join(cells))
+    error = model.fit_error()
+    lines.append(f"fit error (relative): step time mean {error['step_time']['mean']:.1%} max "
+                 f"{error['step_time']['max']:.1%}; speedup mean {error['speedup']['mean']:.1%} max "
+                 f"{error['speedup']['max']:.1%}; step time leave-one-out mean "
+                 f"{error['step_time_leave_one_out']['mean']:.1%} max {error['step_time_leave_one_out']['max']:.1%}")
+    lines.append("fitted choice at each profiled batch size, measured speedup / measured best: " + ", ".join(
+        f"B={r['batch_size']} {r['choice']} {r['measured_speedup']:.2f}/{r['measured_best']:.2f}"
+        for r in error["choice_vs_measured_best"]))
+    lines.append("plan (predicted speedup): " + ", ".join(
+        f"B {r['from']}-{r['to']}: {r['choice']} x{r['speedup']:.2f}" for r in model.plan_summary(max(sizes))))
+    return "\n".join(lines)
+
+
+# ---- the scheduler --------------------------------------------------------------------------
+
+class AdaptiveScheduler:
+    """Per-step SD choice from the fitted model, with acceptance re-estimated online."""
+
+    def __init__(self, model: SpeedupModel, max_batch_size: int, *, ema: float = 0.2, coupling: float = 0.5,
+                 window_rows: int = 64, probe_interval: int = 64, probe_margin: float = 0.75) -> None:
+        self.model = model
+        self.max_batch_size = max_batch_size
+        self.ema, self.coupling, self.window_rows = ema, coupling, window_rows
+        self.probe_interval, self.probe_margin = probe_interval, probe_margin
+        self.clock = make_clock(model.profile.clock)
+        self.profiled = dict(model.profile.acceptance)
+        self.ratio = {key: 1.0 for key in self.profiled}
+        self._window: dict[str, list[int]] = {key: [0, 0] for key in self.profiled}  # [tokens, rows]
+        self._probe_turn = 0
+        self._steps_since_probe = 0
+        self.num_probes = 0
+        self.num_resolves = 0
+        self.total_steps: Counter[str] = Counter()
+        self._reset_report()
+        self._resolve()
+
+    # estimates and plan
+    @property
+    def acceptance(self) -> dict[str, float]:
+        return {key: max(1.0, self.profiled[key] * self.ratio[key]) for key in self.profiled}
+
+    def _resolve(self) -> None:
+        self.estimates = self.acceptance
+        self.plan = self.model.plan(self.max_batch_size, self.estimates)
+        self.choices = [self.model.configs.get(key) for key, _ in self.plan]
+        self.num_resolves += 1
+
+    def reset_estimates(self) -> None:
+        """Back to the profiled acceptance (e.g. after a drafter whose quality is unknown)."""
+        self.ratio = {key: 1.0 for key in self.profiled}
+        self._resolve()
+
+    def predicted_speedup(self, key: str, batch_size: int) -> float:
+        return self.model.speedup(key, batch_size, self.estimates)
+
+    # per step
+    def choose(self, batch_size: int) -> SDConfig | None:
+        if batch_size <= 0:
+            return None
+        index = min(batch_size, self.max_batch_size) - 1
+        choice = self.choices[index]
+        self._steps_since_probe += 1
+        if self.probe_interval and self._steps_since_probe >= self.probe_interval:
+            self._steps_since_probe = 0
+            probe = self._probe(batch_size, config_key(choice), self.plan[index][1])
+            if probe is not None:
+                self.num_probes += 1
+                return probe
+        return choice
+
+    def _probe(self, batch_size: int, chosen: str, best: float) -> SDConfig | None:
+        keys = list(self.model.configs)
+        for offset in range(len(keys)):
+            key = keys[(self._probe_turn + offset) % len(keys)]
+            if key != chosen and self.predicted_speedup(key, batch_size) >= self.probe_margin * best:
+                self._probe_turn = (self._probe_turn + offset + 1) % len(keys)
+                return self.model.configs[key]
+        return None
+
+    def observe(self, stats: StepStats, seconds: float | None = None) -> None:
+        """Record one engine step (its StepStats, and its cost on the profile's clock)."""
+        if stats.mode == "idle" or stats.num_active == 0:
+            return
+        key = config_key(stats.sd)
+        batch_size = stats.num_active
+        self.total_steps[key] += 1
+        self._steps[key] += 1
+        if stats.sd is not None:
+            window = self._window[key]
+            window[0] += stats.num_accepted + batch_size
+            window[1] += batch_size
+            if window[1] >= self.window_rows:
+                self._update(key, window[0] / window[1])
+                window[0] = window[1] = 0
+        if seconds is not None and stats.num_admitted == 0:
+            tokens_per_row = (stats.num_accepted + batch_size) / batch_size if stats.sd is not None else 1.0
+            plain_s = tokens_per_row * self.model.plain(batch_size)
+            self._plain_equiv_s += plain_s
+            self._actual_s += seconds
+            self._predicted_weighted += seconds * self.predicted_speedup(key, batch_size)
+
+    def _update(self, key: str, observed: float) -> None:
+        x = observed / self.profiled[key]
+        for other in self.ratio:
+            alpha = self.ema if other == key else self.ema * self.coupling
+            self.ratio[other] = (1 - alpha) * self.ratio[other] + alpha * x
+        self._observed_acceptance[key].append(observed)
+        self._resolve()
+
+    # metrics
+    def _reset_report(self) -> None:
+        self._steps: Counter[str] = Counter()
+        self._plain_equiv_s = self._actual_s = self._predicted_weighted = 0.0
+        self._observed_acceptance: dict[str, list[float]] = defaultdict(list)
+
+    def report(self, reset: bool = True) -> dict[str, Any]:
+        """Since the last report: decode steps, share per mode, predicted and observed speedup
+        over plain decoding; and the current acceptance estimates and plan."""
+        steps = sum(self._steps.values())
+        out = {
+            "steps": steps,
+            "share": {key: round(n / steps, 4) for key, n in sorted(self._steps.items())} if steps else {},
+            "predicted_speedup": round(self._predicted_weighted / self._actual_s, 4) if self._actual_s else None,
+            "observed_speedup": round(self._plain_equiv_s / self._actual_s, 4) if self._actual_s else None,
+            "observed_acceptance": {k: round(sum(v) / len(v), 3) for k, v in self._observed_acceptance.items()},
+            "acceptance_estimate": {k: round(v, 3) for k, v in self.estimates.items()},
+            "plan": self.model.plan_summary(self.max_batch_size, self.estimates),
+            "probes": self.num_probes,
+        }
+        if reset:
+            self._reset_report()
+        return out
+
+
+# ---- glue for the CLI and the generator ------------------------------------------------------
+
+def task_prompts(config, num_prompts: int) -> list[list[int]]:
+    """The first num_prompts training prompts of the run's data (token ids)."""
+    from respec_async.prompts import PromptSource
+
+    source = PromptSource(config)
+    return [source.train_example(i).prompt_ids for i in range(num_prompts)]
+
+
+def sampling_params(config, tokenizer):
+    from respec_async.engine.sampling import SamplingParams
+
+    s = config.sampling
+    stop = (tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ()
+    return SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_new_tokens=s.max_new_tokens,
+                          stop_token_ids=stop)
+
+
+def profile_for_config(config, target, drafter, tokenizer, *, repeats: int = 10, num_acceptance_prompts: int = 64,
+                       clock: str | None = None, progress: Progress | None = None) -> Profile:
+    """Profile the configured models on the run's task, sampling settings, batch sizes and grid
+    (generator.sd_grid)."""
+    g = config.generator
+    configs = parse_grid(g.sd_grid)
+    device = str(config.model.device)
+    clock = clock or ("wall" if device.startswith("cuda") else "cpu")
+    prompts = task_prompts(config, max(num_acceptance_prompts, g.max_batch_size))
+    meta = {"target": config.model.path, "drafter": config.model.drafter_path, "device": device,
+            "dtype": config.model.dtype, "max_batch_size": g.max_batch_size, "task": config.data.task,
+            "num_threads": __import__("torch").get_num_threads()}
+    return run_profile(target, drafter, configs, profile_batch_sizes(g.max_batch_size), prompts,
+                       sampling_params(config, tokenizer), repeats=repeats,
+                       num_acceptance_prompts=num_acceptance_prompts, clock=clock, seed=config.run.seed,
+                       progress=progress, meta=meta)
+
+
+def load_or_profile(config, target, drafter, tokenizer, run_dir: Path, log: Callable[..., None]) -> Profile:
+    """The generator's profile: generator.sd_profile when set, else <run_dir>/sd_profile.json,
+    measured now (a small grid run: 5 repeats, 16 acceptance prompts) unless an earlier
+    generator of this run wrote it (a restart, another generator, --resume). A file lock keeps
+    concurrent generators from profiling twice."""
+    import fcntl
+
+    profile, _ = generator_profile(config)
+    if profile is not None:
+        return profile
+    path = Path(run_dir) / "sd_profile.json"
+    with open(Path(run_dir) / ".sd_profile.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.exists():
+            log("sd.profile_reused", path=str(path))
+            return Profile.load(path)
+        log("sd.profiling", path=str(path), grid=list(config.generator.sd_grid))
+        profile = profile_for_config(config, target, drafter, tokenizer, repeats=5, num_acceptance_prompts=16)
+        profile.save(path)
+        log("sd.profiled", path=str(path), seconds=profile.meta.get("seconds"))
+        return profile
+
+
+def profile_command(config, out: Path | None, *, repeats: int = 10, num_acceptance_prompts: int = 64,
+                    clock: str | None = None) -> Path:
+    """`respec profile`: resolve and load the run's target + drafter (the zoo when unset), profile
+    them with a progress bar, print the table and fit, write the JSON; returns its path."""
+    import copy
+
+    import torch
+    from rich.progress import BarColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from respec_async.models import load_drafter, load_target, resolve_models
+
+    config = copy.deepcopy(config)
+    if config.generator.sd == "off":
+        config.generator.sd = "adaptive"  # a profile needs the drafter: resolve it like an SD run
+    config = resolve_models(config)
+    torch.set_num_threads(config.generator.num_threads)
+    target, tokenizer = load_target(config)
+    drafter = load_drafter(config, target)
+    configs = parse_grid(config.generator.sd_grid)
+    total = profile_units(len(configs), len(profile_batch_sizes(config.generator.max_batch_size)), repeats)
+    columns = (TextColumn("{task.description:<28}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    with RichProgress(*columns) as bar:
+        task = bar.add_task("profiling", total=total)
+        profile = profile_for_config(config, target, drafter, tokenizer, repeats=repeats,
+                                     num_acceptance_prompts=num_acceptance_prompts, clock=clock,
+                                     progress=lambda n, what: bar.update(task, advance=n, description=what))
+    print(format_profile(profile))
+    if out is None:
+        from respec_async.supervisor import create_run_dir
+
+        config.run.name = f"{config.run.name}-profile"
+        out = create_run_dir(config) / "sd_profile.json"
+    path = profile.save(out)
+    print(f"wrote {path} ({profile.meta['seconds']:.0f} s); use it with --set generator.sd=adaptive "
+          f"--set generator.sd_profile={path}")
+    return path
+
+
+def generator_profile(config) -> tuple[Profile | None, list[SDConfig]]:
+    """For an adaptive generator's setup: (the profile generator.sd_profile names, or None when
+    it is to be measured at start; the SD configs the engine must fit). Errors name the key."""
+    g = config.generator
+    if g.sd_profile:
+        try:
+            profile = Profile.load(g.sd_profile)
+        except (OSError, ValueError, TypeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"generator.sd_profile: cannot read the profile {g.sd_profile!r}: {exc}") from None
+        return profile, profile.configs
+    try:
+        return None, parse_grid(g.sd_grid)
+    except ValueError as exc:
+        raise ValueError(f"generator.sd_grid: {exc}") from None
+
+
+def scheduler_for(config, profile: Profile) -> AdaptiveScheduler:
+    g = config.generator
+    return AdaptiveScheduler(SpeedupModel(profile), g.max_batch_size, ema=g.sd_acceptance_ema,
+                             probe_interval=g.sd_probe_interval)

@@ -1,0 +1,198 @@
+"""The adaptive SD server: solver (fit, fit error, argmax choice), scheduler (switching with the
+batch size, online acceptance re-estimation, probes, metrics) and the profiler on a real engine."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from respec_async.adaptive import (
+    PLAIN, AdaptiveScheduler, CostFit, Profile, SpeedupModel, config_key, engine_draft_budget, fit_cost,
+    parse_grid, profile_batch_sizes, run_profile)
+from respec_async.engine.engine import Engine, SDConfig, StepStats
+from respec_async.engine.sampling import SamplingParams
+from tests.engine.test_engine import tiny_models
+
+SIZES = [1, 2, 4, 8, 16, 32, 64]
+# Step costs (ms) a + b * B: SD has more fixed cost per step and more work per row, so it wins
+# at small B (acceptance pays for the overhead) and loses at large B.
+PLAIN_COST = CostFit(4.0, 0.15, 1.0)
+COSTS = {"4,1,4": CostFit(9.0, 0.80, 1.0), "2,1,2": CostFit(6.5, 0.40, 1.0)}
+ACCEPTANCE = {"4,1,4": 3.2, "2,1,2": 2.2}
+
+
+def synthetic_profile(noise: dict[tuple[str, int], float] | None = None, acceptance=None) -> Profile:
+    noise = noise or {}
+
+    def seconds(key, fit):
+        return [fit(b) * 1e-3 * (1 + noise.get((key, b), 0.0)) for b in SIZES]
+
+    return Profile(batch_sizes=SIZES, plain_s=seconds(PLAIN, PLAIN_COST),
+                   sd_s={key: seconds(key, fit) for key, fit in COSTS.items()},
+                   acceptance=dict(acceptance or ACCEPTANCE))
+
+
+def step(sd: SDConfig | None, batch_size: int, accepted_per_row: float = 0.0, admitted: int = 0) -> StepStats:
+    num_accepted = round(accepted_per_row * batch_size) if sd is not None else 0
+    return StepStats("sd" if sd is not None else "plain", sd, batch_size, admitted, batch_size + num_accepted, 0.0,
+                     num_accepted)
+
+
+def test_fit_recovers_an_exact_cost_curve_and_reports_zero_error():
+    fit = fit_cost(SIZES, [PLAIN_COST(b) for b in SIZES])
+    assert fit.p == pytest.approx(1.0) and fit.a == pytest.approx(4.0) and fit.b == pytest.approx(0.15)
+    curved = [2.0 + 0.5 * b ** 0.5 for b in SIZES]  # sublinear growth: p is fitted too
+    fit = fit_cost(SIZES, curved)
+    assert fit.p == pytest.approx(0.5) and max(abs(fit(b) - t) / t for b, t in zip(SIZES, curved)) < 1e-9
+    error = SpeedupModel(synthetic_profile()).fit_error()
+    assert error["step_time"]["max"] < 1e-9 and error["speedup"]["max"] < 1e-9
+    assert error["step_time_leave_one_out"]["max"] < 1e-9
+    assert error["worst_choice_ratio"] == pytest.approx(1.0)
+
+
+def test_fit_error_is_the_relative_error_against_the_measurements():
+    noisy = synthetic_profile({("4,1,4", 8): 0.30, (PLAIN, 2): -0.20})
+    model = SpeedupModel(noisy)
+    error = model.fit_error()
+    measured = noisy.sd_s["4,1,4"][SIZES.index(8)]
+    by_hand = abs(model.step_seconds("4,1,4", 8) - measured) / measured
+    assert error["step_time"]["per_mode"]["4,1,4"]["max"] == pytest.approx(by_hand)
+    assert 0.05 < by_hand < 0.35
+    assert error["step_time"]["max"] >= by_hand and error["speedup"]["mean"] > 0
+    # The fit smooths the outlier: its prediction sits between the noisy point and the clean curve.
+    assert COSTS["4,1,4"](8) * 1e-3 < model.step_seconds("4,1,4", 8) < measured
+
+
+def test_solver_picks_the_argmax_of_predicted_speedup_and_plain_where_sd_loses():
+    model = SpeedupModel(synthetic_profile())
+    plan = model.plan(64)
+    seen = set()
+    for b in range(1, 65):
+        by_hand = {key: ACCEPTANCE[key] * PLAIN_COST(b) / COSTS[key](b) for key in COSTS}
+        best = max(by_hand, key=by_hand.get)
+        expected = best if by_hand[best] > 1.0 else PLAIN
+        assert plan[b - 1][0] == expected, (b, by_hand)
+        assert plan[b - 1][1] == pytest.approx(max(1.0, by_hand[best]))
+        seen.add(expected)
+    assert seen == {"4,1,4", "2,1,2", PLAIN}  # the synthetic costs make every option win somewhere
+    assert plan[0][0] == "4,1,4" and plan[-1][0] == PLAIN
+    summary = model.plan_summary(64)
+    assert [r["choice"] for r in summary] == ["4,1,4", "2,1,2", PLAIN]
+    assert summary[0]["from"] == 1 and summary[-1]["to"] == 64
+
+
+def test_scheduler_switches_with_the_active_batch_size():
+    scheduler = AdaptiveScheduler(SpeedupModel(synthetic_profile()), 64, probe_interval=0)
+    assert scheduler.choose(1) == SDConfig(4, 1, 4)
+    assert scheduler.choose(12) == SDConfig(2, 1, 2)
+    assert scheduler.choose(64) is None
+    assert scheduler.choose(500) is None  # beyond the plan: its last entry
+    assert scheduler.choose(0) is None
+
+
+def test_online_acceptance_drop_moves_the_choice_and_recovery_moves_it_back():
+    scheduler = AdaptiveScheduler(SpeedupModel(synthetic_profile()), 64, ema=0.3, window_rows=8, probe_interval=0)
+    chain4 = SDConfig(4, 1, 4)
+    assert scheduler.choose(2) == chain4
+    # The live drafter now accepts almost nothing through the 4-step chain.
+    for _ in range(40):
+        scheduler.observe(step(chain4, 2, accepted_per_row=0.0), 0.01)
+    assert scheduler.acceptance["4,1,4"] < 1.3
+    # The drop also lowers the other config's estimate (shared drafter), only more slowly.
+    assert 1.0 <= scheduler.acceptance["2,1,2"] < ACCEPTANCE["2,1,2"]
+    assert scheduler.acceptance["2,1,2"] / ACCEPTANCE["2,1,2"] > scheduler.acceptance["4,1,4"] / ACCEPTANCE["4,1,4"]
+    assert scheduler.choose(2) != chain4
+    assert scheduler.report()["observed_acceptance"]["4,1,4"] == pytest.approx(1.0)
+    # Good acceptance through the short chain brings the estimates back up.
+    chain2 = SDConfig(2, 1, 2)
+    for _ in range(40):
+        scheduler.observe(step(chain2, 2, accepted_per_row=ACCEPTANCE["2,1,2"] - 1), 0.01)
+    assert scheduler.choose(2) in (chain2, chain4)
+    scheduler.reset_estimates()
+    assert scheduler.acceptance == ACCEPTANCE and scheduler.choose(2) == chain4
+
+
+def test_probes_try_an_unplanned_config_every_interval():
+    scheduler = AdaptiveScheduler(SpeedupModel(synthetic_profile()), 64, probe_interval=5, probe_margin=0.5)
+    choices = [scheduler.choose(1) for _ in range(20)]
+    probes = [i for i, c in enumerate(choices) if c != SDConfig(4, 1, 4)]
+    assert probes == [4, 9, 14, 19] and all(choices[i] == SDConfig(2, 1, 2) for i in probes)
+    assert scheduler.num_probes == 4
+    # A config predicted far below the best is not worth a probe.
+    strict = AdaptiveScheduler(SpeedupModel(synthetic_profile()), 64, probe_interval=5, probe_margin=1.0)
+    assert all(strict.choose(1) == SDConfig(4, 1, 4) for _ in range(20))
+
+
+def test_report_gives_mode_shares_and_predicted_vs_observed_speedup():
+    model = SpeedupModel(synthetic_profile())
+    scheduler = AdaptiveScheduler(model, 64, probe_interval=0, window_rows=10 ** 6)
+    chain4 = SDConfig(4, 1, 4)
+    plain_s = model.plain(64)
+    for _ in range(3):  # plain at B=64, exactly as fast as the profile says
+        scheduler.observe(step(None, 64), plain_s)
+    # SD at B=5: emits 1 + 1.2 tokens per row (the profile said 3.2) in the profiled time.
+    sd_s = model.step_seconds("4,1,4", 5)
+    scheduler.observe(step(chain4, 5, accepted_per_row=1.2), sd_s)
+    scheduler.observe(step(None, 8, admitted=2), 1.0)  # a prefill step: counted, not timed
+    report = scheduler.report()
+    assert report["steps"] == 5
+    assert report["share"] == {PLAIN: 0.8, "4,1,4": 0.2}
+    plain_equiv = 3 * plain_s + 2.2 * model.plain(5)
+    assert report["observed_speedup"] == pytest.approx(plain_equiv / (3 * plain_s + sd_s), rel=1e-3)
+    predicted = (3 * plain_s * 1.0 + sd_s * model.speedup("4,1,4", 5)) / (3 * plain_s + sd_s)
+    assert report["predicted_speedup"] == pytest.approx(predicted, rel=1e-3)
+    assert report["observed_speedup"] < report["predicted_speedup"]  # fewer tokens than predicted
+    assert scheduler.report()["steps"] == 0  # the window resets
+    assert sum(scheduler.total_steps.values()) == 5
+
+
+def test_profile_json_round_trips_and_rejects_a_malformed_file(tmp_path):
+    profile = synthetic_profile()
+    path = profile.save(tmp_path / "p.json")
+    loaded = Profile.load(path)
+    assert loaded == profile and loaded.configs == [SDConfig(4, 1, 4), SDConfig(2, 1, 2)]
+    blob = json.loads(path.read_text())
+    blob["plain_s"] = blob["plain_s"][:-1]
+    path.write_text(json.dumps(blob))
+    with pytest.raises(ValueError, match="one step time per batch size"):
+        Profile.load(path)
+
+
+def test_grid_parsing_batch_sizes_and_engine_budget():
+    assert parse_grid(["3,1,3", "4,2,8", "3,1,3", "2,1"]) == [SDConfig(3, 1, 3), SDConfig(4, 2, 8), SDConfig(2, 1, 2)]
+    with pytest.raises(ValueError, match="'3,2,99'"):
+        parse_grid(["3,2,99"])
+    assert profile_batch_sizes(64) == SIZES and profile_batch_sizes(48) == [1, 2, 4, 8, 16, 32, 48]
+    assert profile_batch_sizes(1) == [1]
+    assert engine_draft_budget([SDConfig(5, 8, 32)]) == 64 and engine_draft_budget([SDConfig(9, 16, 80)]) == 128
+    assert config_key(None) == PLAIN and config_key(SDConfig(3, 2, 4)) == "3,2,4"
+
+
+def test_profiler_measures_every_cell_on_a_real_engine_and_the_scheduler_drives_it():
+    target, drafter = tiny_models()
+    configs = [SDConfig(2, 1, 2), SDConfig(2, 2, 3)]
+    prompts = [[1, 2, 3], [4, 5, 6, 7], [8, 9], [10, 11, 12, 13, 14]]
+    params = SamplingParams(temperature=1.0, max_new_tokens=12, stop_token_ids=(0,))
+    done = []
+    profile = run_profile(target, drafter, configs, [1, 2, 4], prompts, params, repeats=2, num_acceptance_prompts=4,
+                          context_len=40, progress=lambda n, what: done.append(n))
+    assert sum(done) == (len(configs) + 1) * 3 * 2 + len(configs)
+    assert profile.batch_sizes == [1, 2, 4] and set(profile.sd_s) == {"2,1,2", "2,2,3"}
+    assert all(t > 0 for t in profile.plain_s) and all(t > 0 for v in profile.sd_s.values() for t in v)
+    assert all(1.0 <= a <= 3.0 for a in profile.acceptance.values())
+    assert profile.fit["error"]["step_time"]["mean"] >= 0 and profile.fit["plan"][0]["from"] == 1
+    # The scheduler's choices drive one engine through a whole generation, switching freely.
+    scheduler = AdaptiveScheduler(SpeedupModel(profile), 4, probe_interval=2, probe_margin=0.0)
+    engine = Engine(target, drafter, max_batch_size=4, max_seq_len=64, max_draft_tokens=engine_draft_budget(configs))
+    from respec_async.engine.engine import Request
+    for i, p in enumerate(prompts * 2):
+        engine.add_request(Request(i, p, params))
+    while engine.has_unfinished:
+        engine.step(scheduler.choose(engine.num_active))
+        scheduler.observe(engine.step_stats[-1], 0.001)
+    report = scheduler.report()
+    assert report["steps"] == sum(scheduler.total_steps.values()) > 0
+    assert len(report["share"]) >= 2 and sum(report["share"].values()) == pytest.approx(1.0, abs=1e-3)
+    assert torch.is_tensor(engine.lengths)
