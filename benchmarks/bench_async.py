@@ -39,7 +39,7 @@ def last_event(path: Path, name: str) -> dict | None:
 
 def run_k(config: Path, k: int, steps: int, extra: list[str], root: Path) -> dict:
     overrides = [f"trainer.max_staleness={k}", f"trainer.num_steps={steps}", f"run.root=\"{root}\"",
-                 f"run.name=\"async-k{k}\"", "trainer.checkpoint_every=0", "supervisor.live_status=false", *extra]
+                 f"run.name=\"async-k{k}\"", "trainer.checkpoint_every=0", "run.final_eval=false", "supervisor.live_status=false", *extra]
     args = [sys.executable, "-m", "respec_async.cli", "launch", str(config)]
     for o in overrides:
         args += ["--set", o]
