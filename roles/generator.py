@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from respec_async import adaptive
 from respec_async.actor import Actor, handles
 from respec_async.engine.engine import Completion, Engine, Request, SDConfig
 from respec_async.engine.sampling import SamplingParams
@@ -54,8 +55,13 @@ class GeneratorActor(Actor):
         relaxed = None
         if g.sd != "off" and (g.sd_relaxed_threshold_single < 1.0 or g.sd_relaxed_threshold_acc < 1.0):
             relaxed = RelaxedAcceptance(g.sd_relaxed_threshold_single, g.sd_relaxed_threshold_acc)
+        # Adaptive SD: the scheduler is built in main() once the profile is there (read from
+        # generator.sd_profile, or measured at start); the engine's draft buffers fit every config.
+        self.sd_profile, sd_grid = adaptive.generator_profile(cfg) if g.sd == "adaptive" else (None, [])
+        self.scheduler: adaptive.AdaptiveScheduler | None = None
         self.engine = Engine(self.target, self.drafter, max_batch_size=g.max_batch_size, max_seq_len=g.max_seq_len,
-                             seed=cfg.run.seed * 1000 + self.ctx.index, relaxed=relaxed)
+                             seed=cfg.run.seed * 1000 + self.ctx.index, relaxed=relaxed,
+                             max_draft_tokens=adaptive.engine_draft_budget(sd_grid))
         s = cfg.sampling
         stop = (self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id is not None else ()
         self.params = SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
@@ -157,12 +163,31 @@ class GeneratorActor(Actor):
                 self.in_flight[key].start_versions[i] = self.policy_version
 
     def _sd_choice(self, active: int) -> SDConfig | None:
-        return self.static_sd
+        return self.scheduler.choose(active) if self.scheduler is not None else self.static_sd
 
     def _step(self) -> list[Completion]:
         """One engine step, in the compute thread; swaps staged weights first."""
         self._swap_in_staged()
-        return self.engine.step(self._sd_choice(self.engine.num_active))
+        if self.scheduler is None:
+            return self.engine.step(self._sd_choice(self.engine.num_active))
+        started = self.scheduler.clock()
+        completions = self.engine.step(self._sd_choice(self.engine.num_active))
+        self.scheduler.observe(self.engine.step_stats[-1], self.scheduler.clock() - started)
+        return completions
+
+    async def _start_adaptive(self) -> None:
+        """Read or measure the profile (in the compute thread; weights arrive meanwhile) and
+        build the scheduler; logs the fit error and the plan."""
+        cfg = self.ctx.config
+        if self.sd_profile is None:
+            self.sd_profile = await self.run_blocking(adaptive.load_or_profile, cfg, self.target, self.drafter,
+                                                      self.tokenizer, self.ctx.run_dir, self.log.info)
+        self.scheduler = adaptive.scheduler_for(cfg, self.sd_profile)
+        error = self.scheduler.model.fit_error()
+        self.log.info("sd.plan", plan=self.scheduler.report(reset=False)["plan"],
+                      fit_step_time_error=round(error["step_time"]["mean"], 4),
+                      fit_speedup_error=round(error["speedup"]["mean"], 4),
+                      worst_choice_ratio=error["worst_choice_ratio"], acceptance=self.sd_profile.acceptance)
 
     def _record(self, completion: Completion) -> GroupInFlight | None:
         group_id, attempt, index = (int(x) for x in completion.request_id.split(":"))
@@ -181,6 +206,8 @@ class GeneratorActor(Actor):
         return flight if len(flight.rollouts) == flight.group.num_samples else None
 
     async def main(self) -> None:
+        if self.ctx.config.generator.sd == "adaptive":
+            await self._start_adaptive()
         await self.actor_weights.arrived.wait()
         await self.run_blocking(self._swap_in_staged)
         await self.notify("generator.ready", version=self.policy_version, device=self.ctx.config.model.device)
@@ -191,6 +218,8 @@ class GeneratorActor(Actor):
                 last_report = time.perf_counter()
                 self.log.info("generator.utilization", busy_s=round(self.busy_s, 3), idle_s=round(self.idle_s, 3),
                               num_groups_done=self.num_groups_done, version=self.policy_version)
+                if self.scheduler is not None:
+                    self.log.info("generator.sd", **self.scheduler.report())
             if not self.engine.has_unfinished:
                 idle_from = time.perf_counter()
                 self.wake.clear()
@@ -216,6 +245,8 @@ class GeneratorActor(Actor):
             return  # setup did not get this far
         self.log.info("generator.utilization", busy_s=round(self.busy_s, 3), idle_s=round(self.idle_s, 3),
                       num_groups_done=self.num_groups_done, version=self.policy_version)
+        if getattr(self, "scheduler", None) is not None:
+            self.log.info("generator.sd", total_steps=dict(self.scheduler.total_steps), **self.scheduler.report())
 
     async def _finish(self, flight: GroupInFlight) -> None:
         group = flight.group
