@@ -178,13 +178,6 @@ def rope_inv_freq(config: ModelConfig, device) -> Tensor:
     return inv_freq
 
 
-def rope_cos_sin(config: ModelConfig, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """cos, sin [B, 1, T, head_dim] for the rotate-half layout, computed in float32."""
-    angles = positions.float()[:, :, None] * rope_inv_freq(config, positions.device)
-    angles = torch.cat([angles, angles], dim=-1)[:, None]
-    return angles.cos().to(dtype), angles.sin().to(dtype)
-
-
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     first, second = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-second, first], dim=-1) * sin
@@ -197,6 +190,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # the same math, one op
         x_float = x.float()
         x_float = x_float * torch.rsqrt(x_float.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x_float.to(x.dtype)
@@ -216,7 +211,7 @@ class Attention(nn.Module):
                                 bias=config.attention_bias and config.model_type == "llama")
         self.enable_gqa = kv_heads != heads
 
-    def forward(self, x, cos, sin, cache, slots, cache_positions, attn_mask):
+    def forward(self, x, cos, sin, cache, slots, cache_positions, attn_mask, empty_rows=None):
         batch_size, seq_len, _ = x.shape
         head_dim = self.config.head_dim
         q = self.q_proj(x).view(batch_size, seq_len, -1, head_dim).transpose(1, 2)
@@ -234,9 +229,9 @@ class Attention(nn.Module):
         mask = None if attn_mask is None else attn_mask[:, None]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=attn_mask is None,
                                              enable_gqa=self.enable_gqa)
-        if attn_mask is not None:
+        if empty_rows is not None:
             # A query row that may attend to nothing (padding) gives zeros, never NaN, on every backend.
-            out = out.masked_fill(~attn_mask.any(-1)[:, None, :, None], 0.0)
+            out = out.masked_fill(empty_rows[:, None, :, None], 0.0)
         return self.o_proj(out.transpose(1, 2).reshape(batch_size, seq_len, -1))
 
 
@@ -259,8 +254,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, cache, slots, cache_positions, attn_mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, slots, cache_positions, attn_mask)
+    def forward(self, x, cos, sin, cache, slots, cache_positions, attn_mask, empty_rows=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, slots, cache_positions, attn_mask,
+                               empty_rows)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -275,6 +271,27 @@ class Transformer(nn.Module):
         self.apply(self._init_weights)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        # cos/sin per position, float32, built once and grown on demand (computing them per
+        # forward is a dozen small ops, a real share of a CPU decode step). A plain attribute,
+        # not a buffer, so .to(bfloat16) cannot round the angles.
+        self.rope_table = torch.empty(0)
+
+    def rope(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos, sin [B, 1, T, head_dim] in dtype (rotate-half layout; angles position * inv_freq
+        in float32, read from the table)."""
+        num_positions = int(positions.max()) + 1
+        table = self.rope_table
+        # A table built under inference_mode cannot enter autograd: rebuild it for training.
+        if (table.dim() != 3 or table.shape[1] < num_positions or table.device != positions.device
+                or (table.is_inference() and not torch.is_inference_mode_enabled())):
+            size = max(num_positions, 2 * table.shape[1] if table.dim() == 3 else 0,
+                       self.config.max_position_embeddings)
+            angles = (torch.arange(size, device=positions.device, dtype=torch.float32)[:, None]
+                      * rope_inv_freq(self.config, positions.device))
+            angles = torch.cat([angles, angles], dim=-1)
+            self.rope_table = table = torch.stack([angles.cos(), angles.sin()])
+        cos, sin = table[:, positions].unsqueeze(2).to(dtype).unbind(0)
+        return cos, sin
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -306,13 +323,18 @@ class Transformer(nn.Module):
                 num_keys = int(cache_positions.max()) + 1
                 attn_mask = torch.arange(num_keys, device=device) <= cache_positions[:, :, None]
         x = self.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(self.config, positions, x.dtype)
+        cos, sin = self.rope(positions, x.dtype)
+        empty_rows = None
+        if attn_mask is not None:
+            empty_rows = ~attn_mask.any(-1)
+            if empty_rows.device.type == "cpu" and not empty_rows.any():
+                empty_rows = None  # the common case: skip the masked_fill in every layer
         wanted = set(hidden_layers)
         if any(not 0 <= i < len(self.layers) for i in wanted):
             raise ValueError(f"hidden_layers {tuple(hidden_layers)} must be in [0, {len(self.layers)})")
         hidden = {}
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache, slots, cache_positions, attn_mask)
+            x = layer(x, cos, sin, cache, slots, cache_positions, attn_mask, empty_rows)
             if i in wanted:
                 hidden[i] = x
         if logits_positions is not None:
