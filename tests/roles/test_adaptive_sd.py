@@ -65,3 +65,20 @@ def test_adaptive_generator_switches_mode_with_the_batch_size_from_a_given_profi
     assert total.get(PLAIN, 0) > 0 and total.get("2,1,2", 0) > 0, total
     records = read_metrics(run.run_dir / "metrics.jsonl")
     assert any(0 < r.sd_step_share < 1 for r in records), [r.sd_step_share for r in records]
+
+
+def test_respec_profile_writes_a_profile_with_its_fit(micro_zoo, tmp_path, capsys):
+    from respec_async.cli import main
+
+    config = tmp_path / "c.toml"
+    config.write_text(f'[model]\npath = "{micro_zoo.target_dir}"\ndrafter_path = "{micro_zoo.drafter_dir}"\n'
+                      '[generator]\nmax_batch_size = 3\n[sampling]\nmax_new_tokens = 16\n')
+    out = tmp_path / "p.json"
+    assert main(["profile", str(config), "--set", 'generator.sd_grid=["2,1,2","2,2,3"]', "--out", str(out),
+                 "--repeats", "2", "--acceptance-prompts", "4"]) == 0
+    profile = Profile.load(out)
+    assert profile.batch_sizes == [1, 2, 3] and list(profile.sd_s) == ["2,1,2", "2,2,3"]
+    assert profile.meta["max_new_tokens"] == 16 and profile.clock == "cpu"
+    assert profile.fit["error"]["step_time"]["max"] >= 0 and profile.fit["plan"][-1]["to"] == 3
+    printed = capsys.readouterr().out
+    assert "fit error (relative)" in printed and f"generator.sd_profile={out}" in printed
