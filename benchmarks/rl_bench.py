@@ -1,0 +1,94 @@
+"""Shared by the RL-curve benchmarks (bench_drafter_evolution.py, bench_reward_weighting.py):
+launch one real run (`respec launch`, every role a process) with overrides, read its per-step
+metrics and the drafter learner's records, smooth curves, and plot them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from respec_async.metrics import read_metrics  # noqa: E402
+
+
+def launch_run(config: Path, name: str, root: Path, overrides: list[str], timeout_s: float = 3600) -> Path:
+    """Run `respec launch CONFIG --set ...` to completion; returns the run directory."""
+    overrides = [f'run.root="{root}"', f'run.name="{name}"', "run.final_eval=false", "supervisor.live_status=false",
+                 "trainer.checkpoint_every=0", *overrides]
+    args = [sys.executable, "-m", "respec_async.cli", "launch", str(config)]
+    for o in overrides:
+        args += ["--set", o]
+    started = time.perf_counter()
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout_s)
+    if proc.returncode != 0:
+        raise RuntimeError(f"run {name} failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}")
+    run_dir = max(root.glob(f"{name}-*"))
+    print(f"  {name}: {time.perf_counter() - started:.0f}s  {run_dir}", flush=True)
+    return run_dir
+
+
+def step_records(run_dir: Path) -> list:
+    return read_metrics(run_dir / "metrics.jsonl")
+
+
+def learner_records(run_dir: Path) -> list[dict]:
+    path = run_dir / "drafter_learner-0.metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def events(run_dir: Path, role: str, name: str) -> list[dict]:
+    path = run_dir / "logs" / f"{role}.jsonl"
+    out = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if event.get("event") == name:
+            out.append(event)
+    return out
+
+
+def window_means(values: list[float], window: int) -> list[float]:
+    """Mean of each consecutive block of `window` values (the last block may be shorter)."""
+    return [sum(values[i:i + window]) / len(values[i:i + window]) for i in range(0, len(values), window)]
+
+
+def moving_average(values: list[float], window: int) -> list[float]:
+    out = []
+    for i in range(len(values)):
+        chunk = values[max(0, i - window + 1): i + 1]
+        out.append(sum(chunk) / len(chunk))
+    return out
+
+
+def plot_curves(path: Path, title: str, ylabel: str, curves: dict[str, list[float]], smooth: int = 10,
+                hline: tuple[float, str] | None = None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for label, values in curves.items():
+        line, = ax.plot(range(len(values)), values, alpha=0.25)
+        ax.plot(range(len(values)), moving_average(values, smooth), color=line.get_color(),
+                label=f"{label} ({smooth}-step moving average)")
+    if hline is not None:
+        ax.axhline(hline[0], color="gray", linestyle="--", label=hline[1])
+    ax.set_xlabel("RL step (policy version)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
