@@ -28,7 +28,16 @@ predicted throughput speedup of config c over plain decoding at batch size B is
 
     S_c(B) = L_c * T_plain(B) / T_c(B)
 
-and the best choice at B is argmax_c S_c(B) if that exceeds 1, else SD off. The fit error
+and the best choice at B is argmax_c S_c(B) if that exceeds 1, else SD off. While requests
+wait for slots (an RL generation phase before its tail), every sequence that finishes is
+replaced and prefilled at the next step, and that admission cost is per step, not per token:
+a mode that emits k tokens per row finishes n = B * k / (mean completion length) rows per step
+(Poisson), so its step costs T_m(B) + P(n >= 1) * a_adm + n * b_adm on top, with a_adm, b_adm
+measured by the profiler (a step admitting 1 and 4 requests minus the same decode without the
+admission) and the mean completion length from the acceptance rollouts. SD emits more per
+step and so batches admissions into fewer steps, which on this CPU (a prefill costs about one
+decode step at B = 64) moves the break-even batch size up. The scheduler keeps one plan for
+each case and is told which applies. The fit error
 (`SpeedupModel.fit_error`): relative error of the fitted vs measured step time per mode and
 of the predicted vs measured speedup per config at each profiled B (mean and max), the
 leave-one-out error of the step-time fit at interior batch sizes (how well it predicts a batch
@@ -36,8 +45,8 @@ size it was not fitted on), and the regret of the fitted choice: at each profile
 measured speedup of the config the fit picks over the measured best.
 
 **Scheduler** (`AdaptiveScheduler`). Before each engine step it reads the active batch size
-and returns the planned choice (a table of best choices for B = 1..max, re-solved only when an
-estimate changes). Beyond the paper's offline-only profile it re-estimates acceptance online:
+(and whether requests wait for slots) and returns the planned choice (tables of best choices
+for B = 1..max, re-solved only when an estimate changes). Beyond the paper's offline-only profile it re-estimates acceptance online:
 per config, the accepted counts of its verify steps are pooled into windows of
 `window_rows` sequence-steps; each window's observed L over the profiled L gives a ratio x,
 and the config's ratio r_c <- (1 - alpha) r_c + alpha x; every other config's ratio moves by
@@ -61,6 +70,7 @@ Nothing here touches roles or sockets; the generator calls `choose` and `observe
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
 from collections import Counter, defaultdict
@@ -148,6 +158,10 @@ class Profile:
     sd_s: dict[str, list[float]]  # config key "s,t,n" -> median seconds of an SD step, per batch size
     acceptance: dict[str, float]  # config key -> mean tokens per verify step on the task's rollouts
     clock: str = "cpu"
+    # Refilling slots: extra seconds of a step that admits (prefills) k new requests, a + b * k,
+    # and the mean completion length (tokens) of the task's rollouts; {} / 0 = not measured.
+    admission: dict[str, float] = field(default_factory=dict)
+    completion_tokens: float = 0.0
     meta: dict[str, Any] = field(default_factory=dict)  # models, sampling, repeats, machine, time taken
     fit: dict[str, Any] = field(default_factory=dict)  # the solver's fit error and plan, for reading
 
@@ -249,6 +263,7 @@ def measure_acceptance(target, drafter, configs: Sequence[SDConfig], prompts: Se
 
     max_seq_len = max(len(p) for p in prompts) + params.max_new_tokens + 1
     out = {}
+    lengths = []
     for sd in configs:
         engine = Engine(target, drafter, max_batch_size=min(batch_size, len(prompts)), max_seq_len=max_seq_len,
                         seed=seed, max_draft_tokens=engine_draft_budget([sd]))
@@ -256,9 +271,43 @@ def measure_acceptance(target, drafter, configs: Sequence[SDConfig], prompts: Se
         verify = sum(c.num_verify_steps for c in completions)
         accepted = sum(c.num_accepted for c in completions)
         out[config_key(sd)] = (accepted + verify) / verify if verify else 1.0
+        lengths += [len(c.output_ids) for c in completions]
         if progress is not None:
             progress(1, f"acceptance {config_key(sd)}")
+    out[PLAIN] = sum(lengths) / len(lengths)  # mean completion tokens, under the "plain" key
     return out
+
+
+def measure_admission(target, drafter, configs: Sequence[SDConfig], prompts: Sequence[list[int]], params, *,
+                      max_batch_size: int, repeats: int = 5, clock: str = "cpu", seed: int = 0) -> dict[str, float]:
+    """Extra cost of a step that admits k new requests (their prefill, target and drafter), fitted
+    as a + b * k from k = 1 and k = min(4, max_batch_size): each sample times a step that admits
+    k prompts into an empty engine and subtracts the next step (decoding the same k rows)."""
+    from respec_async.engine.engine import Engine, Request
+
+    now = make_clock(clock)
+    ks = sorted({1, min(4, max_batch_size)})
+    extra: dict[int, list[float]] = defaultdict(list)
+    max_seq_len = max(len(p) for p in prompts) + 8
+    for rep in range(repeats + 1):
+        for k in ks:
+            engine = Engine(target, drafter, max_batch_size=max_batch_size, max_seq_len=max_seq_len, seed=seed,
+                            max_draft_tokens=engine_draft_budget(configs))
+            for i in range(k):
+                engine.add_request(Request(i, list(prompts[(rep * k + i) % len(prompts)]), params))
+            start = now()
+            engine.step(None)
+            admit_s = now() - start
+            start = now()
+            engine.step(None)
+            decode_s = now() - start
+            if rep:  # the first round warms up
+                extra[k].append(max(0.0, admit_s - decode_s))
+    medians = {k: statistics.median(v) for k, v in extra.items()}
+    if len(ks) == 1:
+        return {"a": medians[1], "b": 0.0}
+    b = max(0.0, (medians[ks[1]] - medians[1]) / (ks[1] - 1))
+    return {"a": max(0.0, medians[1] - b), "b": b}
 
 
 def run_profile(target, drafter, configs: Sequence[SDConfig], batch_sizes: Sequence[int],
@@ -274,22 +323,29 @@ def run_profile(target, drafter, configs: Sequence[SDConfig], batch_sizes: Seque
     acceptance_prompts = [prompts[i % len(prompts)] for i in range(num_acceptance_prompts)]
     acceptance = measure_acceptance(target, drafter, configs, acceptance_prompts, params, seed=seed,
                                     progress=progress)
+    completion_tokens = acceptance.pop(PLAIN)
+    admission = measure_admission(target, drafter, configs, prompts, params, max_batch_size=max(batch_sizes),
+                                  repeats=repeats, clock=clock, seed=seed)
+    if progress is not None:
+        progress(1, "admission cost")
     meta = dict(meta or {})
     meta.update(repeats=repeats, num_acceptance_prompts=num_acceptance_prompts, context_len=context_len,
                 temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
                 max_new_tokens=params.max_new_tokens, seconds=round(time.perf_counter() - started, 2),
                 created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    profile = Profile(batch_sizes=batch_sizes, plain_s=plain, sd_s=sd, acceptance=acceptance, clock=clock, meta=meta)
+    profile = Profile(batch_sizes=batch_sizes, plain_s=plain, sd_s=sd, acceptance=acceptance, clock=clock,
+                      admission=admission, completion_tokens=completion_tokens, meta=meta)
     model = SpeedupModel(profile)
     profile.fit = {"model": "T_m(B) = a_m + b_m * B ** p_m per mode; S_c(B) = L_c * T_plain(B) / T_c(B)",
                    "params": model.fit_params(), "error": model.fit_error(),
-                   "plan": model.plan_summary(max(batch_sizes))}
+                   "plan": model.plan_summary(max(batch_sizes)),
+                   "plan_refilling": model.plan_summary(max(batch_sizes), refilling=True)}
     return profile
 
 
 def profile_units(num_configs: int, num_batch_sizes: int, repeats: int) -> int:
     """Progress units run_profile reports in all (for a progress bar's total)."""
-    return (num_configs + 1) * num_batch_sizes * repeats + num_configs
+    return (num_configs + 1) * num_batch_sizes * repeats + num_configs + 1
 
 
 # ---- the solver -----------------------------------------------------------------------------
@@ -355,30 +411,53 @@ class SpeedupModel:
     def step_seconds(self, key: str, batch_size: float) -> float:
         return self.plain(batch_size) if key == PLAIN else self.cost[key](batch_size)
 
-    def speedup(self, key: str, batch_size: float, acceptance: dict[str, float] | None = None) -> float:
+    def tokens_per_row(self, key: str, acceptance: dict[str, float] | None = None) -> float:
+        return 1.0 if key == PLAIN else (acceptance or self.profile.acceptance)[key]
+
+    def admission_seconds(self, batch_size: float, tokens_per_row: float) -> float:
+        """Expected prefill cost per step while finished slots are refilled from a queue: a step
+        that emits tokens_per_row per sequence finishes n = B * tokens_per_row / completion_tokens
+        sequences on average, refilled next step: P(n >= 1) * a + n * b (Poisson arrivals)."""
+        admission, length = self.profile.admission, self.profile.completion_tokens
+        if not admission or length <= 0:
+            return 0.0
+        n = batch_size * tokens_per_row / length
+        return (1.0 - math.exp(-n)) * admission["a"] + n * admission["b"]
+
+    def speedup(self, key: str, batch_size: float, acceptance: dict[str, float] | None = None,
+                refilling: bool = False) -> float:
+        """Predicted throughput of `key` over plain decoding at this batch size; with refilling,
+        each step also pays the expected admission cost of the slots its finished rows free."""
         if key == PLAIN:
             return 1.0
-        length = (acceptance or self.profile.acceptance)[key]
-        return length * self.plain(batch_size) / self.cost[key](batch_size)
+        length = self.tokens_per_row(key, acceptance)
+        plain_s, sd_s = self.plain(batch_size), self.cost[key](batch_size)
+        if refilling:
+            plain_s += self.admission_seconds(batch_size, 1.0)
+            sd_s += self.admission_seconds(batch_size, length)
+        return length * plain_s / sd_s
 
-    def best(self, batch_size: float, acceptance: dict[str, float] | None = None) -> tuple[str, float]:
+    def best(self, batch_size: float, acceptance: dict[str, float] | None = None,
+             refilling: bool = False) -> tuple[str, float]:
         """(PLAIN or the best config's key, its predicted speedup) at this batch size."""
         choice, value = PLAIN, 1.0
         for key in self.cost:
-            s = self.speedup(key, batch_size, acceptance)
+            s = self.speedup(key, batch_size, acceptance, refilling)
             if s > value:
                 choice, value = key, s
         return choice, value
 
-    def plan(self, max_batch_size: int, acceptance: dict[str, float] | None = None) -> list[tuple[str, float]]:
+    def plan(self, max_batch_size: int, acceptance: dict[str, float] | None = None,
+             refilling: bool = False) -> list[tuple[str, float]]:
         """best(B) for B = 1..max_batch_size (index B - 1)."""
-        return [self.best(b, acceptance) for b in range(1, max_batch_size + 1)]
+        return [self.best(b, acceptance, refilling) for b in range(1, max_batch_size + 1)]
 
-    def plan_summary(self, max_batch_size: int, acceptance: dict[str, float] | None = None) -> list[dict[str, Any]]:
+    def plan_summary(self, max_batch_size: int, acceptance: dict[str, float] | None = None,
+                     refilling: bool = False) -> list[dict[str, Any]]:
         """The plan as runs of batch sizes with the same choice: [{from, to, choice, speedup}, ...]
         (speedup: predicted, at the run's first batch size)."""
         runs: list[dict[str, Any]] = []
-        for b, (key, value) in enumerate(self.plan(max_batch_size, acceptance), start=1):
+        for b, (key, value) in enumerate(self.plan(max_batch_size, acceptance, refilling), start=1):
             if runs and runs[-1]["choice"] == key:
                 runs[-1]["to"] = b
             else:
@@ -447,6 +526,12 @@ def format_profile(profile: Profile, model: SpeedupModel | None = None) -> str:
         for r in error["choice_vs_measured_best"]))
     lines.append("plan (predicted speedup): " + ", ".join(
         f"B {r['from']}-{r['to']}: {r['choice']} x{r['speedup']:.2f}" for r in model.plan_summary(max(sizes))))
+    if profile.admission:
+        lines.append(f"admission (prefill) cost per step: {profile.admission['a'] * 1e3:.2f} ms + "
+                     f"{profile.admission['b'] * 1e3:.2f} ms per request; mean completion "
+                     f"{profile.completion_tokens:.1f} tokens; plan while slots refill from a queue: " + ", ".join(
+                         f"B {r['from']}-{r['to']}: {r['choice']} x{r['speedup']:.2f}"
+                         for r in model.plan_summary(max(sizes), refilling=True)))
     return "\n".join(lines)
 
 
@@ -480,8 +565,10 @@ class AdaptiveScheduler:
 
     def _resolve(self) -> None:
         self.estimates = self.acceptance
-        self.plan = self.model.plan(self.max_batch_size, self.estimates)
-        self.choices = [self.model.configs.get(key) for key, _ in self.plan]
+        self.plans = {refilling: self.model.plan(self.max_batch_size, self.estimates, refilling)
+                      for refilling in (False, True)}
+        self.choices = {refilling: [self.model.configs.get(key) for key, _ in plan]
+                        for refilling, plan in self.plans.items()}
         self.num_resolves += 1
 
     def reset_estimates(self) -> None:
@@ -493,25 +580,28 @@ class AdaptiveScheduler:
         return self.model.speedup(key, batch_size, self.estimates)
 
     # per step
-    def choose(self, batch_size: int) -> SDConfig | None:
+    def choose(self, batch_size: int, refilling: bool = False) -> SDConfig | None:
+        """The config (None = plain) for a step of batch_size sequences; refilling: requests are
+        waiting for slots, so rows that finish are replaced (and prefilled) next step."""
         if batch_size <= 0:
             return None
         index = min(batch_size, self.max_batch_size) - 1
-        choice = self.choices[index]
+        choice = self.choices[refilling][index]
         self._steps_since_probe += 1
         if self.probe_interval and self._steps_since_probe >= self.probe_interval:
             self._steps_since_probe = 0
-            probe = self._probe(batch_size, config_key(choice), self.plan[index][1])
+            probe = self._probe(batch_size, config_key(choice), self.plans[refilling][index][1], refilling)
             if probe is not None:
                 self.num_probes += 1
                 return probe
         return choice
 
-    def _probe(self, batch_size: int, chosen: str, best: float) -> SDConfig | None:
+    def _probe(self, batch_size: int, chosen: str, best: float, refilling: bool) -> SDConfig | None:
         keys = list(self.model.configs)
         for offset in range(len(keys)):
             key = keys[(self._probe_turn + offset) % len(keys)]
-            if key != chosen and self.predicted_speedup(key, batch_size) >= self.probe_margin * best:
+            if key != chosen and self.model.speedup(key, batch_size, self.estimates, refilling) >= \
+                    self.probe_margin * best:
                 self._probe_turn = (self._probe_turn + offset + 1) % len(keys)
                 return self.model.configs[key]
         return None
@@ -564,6 +654,7 @@ class AdaptiveScheduler:
             "observed_acceptance": {k: round(sum(v) / len(v), 3) for k, v in self._observed_acceptance.items()},
             "acceptance_estimate": {k: round(v, 3) for k, v in self.estimates.items()},
             "plan": self.model.plan_summary(self.max_batch_size, self.estimates),
+            "plan_refilling": self.model.plan_summary(self.max_batch_size, self.estimates, refilling=True),
             "probes": self.num_probes,
         }
         if reset:

@@ -10,7 +10,7 @@ import torch
 
 from respec_async.adaptive import (
     PLAIN, AdaptiveScheduler, CostFit, Profile, SpeedupModel, config_key, engine_draft_budget, fit_cost,
-    parse_grid, profile_batch_sizes, run_profile)
+    parse_grid, profile_batch_sizes, profile_units, run_profile)
 from respec_async.engine.engine import Engine, SDConfig, StepStats
 from respec_async.engine.sampling import SamplingParams
 from tests.engine.test_engine import tiny_models
@@ -81,6 +81,25 @@ def test_solver_picks_the_argmax_of_predicted_speedup_and_plain_where_sd_loses()
     summary = model.plan_summary(64)
     assert [r["choice"] for r in summary] == ["4,1,4", "2,1,2", PLAIN]
     assert summary[0]["from"] == 1 and summary[-1]["to"] == 64
+
+
+def test_admission_cost_while_slots_refill_favours_sd_at_large_batch_sizes():
+    # A prefill costs 10 ms per admitting step; rollouts are 40 tokens long. Plain decoding at
+    # B = 64 finishes 1.6 rows per step and pays it in 80% of its steps; the 2-step chain emits
+    # 2.2x the tokens per step, so it pays the same cost per step for 2.2x the tokens.
+    profile = synthetic_profile()
+    profile.admission, profile.completion_tokens = {"a": 0.010, "b": 0.0}, 40.0
+    model = SpeedupModel(profile)
+    assert model.plan(64)[-1][0] == PLAIN
+    choice, speedup = model.best(64, refilling=True)
+    n_plain, n_sd = 64 / 40, 64 * 2.2 / 40
+    by_hand = 2.2 * (PLAIN_COST(64) + 10 * (1 - torch.exp(torch.tensor(-n_plain)).item())) / (
+        COSTS["2,1,2"](64) + 10 * (1 - torch.exp(torch.tensor(-n_sd)).item()))
+    assert choice == "2,1,2" and speedup == pytest.approx(by_hand, rel=1e-5) and by_hand > 1
+    scheduler = AdaptiveScheduler(model, 64, probe_interval=0)
+    assert scheduler.choose(64) is None and scheduler.choose(64, refilling=True) == SDConfig(2, 1, 2)
+    # Without a measured admission cost the two plans agree.
+    assert SpeedupModel(synthetic_profile()).plan(64, refilling=True) == SpeedupModel(synthetic_profile()).plan(64)
 
 
 def test_scheduler_switches_with_the_active_batch_size():
@@ -178,10 +197,11 @@ def test_profiler_measures_every_cell_on_a_real_engine_and_the_scheduler_drives_
     done = []
     profile = run_profile(target, drafter, configs, [1, 2, 4], prompts, params, repeats=2, num_acceptance_prompts=4,
                           context_len=40, progress=lambda n, what: done.append(n))
-    assert sum(done) == (len(configs) + 1) * 3 * 2 + len(configs)
+    assert sum(done) == profile_units(len(configs), 3, 2)
     assert profile.batch_sizes == [1, 2, 4] and set(profile.sd_s) == {"2,1,2", "2,2,3"}
     assert all(t > 0 for t in profile.plain_s) and all(t > 0 for v in profile.sd_s.values() for t in v)
     assert all(1.0 <= a <= 3.0 for a in profile.acceptance.values())
+    assert 1 <= profile.completion_tokens <= 12 and profile.admission["a"] >= 0 and profile.admission["b"] >= 0
     assert profile.fit["error"]["step_time"]["mean"] >= 0 and profile.fit["plan"][0]["from"] == 1
     # The scheduler's choices drive one engine through a whole generation, switching freely.
     scheduler = AdaptiveScheduler(SpeedupModel(profile), 4, probe_interval=2, probe_margin=0.0)
