@@ -163,7 +163,10 @@ class GeneratorActor(Actor):
                 self.in_flight[key].start_versions[i] = self.policy_version
 
     def _sd_choice(self, active: int) -> SDConfig | None:
-        return self.scheduler.choose(active) if self.scheduler is not None else self.static_sd
+        if self.scheduler is None:
+            return self.static_sd
+        # Requests left waiting after this step's admissions refill the slots its finished rows free.
+        return self.scheduler.choose(active, refilling=len(self.engine.waiting) > len(self.engine.free_slots))
 
     def _step(self) -> list[Completion]:
         """One engine step, in the compute thread; swaps staged weights first."""
