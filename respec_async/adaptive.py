@@ -565,11 +565,19 @@ class AdaptiveScheduler:
 
     def _resolve(self) -> None:
         self.estimates = self.acceptance
-        self.plans = {refilling: self.model.plan(self.max_batch_size, self.estimates, refilling)
-                      for refilling in (False, True)}
-        self.choices = {refilling: [self.model.configs.get(key) for key, _ in plan]
-                        for refilling, plan in self.plans.items()}
+        # Solved lazily, per (batch size, refilling) when a step asks: a re-estimate only drops
+        # the table (at B = 64 a window closes every SD step; solving all 2 x 64 entries each
+        # time would cost more than the choice is worth).
+        self._plan: dict[tuple[bool, int], tuple[SDConfig | None, float]] = {}
         self.num_resolves += 1
+
+    def planned(self, batch_size: int, refilling: bool = False) -> tuple[SDConfig | None, float]:
+        """(the config, None = plain; its predicted speedup) the plan holds for this batch size."""
+        entry = self._plan.get((refilling, batch_size))
+        if entry is None:
+            key, value = self.model.best(batch_size, self.estimates, refilling)
+            entry = self._plan[refilling, batch_size] = (self.model.configs.get(key), value)
+        return entry
 
     def reset_estimates(self) -> None:
         """Back to the profiled acceptance (e.g. after a drafter whose quality is unknown)."""
@@ -586,11 +594,11 @@ class AdaptiveScheduler:
         if batch_size <= 0:
             return None
         index = min(batch_size, self.max_batch_size) - 1
-        choice = self.choices[refilling][index]
+        choice, best = self.planned(index + 1, refilling)
         self._steps_since_probe += 1
         if self.probe_interval and self._steps_since_probe >= self.probe_interval:
             self._steps_since_probe = 0
-            probe = self._probe(batch_size, config_key(choice), self.plans[refilling][index][1], refilling)
+            probe = self._probe(batch_size, config_key(choice), best, refilling)
             if probe is not None:
                 self.num_probes += 1
                 return probe
