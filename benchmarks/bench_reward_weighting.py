@@ -13,11 +13,14 @@ a draft whose target probability is >= threshold_single, and compares the accept
 p / (q * threshold_acc): more drafts pass and the rollouts drift from the target towards the
 drafter, while the behaviour log-probs (and so the trainer's off-policy correction) stay the
 target's. Reported: mean reward over blocks of `--window` steps and over the last half of the
-run, each SD run's gap to no SD with its standard error (rewards are 0/1; n rollouts per
-half-run: SE of a difference = sqrt(p1(1-p1)/n + p2(1-p2)/n)), and verdicts: "plain KD degrades
-reward" when its last-half reward is below no SD's by more than 2 SE, "weighting keeps reward at
-the no-SD curve" when weighted KD's last-half reward is within 2 SE of no SD's (or above it).
-Writes benchmarks/results/bench_reward_weighting.json and .png.
+run, and each SD run's gap to no SD over the last half, paired by step: the same seed gives the
+three runs the same prompts at every step, so the per-step differences d_i = r_SD(i) - r_noSD(i)
+cancel most of the prompt-difficulty noise; gap = mean(d), SE = sd(d) / sqrt(#steps) (this SE
+also absorbs the policies drifting apart). The unpaired binomial SE is printed beside it.
+Verdicts: "plain KD degrades reward" when its gap < -2 SE; "weighting keeps reward at the no-SD
+curve" when weighted KD's gap >= -2 SE.
+Writes benchmarks/results/bench_reward_weighting.json and .png; --from-json re-reports a
+recorded run without running anything.
 """
 
 from __future__ import annotations
@@ -51,7 +54,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="the micro zoo (smoke test; numbers mean nothing)")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench_reward_weighting.json")
+    parser.add_argument("--from-json", type=Path, help="re-report this recorded result (no runs)")
     args = parser.parse_args()
+    if args.from_json:
+        recorded = json.loads(args.from_json.read_text())
+        for key in ("steps", "threshold_single", "threshold_acc", "window"):
+            setattr(args, key, recorded["settings"][key])
+        report(args, recorded["results"], recorded)
+        return
 
     from respec_async import zoo
 
@@ -96,12 +106,29 @@ def main() -> None:
             "learner_weight_mean": statistics.mean(x["weight_mean"] for x in learner) if learner else None,
             "learner_kd_loss_first_last": [learner[0]["loss"], learner[-1]["loss"]] if learner else [],
         }
+    report(args, results, {
+        "benchmark": "bench_reward_weighting", "command": " ".join(sys.argv), "quick_zoo": args.quick,
+        "settings": {"steps": args.steps, "groups_per_step": args.groups_per_step, "group_size": args.group_size,
+                     "max_new_tokens": args.max_new_tokens, "lr": args.lr, "threshold_single": args.threshold_single,
+                     "threshold_acc": args.threshold_acc, "window": args.window, "seed": args.seed, "sd": [4, 1, 4],
+                     "overrides": common},
+        "total_wall_s": time.perf_counter() - started,
+    })
 
-    def gap(name: str) -> tuple[float, float]:
+
+def report(args, results: dict, recorded: dict) -> None:
+    variants = ("no_sd", "plain_kd", "weighted_kd")
+    half = args.steps // 2
+
+    def gap(name: str) -> tuple[float, float, float]:
+        """(paired mean gap over the last half, its SE, the unpaired binomial SE)."""
         a, b = results[name], results["no_sd"]
+        diffs = [x - y for x, y in zip(a["reward"][half:], b["reward"][half:])]
+        paired_se = statistics.stdev(diffs) / math.sqrt(len(diffs))
         p1, p2 = a["reward_last_half"], b["reward_last_half"]
-        se = math.sqrt(max(p1 * (1 - p1), 1e-4) / a["n_last_half"] + max(p2 * (1 - p2), 1e-4) / b["n_last_half"])
-        return p1 - p2, se
+        binomial_se = math.sqrt(max(p1 * (1 - p1), 1e-4) / a["n_last_half"]
+                                + max(p2 * (1 - p2), 1e-4) / b["n_last_half"])
+        return statistics.mean(diffs), paired_se, binomial_se
 
     w = args.window
     print(f"\nmean reward over blocks of {w} RL steps (relaxed acceptance: threshold_single "
@@ -114,17 +141,19 @@ def main() -> None:
         acc = results[n]["acceptance_length"]
         print(f"{n}: acceptance length {statistics.mean(acc[:w]):.2f} -> {statistics.mean(acc[-w:]):.2f}, "
               f"mean learner weight {results[n]['learner_weight_mean']}")
-    plain_gap, plain_se = gap("plain_kd")
-    weighted_gap, weighted_se = gap("weighted_kd")
+    plain_gap, plain_se, plain_bse = gap("plain_kd")
+    weighted_gap, weighted_se, weighted_bse = gap("weighted_kd")
     degrades = plain_gap < -2 * plain_se
     keeps = weighted_gap >= -2 * weighted_se
     lines = [
         f"{'YES' if degrades else 'NO'}: plain KD {'degrades' if degrades else 'does not degrade'} reward: last-half "
-        f"reward {results['plain_kd']['reward_last_half']:.3f} vs no SD {results['no_sd']['reward_last_half']:.3f} "
-        f"(gap {plain_gap:+.3f}, 2 SE = {2 * plain_se:.3f})",
+        f"reward {results['plain_kd']['reward_last_half']:.3f} vs no SD {results['no_sd']['reward_last_half']:.3f}, "
+        f"paired gap {plain_gap:+.3f} = {plain_gap / plain_se:+.1f} SE (SE {plain_se:.4f}; unpaired binomial SE "
+        f"{plain_bse:.4f})",
         f"{'PASS' if keeps else 'MISS'}: reward-weighted KD {'keeps' if keeps else 'does not keep'} reward at the no-SD "
-        f"curve: {results['weighted_kd']['reward_last_half']:.3f} vs {results['no_sd']['reward_last_half']:.3f} "
-        f"(gap {weighted_gap:+.3f}, 2 SE = {2 * weighted_se:.3f})",
+        f"curve: {results['weighted_kd']['reward_last_half']:.3f} vs {results['no_sd']['reward_last_half']:.3f}, "
+        f"paired gap {weighted_gap:+.3f} = {weighted_gap / weighted_se:+.1f} SE (SE {weighted_se:.4f}; unpaired "
+        f"binomial SE {weighted_bse:.4f}; target: gap >= -2 SE)",
     ]
     for line in lines:
         print(line)
@@ -134,14 +163,7 @@ def main() -> None:
                 {"no SD": results["no_sd"]["reward"], "SD + plain KD learner": results["plain_kd"]["reward"],
                  "SD + reward-weighted KD learner": results["weighted_kd"]["reward"]}, smooth=w)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
-        "benchmark": "bench_reward_weighting", "command": " ".join(sys.argv), "quick_zoo": args.quick,
-        "settings": {"steps": args.steps, "groups_per_step": args.groups_per_step, "group_size": args.group_size,
-                     "max_new_tokens": args.max_new_tokens, "lr": args.lr, "threshold_single": args.threshold_single,
-                     "threshold_acc": args.threshold_acc, "window": w, "seed": args.seed, "sd": [4, 1, 4],
-                     "overrides": common},
-        "results": results, "verdict": lines, "png": str(png), "total_wall_s": time.perf_counter() - started,
-    }, indent=1))
+    args.out.write_text(json.dumps({**recorded, "results": results, "verdict": lines, "png": str(png)}, indent=1))
     print(f"wrote {args.out} and {png}")
 
 
