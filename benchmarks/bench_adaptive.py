@@ -12,10 +12,11 @@ One run, one process, one torch thread, on the zoo target + drafter:
    each sampled until EOS (temperature 1, max --max-new-tokens); tokens/s counts the tokens
    emitted by the steps that ran with all B slots busy (the queue still non-empty), over the
    time of those steps, so B is the active batch size throughout what is measured. Modes run
-   interleaved (round robin, rotating) with the same prompts.
+   interleaved step by step (each mode its own engine, one step of each in turn) on the same
+   prompts, so a change of load on the machine hits every mode alike.
 3. A real RL generation phase: --stream-prompts held-out prompts x --group-size samples streamed
    through --max-batch-size slots until EOS (the long tail included), total time for plain,
-   every static config and the adaptive scheduler.
+   every static config and the adaptive scheduler, interleaved the same way.
 Time is this process's CPU time by default (--clock cpu: on a machine shared with other jobs
 the wall clock measures the neighbours); the JSON holds both clocks. Prints the tables and
 PASS/MISS lines, writes benchmarks/results/bench_adaptive.json and bench_adaptive.png.
@@ -82,41 +83,73 @@ class Timer:
         self.seconds["cpu"] += time.process_time() - self._cpu
 
 
-def run_mode(target, drafter, profile: Profile, mode: str, prompts: list[list[int]], params: SamplingParams,
-             batch_size: int, full_only: bool, seed: int) -> dict:
-    """Generate `prompts` through batch_size slots with plain decoding, one static config or the
-    adaptive scheduler; time (and count the tokens of) every step, or with full_only the steps
-    that ran with all slots busy."""
-    configs = profile.configs
-    engine = Engine(target, drafter, max_batch_size=batch_size,
-                    max_seq_len=max(len(p) for p in prompts) + params.max_new_tokens + 1, seed=seed,
-                    max_draft_tokens=engine_draft_budget(configs))
-    scheduler = AdaptiveScheduler(SpeedupModel(profile), batch_size) if mode == ADAPTIVE else None
-    static = None if mode in (PLAIN, ADAPTIVE) else next(c for c in configs if config_key(c) == mode)
-    for i, prompt in enumerate(prompts):
-        engine.add_request(Request(i, prompt, params))
-    timer = Timer()
-    num_tokens = num_steps = 0
-    while engine.has_unfinished:
+class ModeRun:
+    """One mode (plain, a static config or the adaptive scheduler) generating `prompts` through
+    batch_size slots, one engine step at a time; with full_only it stops before the first step
+    that would not have every slot busy (the queue ran dry)."""
+
+    def __init__(self, target, drafter, profile: Profile, mode: str, prompts: list[list[int]],
+                 params: SamplingParams, batch_size: int, full_only: bool, seed: int) -> None:
+        configs = profile.configs
+        self.engine = Engine(target, drafter, max_batch_size=batch_size,
+                             max_seq_len=max(len(p) for p in prompts) + params.max_new_tokens + 1, seed=seed,
+                             max_draft_tokens=engine_draft_budget(configs))
+        self.scheduler = AdaptiveScheduler(SpeedupModel(profile), batch_size) if mode == ADAPTIVE else None
+        self.static = None if mode in (PLAIN, ADAPTIVE) else next(c for c in configs if config_key(c) == mode)
+        for i, prompt in enumerate(prompts):
+            self.engine.add_request(Request(i, prompt, params))
+        self.batch_size, self.full_only = batch_size, full_only
+        self.timer = Timer()
+        self.num_tokens = self.num_steps = 0
+        self.done = False
+
+    def step(self) -> None:
+        engine = self.engine
         active = engine.num_active
-        if full_only and not (active == batch_size and engine.waiting):
-            break  # the queue ran dry: B is no longer the active batch size
+        if not engine.has_unfinished or (self.full_only and not (active == self.batch_size and engine.waiting)):
+            self.done = True
+            return
         refilling = len(engine.waiting) > len(engine.free_slots)
-        sd = scheduler.choose(active, refilling) if scheduler is not None else static
+        scheduler = self.scheduler
+        sd = scheduler.choose(active, refilling) if scheduler is not None else self.static
         step_start = scheduler.clock() if scheduler is not None else 0.0
-        timer.start()
+        self.timer.start()
         engine.step(sd)
-        timer.stop()
+        self.timer.stop()
         stats = engine.step_stats[-1]
         if scheduler is not None:
             scheduler.observe(stats, scheduler.clock() - step_start)
-        num_steps += 1
-        num_tokens += stats.num_emitted
-    out = {"tokens": num_tokens, "steps": num_steps, "seconds": timer.seconds}
-    if scheduler is not None:
-        out["scheduler"] = scheduler.report(reset=False)
-        out["scheduler"]["total_steps"] = dict(scheduler.total_steps)
-    return out
+        self.num_steps += 1
+        self.num_tokens += stats.num_emitted
+
+    def result(self) -> dict:
+        out = {"tokens": self.num_tokens, "steps": self.num_steps, "seconds": self.timer.seconds}
+        if self.scheduler is not None:
+            out["scheduler"] = self.scheduler.report(reset=False)
+            out["scheduler"]["total_steps"] = dict(self.scheduler.total_steps)
+        return out
+
+
+def run_modes(target, drafter, profile: Profile, modes: list[str], prompts: list[list[int]],
+              params: SamplingParams, batch_size: int, full_only: bool, seed: int) -> dict[str, dict]:
+    """Every mode on the same prompts, interleaved step by step (a round robin over the modes'
+    engines), so a change of load on a shared machine hits every mode alike."""
+    runs = {mode: ModeRun(target, drafter, profile, mode, prompts, params, batch_size, full_only, seed)
+            for mode in modes}
+    while not all(run.done for run in runs.values()):
+        for run in runs.values():
+            if not run.done:
+                run.step()
+    return {mode: run.result() for mode, run in runs.items()}
+
+
+def accumulate(cell: dict, result: dict) -> None:
+    cell["tokens"] += result["tokens"]
+    cell["steps"] += result["steps"]
+    for k in ("wall", "cpu"):
+        cell["seconds"][k] += result["seconds"][k]
+    if "scheduler" in result:
+        cell["scheduler"] = result["scheduler"]
 
 
 def main() -> None:
@@ -153,17 +186,10 @@ def main() -> None:
     for rep in range(args.repeats):
         for batch_size in batch_sizes:
             prompts = heldout[:max(4 * batch_size, 16)]
-            shift = (rep + batch_size) % len(modes)
-            for mode in modes[shift:] + modes[:shift]:
-                result = run_mode(target, drafter, profile, mode, prompts, params, batch_size, True, seed=rep)
-                cell = cells[batch_size].setdefault(mode, {"tokens": 0, "steps": 0,
-                                                          "seconds": {"wall": 0.0, "cpu": 0.0}})
-                cell["tokens"] += result["tokens"]
-                cell["steps"] += result["steps"]
-                for k in ("wall", "cpu"):
-                    cell["seconds"][k] += result["seconds"][k]
-                if "scheduler" in result:
-                    cell["scheduler"] = result["scheduler"]
+            results = run_modes(target, drafter, profile, modes, prompts, params, batch_size, True, seed=rep)
+            for mode, result in results.items():
+                accumulate(cells[batch_size].setdefault(mode, {"tokens": 0, "steps": 0,
+                                                               "seconds": {"wall": 0.0, "cpu": 0.0}}), result)
     rows = []
     print(f"\ndecode throughput at a fixed active batch size ({clock} clock): plain tok/s, then each mode's "
           f"speedup over plain")
@@ -184,17 +210,11 @@ def main() -> None:
     stream_prompts = [p for p in heldout[:args.stream_prompts] for _ in range(args.group_size)]
     stream: dict[str, dict] = {}
     for rep in range(args.repeats):
-        shift = rep % len(modes)
-        for mode in modes[shift:] + modes[:shift]:
-            result = run_mode(target, drafter, profile, mode, stream_prompts, params, args.max_batch_size, False,
-                              seed=100 + rep)
-            cell = stream.setdefault(mode, {"tokens": 0, "steps": 0, "seconds": {"wall": 0.0, "cpu": 0.0}})
-            cell["tokens"] += result["tokens"]
-            cell["steps"] += result["steps"]
-            for k in ("wall", "cpu"):
-                cell["seconds"][k] += result["seconds"][k]
-            if "scheduler" in result:
-                cell["scheduler"] = result["scheduler"]
+        results = run_modes(target, drafter, profile, modes, stream_prompts, params, args.max_batch_size, False,
+                            seed=100 + rep)
+        for mode, result in results.items():
+            accumulate(stream.setdefault(mode, {"tokens": 0, "steps": 0, "seconds": {"wall": 0.0, "cpu": 0.0}}),
+                       result)
     best_static = min((m for m in modes if m not in (PLAIN, ADAPTIVE)), key=lambda m: stream[m]["seconds"][clock])
     print(f"\nRL generation phase: {args.stream_prompts} prompts x {args.group_size} samples through "
           f"{args.max_batch_size} slots until EOS ({clock} clock)")
