@@ -49,6 +49,24 @@ def fill(learner: DrafterLearner, rewards: list[float]) -> None:
     learner.add_group(prompt, completions, rewards, group_id=0, policy_versions=[0] * len(rewards))
 
 
+# --- config ----------------------------------------------------------------------------------
+
+
+def test_drafter_section_is_validated_and_the_learner_needs_sd():
+    from respec_async.config import ConfigError
+
+    config = config_from_dict({"roles": {"drafter_learner": 1}, "generator": {"sd": "static"}})
+    assert config.drafter.update_interval == 1 and config.drafter.weighting == "reward"
+    with pytest.raises(ConfigError, match=r"drafter\.weighting"):
+        config_from_dict({"drafter": {"weighting": "softmax"}})
+    with pytest.raises(ConfigError, match=r"drafter\.w_min"):
+        config_from_dict({"drafter": {"w_min": 1.5}})
+    with pytest.raises(ConfigError, match=r"generator\.sd_relaxed_threshold_acc"):
+        config_from_dict({"generator": {"sd_relaxed_threshold_acc": 0.0}})
+    with pytest.raises(ConfigError, match=r"roles\.drafter_learner.*generator\.sd"):
+        config_from_dict({"roles": {"drafter_learner": 1}})
+
+
 # --- weighting and loss ------------------------------------------------------------------
 
 
