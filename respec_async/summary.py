@@ -17,14 +17,22 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def print_eval(run_dir: Path, num_prompts: int | None = None) -> tuple[EvalResult, EvalResult | None]:
-    before, after = evaluate_run(run_dir, num_prompts)
-    print(f"held-out accuracy on {before.num_prompts} prompts (sampled at the run's temperature / greedy):")
-    print(f"  initial actor    {100 * before.sampled_accuracy:5.1f}% / {100 * before.greedy_accuracy:5.1f}%")
+def print_eval(run_dir: Path, num_prompts: int | None = None, greedy: bool = True) -> tuple[EvalResult, EvalResult | None]:
+    before, after = evaluate_run(run_dir, num_prompts, greedy=greedy)
+    how = "sampled at the run's temperature / greedy" if greedy else "sampled at the run's temperature"
+
+    def cells(result: EvalResult) -> str:
+        text = f"{100 * result.sampled_accuracy:5.1f}%"
+        return text + (f" / {100 * result.greedy_accuracy:5.1f}%" if greedy else "")
+
+    print(f"held-out accuracy on {before.num_prompts} prompts ({how}):")
+    print(f"  initial actor    {cells(before)}")
     if after is not None:
-        print(f"  last checkpoint  {100 * after.sampled_accuracy:5.1f}% / {100 * after.greedy_accuracy:5.1f}%")
-        print(f"  change           {100 * (after.sampled_accuracy - before.sampled_accuracy):+5.1f} points / "
-              f"{100 * (after.greedy_accuracy - before.greedy_accuracy):+5.1f} points")
+        print(f"  last checkpoint  {cells(after)}")
+        change = f"{100 * (after.sampled_accuracy - before.sampled_accuracy):+5.1f} points"
+        if greedy:
+            change += f" / {100 * (after.greedy_accuracy - before.greedy_accuracy):+5.1f} points"
+        print(f"  change           {change}")
     return before, after
 
 
@@ -45,5 +53,6 @@ def print_summary(run_dir: Path, final_eval: bool = True) -> None:
     if accept:
         print(f"  SD acceptance    {_mean(accept):.2f} tokens per verify step")
     if final_eval:
-        print_eval(run_dir)
+        # Sampled accuracy only (the quantity RL optimises); `respec eval RUN_DIR` adds greedy.
+        print_eval(run_dir, greedy=False)
     print(f"  plots: respec report {run_dir}    metrics: {run_dir / 'metrics.jsonl'}    logs: {run_dir / 'logs'}")

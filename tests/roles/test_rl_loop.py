@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -34,6 +36,18 @@ def test_staleness_never_exceeds_k(launch, random_actor_dir, k):
         assert all(0 <= int(lag) <= k for lag in r.staleness), (r.step, r.staleness)
         assert sum(r.staleness.values()) == r.num_samples == 6
     assert_each_group_trained_once(records, 6)
+    if k == 0:
+        # `respec eval RUN_DIR` (the README's before/after command) reads this run's initial
+        # actor and last checkpoint and prints both accuracies and the change.
+        proc = subprocess.run([sys.executable, "-m", "respec_async.cli", "eval", str(run.run_dir), "--num-prompts", "6"],
+                              capture_output=True, text=True, timeout=180)
+        assert proc.returncode == 0, proc.stderr
+        lines = proc.stdout.splitlines()
+        assert lines[0].startswith("held-out accuracy on 6 prompts"), proc.stdout
+        for label in ("initial actor", "last checkpoint", "change"):
+            assert any(line.strip().startswith(label) for line in lines), (label, proc.stdout)
+        sampled = [float(line.split()[2].rstrip("%")) for line in lines if line.strip().startswith(("initial", "last"))]
+        assert all(0.0 <= value <= 100.0 for value in sampled) and len(sampled) == 2
 
 
 def test_two_generators_hold_the_trainers_weights_and_share_the_work(launch, random_actor_dir):
