@@ -94,7 +94,7 @@ class GeneratorSection(Section):
     sd_top_k: PosInt = 1  # static SD config: children per node (t); 1 = chain
     sd_num_draft_tokens: PosInt = 4  # static SD config: draft tokens verified (n)
     # adaptive SD (respec_async.adaptive): the profile JSON written by `respec profile CONFIG`;
-    # "" = profile at generator start (about a minute on the tiny zoo) into <run dir>/sd_profile.json,
+    # "" = profile at generator start (about 15 s on the tiny zoo, 5 repeats) into <run dir>/sd_profile.json,
     # which a restarted generator, another generator of the run or --resume reuses.
     sd_profile: str = ""
     # adaptive: the SD configs "s,t,n" profiled and chosen from (with sd_profile set: the profile's own)
