@@ -789,3 +789,21 @@ def scheduler_for(config, profile: Profile) -> AdaptiveScheduler:
     g = config.generator
     return AdaptiveScheduler(SpeedupModel(profile), g.max_batch_size, ema=g.sd_acceptance_ema,
                              probe_interval=g.sd_probe_interval)
+
+
+def profile_warnings(config, profile: Profile) -> list[str]:
+    """What makes a profile a poor fit for this run (each a sentence naming the key)."""
+    g, warnings = config.generator, []
+    if max(profile.batch_sizes) < g.max_batch_size:
+        warnings.append(f"the profile stops at batch size {max(profile.batch_sizes)} < generator.max_batch_size "
+                        f"{g.max_batch_size}: larger batches are extrapolated from the fit")
+    for key, name in (("target", "model.path"), ("drafter", "model.drafter_path")):
+        measured = profile.meta.get(key)
+        configured = getattr(config.model, name.split(".")[1])
+        if measured and configured and Path(measured).resolve() != Path(configured).resolve():
+            warnings.append(f"the profile measured {key} {measured}, the run uses {name} = {configured}")
+    clock = "wall" if str(config.model.device).startswith("cuda") else "cpu"
+    if profile.clock != clock:
+        warnings.append(f"the profile's step costs are on the {profile.clock} clock, the run's device "
+                        f"{config.model.device} would use {clock}")
+    return warnings

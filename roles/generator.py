@@ -186,8 +186,11 @@ class GeneratorActor(Actor):
             self.sd_profile = await self.run_blocking(adaptive.load_or_profile, cfg, self.target, self.drafter,
                                                       self.tokenizer, self.ctx.run_dir, self.log.info)
         self.scheduler = adaptive.scheduler_for(cfg, self.sd_profile)
+        for warning in adaptive.profile_warnings(cfg, self.sd_profile):
+            self.log.warning("sd.profile_mismatch", detail=warning)
         error = self.scheduler.model.fit_error()
-        self.log.info("sd.plan", plan=self.scheduler.report(reset=False)["plan"],
+        plans = self.scheduler.report(reset=False)
+        self.log.info("sd.plan", plan=plans["plan"], plan_refilling=plans["plan_refilling"],
                       fit_step_time_error=round(error["step_time"]["mean"], 4),
                       fit_speedup_error=round(error["speedup"]["mean"], 4),
                       worst_choice_ratio=error["worst_choice_ratio"], acceptance=self.sd_profile.acceptance)

@@ -10,7 +10,7 @@ import torch
 
 from respec_async.adaptive import (
     PLAIN, AdaptiveScheduler, CostFit, Profile, SpeedupModel, config_key, engine_draft_budget, fit_cost,
-    parse_grid, profile_batch_sizes, profile_units, run_profile)
+    parse_grid, profile_batch_sizes, profile_units, profile_warnings, run_profile)
 from respec_async.engine.engine import Engine, SDConfig, StepStats
 from respec_async.engine.sampling import SamplingParams
 from tests.engine.test_engine import tiny_models
@@ -216,3 +216,16 @@ def test_profiler_measures_every_cell_on_a_real_engine_and_the_scheduler_drives_
     assert report["steps"] == sum(scheduler.total_steps.values()) > 0
     assert len(report["share"]) >= 2 and sum(report["share"].values()) == pytest.approx(1.0, abs=1e-3)
     assert torch.is_tensor(engine.lengths)
+
+
+def test_profile_warnings_name_what_does_not_match_the_run():
+    from respec_async.config import load_config
+
+    profile = synthetic_profile()
+    profile.meta = {"target": "/models/a", "drafter": "/models/d"}
+    config = load_config("configs/tiny.toml", ["generator.sd=adaptive", "model.path=/models/a",
+                                               "model.drafter_path=/models/d"])
+    assert profile_warnings(config, profile) == []
+    config.generator.max_batch_size, config.model.path = 128, "/models/b"
+    warnings = profile_warnings(config, profile)
+    assert len(warnings) == 2 and "generator.max_batch_size 128" in warnings[0] and "model.path" in warnings[1]
