@@ -266,3 +266,26 @@ def test_exact_sd_reward_curves_agree_for_no_sd_plain_kd_and_reward_weighted_kd(
     tolerance = 3.5 * math.sqrt(2 * max(pooled * (1 - pooled), 0.05 * 0.95) / n)
     for name in ("plain_kd", "weighted_kd"):
         assert abs(mean[name] - mean["no_sd"]) <= tolerance, (name, mean, tolerance, rewards)
+
+
+def test_a_killed_drafter_learner_is_restarted_and_the_run_and_the_drafter_pushes_go_on(launch, quick_zoo):
+    steps = 10
+    run = launch(rl_config(quick_zoo, steps=steps, learner=1, extra="").replace(
+        "weight_sync_timeout_s = 30.0", "weight_sync_timeout_s = 10.0"))
+    run.wait_event(lambda e: e.get("event") == "drafter.published", timeout=120)
+    os.kill(run.role_pids()["drafter_learner-0"][0], signal.SIGKILL)
+    records = finished(run, timeout=300)
+    assert [r.step for r in records] == list(range(steps))
+    assert len(run.role_pids()["drafter_learner-0"]) == 2  # restarted once
+    events = run.events("drafter_learner-0")
+    second_start = [i for i, e in enumerate(events) if e.get("event") == "role.ready"][1]
+    def checksums(part):
+        return {e["checksum"] for e in part if e.get("event") == "weights.published" and e.get("group") == "drafter"}
+
+    after = checksums(events[second_start:])
+    assert after, "the restarted learner never published"
+    applied = [e for e in run.events("generator-0") if e.get("event") == "drafter.applied"]
+    # Every drafter the generator swapped in is one the learner sent, bit for bit, including
+    # drafters of the restarted learner.
+    assert all(e["matches"] and e["checksum"] in checksums(events) for e in applied), applied
+    assert any(e["checksum"] in after for e in applied), (applied, after)
