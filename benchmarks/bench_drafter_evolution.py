@@ -19,7 +19,6 @@ Writes benchmarks/results/bench_drafter_evolution.json and .png.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -29,23 +28,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from rl_bench import ROOT, launch_run, learner_records, plot_curves, step_records, window_means  # noqa: E402
+from rl_bench import launch_run, learner_records, plot_curves, rl_arguments, step_records, window_means  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "respec.toml")
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--groups-per-step", type=int, default=8)
-    parser.add_argument("--group-size", type=int, default=4)
-    parser.add_argument("--max-new-tokens", type=int, default=160)
-    parser.add_argument("--lr", type=float, default=1e-4, help="the actor's learning rate (trainer.lr)")
+    parser = rl_arguments(__doc__, steps=100, out_name="bench_drafter_evolution.json")
     parser.add_argument("--update-interval", type=int, default=1)
-    parser.add_argument("--window", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="the micro zoo (smoke test; numbers mean nothing)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench_drafter_evolution.json")
     args = parser.parse_args()
 
     from respec_async import zoo

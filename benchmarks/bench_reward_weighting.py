@@ -25,7 +25,6 @@ recorded run without running anything.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import statistics
@@ -36,24 +35,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from rl_bench import ROOT, launch_run, learner_records, plot_curves, step_records, window_means  # noqa: E402
+from rl_bench import launch_run, learner_records, plot_curves, rl_arguments, step_records, window_means  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "respec.toml")
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--groups-per-step", type=int, default=8)
-    parser.add_argument("--group-size", type=int, default=4)
-    parser.add_argument("--max-new-tokens", type=int, default=160)
-    parser.add_argument("--lr", type=float, default=1e-4, help="the actor's learning rate (trainer.lr)")
+    parser = rl_arguments(__doc__, steps=60, out_name="bench_reward_weighting.json")
     parser.add_argument("--threshold-single", type=float, default=0.3)
     parser.add_argument("--threshold-acc", type=float, default=0.5)
-    parser.add_argument("--window", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="the micro zoo (smoke test; numbers mean nothing)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench_reward_weighting.json")
     parser.add_argument("--from-json", type=Path, help="re-report this recorded result (no runs)")
     args = parser.parse_args()
     if args.from_json:

@@ -4,6 +4,7 @@ metrics and the drafter learner's records, smooth curves, and plot them."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -14,6 +15,23 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from respec_async.metrics import read_metrics  # noqa: E402
+
+
+def rl_arguments(description: str, steps: int, out_name: str) -> argparse.ArgumentParser:
+    """The options both RL-curve benchmarks share: the run's size, seed and output file."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "respec.toml")
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--groups-per-step", type=int, default=8)
+    parser.add_argument("--group-size", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=160)
+    parser.add_argument("--lr", type=float, default=1e-4, help="the actor's learning rate (trainer.lr)")
+    parser.add_argument("--window", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="the micro zoo (smoke test; numbers mean nothing)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / out_name)
+    return parser
 
 
 def launch_run(config: Path, name: str, root: Path, overrides: list[str], timeout_s: float = 3600) -> Path:

@@ -7,9 +7,6 @@ from __future__ import annotations
 import math
 import os
 import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +17,6 @@ from respec_async.config import config_from_dict
 from respec_async.drafter_learning import DrafterLearner, encode_batch
 from respec_async.metrics import read_metrics
 from respec_async.models import load_drafter, load_target
-from tests.runtime.conftest import LaunchedRun, pid_alive
 
 
 @pytest.fixture(scope="module")
@@ -196,31 +192,6 @@ def test_learner_run_publishes_every_interval_and_generators_apply_the_learners_
     assert max(r.drafter_lag for r in records) <= 2 + 2  # interval + staleness (k = 1) + one in flight
 
 
-@pytest.fixture
-def launch_apart(tmp_path):
-    """Like the `launch` fixture, but each run gets a root of its own, so several can run at once."""
-    runs: list[LaunchedRun] = []
-
-    def start(toml: str) -> LaunchedRun:
-        root = tmp_path / f"runs{len(runs)}"
-        config = tmp_path / f"config{len(runs)}.toml"
-        config.write_text(toml.replace("[run]", f'[run]\nroot = "{root}"', 1))
-        proc = subprocess.Popen([sys.executable, "-m", "respec_async.cli", "launch", str(config)],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        runs.append(LaunchedRun(proc, root))
-        return runs[-1]
-
-    yield start
-    for run in runs:
-        if run.proc.poll() is None:
-            run.proc.kill()
-            run.proc.wait()
-        for pids in (run.role_pids().values() if run.root.exists() and any(run.root.iterdir()) else []):
-            for pid in pids:
-                if pid_alive(pid):
-                    os.kill(pid, signal.SIGKILL)
-
-
 def shipped_zoo() -> zoo.ZooPaths | None:
     targets = sorted(zoo.SHIPPED_DIR.glob("target-*/model.safetensors"))
     drafters = sorted(zoo.SHIPPED_DIR.glob("zoo-*/drafter/model.safetensors"))
@@ -229,7 +200,7 @@ def shipped_zoo() -> zoo.ZooPaths | None:
     return zoo.ZooPaths(targets[0].parent, drafters[0].parent, targets[0].parent / "tokenizer.json")
 
 
-def test_exact_sd_reward_curves_agree_for_no_sd_plain_kd_and_reward_weighted_kd(launch_apart):
+def test_exact_sd_reward_curves_agree_for_no_sd_plain_kd_and_reward_weighted_kd(launch):
     """ReSpec Gap 3 with exact acceptance (the default): SD samples the target's distribution
     whatever the drafter, so no SD, SD with a plain-KD learner and SD with a reward-weighted
     learner give the same reward curve up to sampling noise.
@@ -255,7 +226,7 @@ def test_exact_sd_reward_curves_agree_for_no_sd_plain_kd_and_reward_weighted_kd(
     }
     rewards = {}
     for name, toml in configs.items():  # one after the other: 2 cores do not start 11 processes at once
-        records = finished(launch_apart(toml), timeout=300)
+        records = finished(launch(toml, own_root=True), timeout=300)
         assert len(records) == steps
         rewards[name] = [r.reward_mean for r in records]
         if name != "no_sd":

@@ -83,8 +83,9 @@ def pid_alive(pid: int) -> bool:
 def launch(tmp_path):
     runs: list[LaunchedRun] = []
 
-    def start(toml: str, *overrides: str) -> LaunchedRun:
-        root = tmp_path / "runs"
+    def start(toml: str, *overrides: str, own_root: bool = False) -> LaunchedRun:
+        # own_root: a run directory root of its own, so several runs can be told apart at once.
+        root = tmp_path / (f"runs{len(runs)}" if own_root else "runs")
         config = tmp_path / f"config{len(runs)}.toml"
         if "[run]" in toml:
             toml = toml.replace("[run]", f'[run]\nroot = "{root}"', 1)
