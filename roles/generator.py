@@ -124,14 +124,19 @@ class GeneratorActor(Actor):
         started = time.perf_counter()
         self.engine.load_drafter_state(tensors)
         self.drafter_version = version
-        fields = {}
-        if self.ctx.config.generator.verify_weights:
-            held = weights_checksum(self.drafter.state_dict())
-            fields = {"checksum": held[:12], "matches": held == checksum}
-            if held != checksum:
-                self.log.error("drafter.checksum_mismatch", version=version, expected=checksum[:12], held=held[:12])
+        fields = self._verify("drafter", self.drafter, version, checksum)
         self.log.info("drafter.applied", version=version, policy_version=self.policy_version,
                       lag=self.policy_version - version, seconds=round(time.perf_counter() - started, 4), **fields)
+
+    def _verify(self, kind: str, module: torch.nn.Module, version: int, checksum: str) -> dict:
+        """With generator.verify_weights, checksum what the engine now holds (not what arrived:
+        this proves the swap itself) against the sender's; the fields for the applied event."""
+        if not self.ctx.config.generator.verify_weights:
+            return {}
+        held = weights_checksum(module.state_dict())
+        if held != checksum:
+            self.log.error(f"{kind}.checksum_mismatch", version=version, expected=checksum[:12], held=held[:12])
+        return {"checksum": held[:12], "matches": held == checksum}
 
     def _swap_in_staged(self) -> None:
         self._swap_in_drafter()
@@ -142,13 +147,7 @@ class GeneratorActor(Actor):
         started = time.perf_counter()
         self.engine.load_target_state(tensors)
         self.policy_version = version
-        fields = {}
-        if self.ctx.config.generator.verify_weights:
-            # Checksum what the engine now holds, not what arrived: proves the swap itself.
-            held = weights_checksum(self.target.state_dict())
-            fields = {"checksum": held[:12], "matches": held == checksum}
-            if held != checksum:
-                self.log.error("weights.checksum_mismatch", version=version, expected=checksum[:12], held=held[:12])
+        fields = self._verify("weights", self.target, version, checksum)
         self.log.info("weights.applied", version=version, seconds=round(time.perf_counter() - started, 4), **fields)
 
     def _admit(self) -> None:
