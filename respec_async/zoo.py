@@ -168,27 +168,29 @@ def _copy_shipped(root: Path, key: str, required: tuple[str, ...], log: Callable
     shipped = SHIPPED_DIR / root.name
     if not _stamp_matches(shipped, key, required):
         return False
-    staging = Path(tempfile.mkdtemp(prefix=f".staging-{root.name}-", dir=root.parent))
-    try:
-        shutil.copytree(shipped, staging, dirs_exist_ok=True)
-        if root.exists():
-            shutil.rmtree(root)
-        os.rename(staging, root)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    _replace_stage(root, lambda staging: shutil.copytree(shipped, staging, dirs_exist_ok=True))
     log(f"zoo: {root.name} copied from the trained copy shipped with the package "
         f"(python -m respec_async.zoo --force retrains it)")
     return True
 
 
 def _build_stage(root: Path, key: str, build: Callable[[Path], dict]) -> None:
-    """Run build(staging_dir) -> metrics in a temporary directory beside root, stamp it, and
-    rename it into place: root is either absent, the old stage, or complete."""
-    staging = Path(tempfile.mkdtemp(prefix=f".staging-{root.name}-", dir=root.parent))
-    try:
+    """Run build(staging_dir) -> metrics and stamp the result, into root (see _replace_stage)."""
+
+    def fill(staging: Path) -> None:
         metrics = build(staging)
         (staging / STAMP_NAME).write_text(json.dumps({"key": key, "format_version": ZOO_FORMAT_VERSION,
                                                       "metrics": metrics}, indent=2))
+
+    _replace_stage(root, fill)
+
+
+def _replace_stage(root: Path, fill: Callable[[Path], object]) -> None:
+    """fill(staging_dir) in a temporary directory beside root, then rename it into place: root
+    is either absent, the old stage, or complete."""
+    staging = Path(tempfile.mkdtemp(prefix=f".staging-{root.name}-", dir=root.parent))
+    try:
+        fill(staging)
         if root.exists():
             shutil.rmtree(root)
         os.rename(staging, root)
