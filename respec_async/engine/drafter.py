@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from respec_async.engine import fused
 from respec_async.engine.model import ModelConfig, RMSNorm, apply_rope, eagle3_feature_layers, rope_inv_freq
 
 CONFIG_NAME = "config.json"
@@ -151,6 +152,9 @@ class DraftLayer(nn.Module):
 
 
 class Eagle3Drafter(nn.Module):
+    # Inference (no grad, float32) through fused.py, as model.Transformer.fused_inference.
+    fused_inference: bool = False
+
     def __init__(self, config: DrafterConfig, target_embed: nn.Embedding, draft_vocab_ids: torch.Tensor | None = None):
         super().__init__()
         self.config = config
@@ -197,6 +201,11 @@ class Eagle3Drafter(nn.Module):
             positions = torch.arange(seq_len, device=input_ids.device).expand(batch_size, -1)
         if cache_positions is None:
             cache_positions = positions
+        weight = self.target_embed.weight
+        if (self.fused_inference and not torch.is_grad_enabled() and weight.dtype == torch.float32
+                and not weight.is_inference()):
+            return self._forward_fused(input_ids, hidden, positions, cache, slots, cache_positions, attn_mask,
+                                       logits_positions)
         if hidden.shape[-1] == 3 * self.config.hidden_size:
             hidden = self.fc(hidden)
         embeds = F.embedding(input_ids, self.target_embed.weight.detach()).to(hidden.dtype)
@@ -210,6 +219,52 @@ class Eagle3Drafter(nn.Module):
             h_at = h.gather(1, logits_positions[:, :, None].expand(-1, -1, h.shape[-1]))
             return self.lm_head(_rms_norm(self.norm, h_at)).float(), h
         return self.lm_head(_rms_norm(self.norm, h)).float(), h
+
+    def _fused_weights(self):
+        layer = self.midlayer
+        attn, mlp, config = layer.self_attn, layer.mlp, self.config
+        return fused.cached(self, lambda: (
+            self.fc.weight, layer.input_layernorm.weight, layer.hidden_norm.weight, attn.q_proj.weight,
+            attn.k_proj.weight, attn.v_proj.weight, attn.o_proj.weight, layer.post_attention_layernorm.weight,
+            mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight, self.norm.weight, self.lm_head.weight), lambda: (
+            self.fc.weight.t().contiguous(),
+            fused.attention_weights(attn, torch.cat([layer.input_layernorm.weight, layer.hidden_norm.weight]),
+                                    config.num_attention_heads, config.num_key_value_heads, config.head_dim),
+            fused.mlp_weights(mlp, layer.post_attention_layernorm.weight),
+            (self.lm_head.weight * self.norm.weight).t().contiguous()))
+
+    def _forward_fused(self, input_ids, hidden, positions, cache, slots, cache_positions, attn_mask,
+                       logits_positions):
+        """forward() through fused.py: the same math in fewer ops (inference only)."""
+        batch_size, seq_len = input_ids.shape
+        fc, attn_weights, mlp_weights, lm_head = self._fused_weights()
+        layer, eps = self.midlayer, self.config.rms_norm_eps
+        hidden = hidden.reshape(batch_size * seq_len, hidden.shape[-1])
+        if hidden.shape[-1] == 3 * self.config.hidden_size:
+            hidden = torch.mm(hidden, fc)
+        embeds = F.embedding(input_ids.reshape(-1), self.target_embed.weight)
+        x = torch.cat([fused.rms_scale(embeds, eps), fused.rms_scale(hidden, eps)], dim=-1)
+        cos, sin = layer.self_attn.rope(positions).transpose(2, 3).unbind(0)  # [B, T, 1, d]
+        rows, num_keys = None, None if attn_mask is None else attn_mask.shape[-1]
+        if cache is not None:
+            if attn_mask is None:
+                num_keys = int(cache_positions.max()) + 1
+                # One query of one sequence attends to every key up to its own: no mask.
+                if batch_size > 1 or seq_len > 1:
+                    attn_mask = torch.arange(num_keys, device=input_ids.device) <= cache_positions[:, :, None]
+            rows = fused.slot_range(slots, batch_size)
+        out = fused.attention(attn_weights, x, batch_size, seq_len, cos, sin, cache, 0, slots, rows, cache_positions,
+                              fused.additive_mask(attn_mask), num_keys, None)
+        h = fused.mlp(mlp_weights, fused.residual_linear(hidden, out, attn_weights.o), eps)
+        h = h.view(batch_size, seq_len, -1)
+        if logits_positions is not None:
+            if logits_positions.shape[1] == 0:
+                return None, h
+            h_at = h.gather(1, logits_positions[:, :, None].expand(-1, -1, h.shape[-1]))
+        else:
+            h_at = h
+        logits = torch.mm(fused.rms_scale(h_at.reshape(-1, h.shape[-1]), eps), lm_head)
+        return logits.view(*h_at.shape[:-1], lm_head.shape[1]), h
 
     def draft_logits_to_target(self, logits: torch.Tensor) -> torch.Tensor:
         """Scatter draft-vocabulary logits [..., V_draft] into the target vocabulary [..., V];

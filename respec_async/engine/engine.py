@@ -36,6 +36,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from respec_async.engine import fused
 from respec_async.engine.drafter import Eagle3Drafter
 from respec_async.engine.model import KVCache, Transformer
 from respec_async.engine.sampling import SamplingParams, sample, sampling_logprobs, token_logprobs
@@ -129,9 +130,16 @@ SDPolicy = SDConfig | Callable[[int], SDConfig | None] | None
 class Engine:
     def __init__(self, target: Transformer, drafter: Eagle3Drafter | None = None, max_batch_size: int = 16,
                  max_seq_len: int = 512, seed: int = 0, relaxed: RelaxedAcceptance | None = None,
-                 max_draft_tokens: int = 64):
+                 max_draft_tokens: int = 64, fused_inference: bool | None = None):
         self.target = target.eval()
         self.drafter = None if drafter is None else drafter.eval()
+        # engine/fused.py: the same math in fewer ops, for one more copy of the weights. On by
+        # default on CPU, where a small model's decode step costs its op count.
+        if fused_inference is None:
+            fused_inference = next(target.parameters()).device.type == "cpu"
+        for model in (self.target, self.drafter):
+            if model is not None:
+                model.fused_inference = fused_inference
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len
         self.max_draft_tokens = max_draft_tokens
@@ -184,12 +192,14 @@ class Engine:
         """Copy new target weights into the existing parameters (call between steps)."""
         with torch.no_grad():
             self.target.load_state_dict(state_dict, strict=True)
+        fused.drop_cache(self.target)  # load_state_dict bumps the version counters; be explicit anyway
 
     def load_drafter_state(self, state_dict: dict[str, torch.Tensor]) -> None:
         if self.drafter is None:
             raise ValueError("this engine has no drafter")
         with torch.no_grad():
             self.drafter.load_state_dict(state_dict, strict=True)
+        fused.drop_cache(self.drafter)
 
     # ---- the loop -------------------------------------------------------------------------
 

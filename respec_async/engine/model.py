@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from respec_async.engine import fused
+
 MODEL_TYPES = ("llama", "qwen2")
 ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -259,8 +261,37 @@ class DecoderLayer(nn.Module):
                                empty_rows)
         return x + self.mlp(self.post_attention_layernorm(x))
 
+    def fused_sources(self) -> tuple[Tensor, ...]:
+        attn, mlp = self.self_attn, self.mlp
+        tensors = (self.input_layernorm.weight, self.post_attention_layernorm.weight, attn.q_proj.weight,
+                   attn.k_proj.weight, attn.v_proj.weight, attn.o_proj.weight, mlp.gate_proj.weight,
+                   mlp.up_proj.weight, mlp.down_proj.weight)
+        biases = (attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias, attn.o_proj.bias)
+        return tensors + tuple(bias for bias in biases if bias is not None)
+
+    def fused_weights(self) -> tuple[fused.AttentionWeights, fused.MLPWeights]:
+        config = self.self_attn.config
+        return (fused.attention_weights(self.self_attn, self.input_layernorm.weight, config.num_attention_heads,
+                                        config.num_key_value_heads, config.head_dim),
+                fused.mlp_weights(self.mlp, self.post_attention_layernorm.weight))
+
+    def forward_fused(self, weights, x: Tensor, batch_size: int, seq_len: int, cos, sin, cache, slots, rows,
+                      cache_positions, attn_mask, num_keys, empty_rows) -> Tensor:
+        """forward() on x [B*T, H] through fused.py with this layer's fused_weights() (inference only)."""
+        attn_weights, mlp_weights = weights
+        eps = self.input_layernorm.eps
+        out = fused.attention(attn_weights, fused.rms_scale(x, eps), batch_size, seq_len, cos, sin, cache,
+                              self.self_attn.layer_index, slots, rows, cache_positions, attn_mask, num_keys,
+                              empty_rows)
+        x = fused.residual_linear(x, out, attn_weights.o, attn_weights.o_bias)
+        return fused.mlp(mlp_weights, x, self.post_attention_layernorm.eps)
+
 
 class Transformer(nn.Module):
+    # Inference (no grad, float32) through fused.py: fewer ops, one more copy of the weights.
+    # Off by default; the engine turns it on for CPU models.
+    fused_inference: bool = False
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
@@ -293,6 +324,21 @@ class Transformer(nn.Module):
         cos, sin = table[:, positions].unsqueeze(2).to(dtype).unbind(0)
         return cos, sin
 
+    def fused_weights(self):
+        """(each layer's fused_weights(), the lm_head with the final norm folded in), rebuilt when
+        a parameter changes (fused.cached: one check per forward)."""
+        def sources():
+            return sum((layer.fused_sources() for layer in self.layers), (self.norm.weight, self.lm_head.weight))
+
+        return fused.cached(self, sources, lambda: (
+            [layer.fused_weights() for layer in self.layers],
+            (self.lm_head.weight * self.norm.weight).t().contiguous()))
+
+    def use_fused(self) -> bool:
+        weight = self.embed_tokens.weight
+        return (self.fused_inference and not torch.is_grad_enabled() and weight.dtype == torch.float32
+                and not weight.is_inference())
+
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
         # Hugging Face's initialisation (normal, std 0.02), so a fresh tiny model starts sane.
@@ -314,6 +360,8 @@ class Transformer(nn.Module):
         device = input_ids.device
         if positions is None:
             positions = torch.arange(seq_len, device=device).expand(batch_size, seq_len)
+        use_fused = self.use_fused()
+        num_keys = None if attn_mask is None else attn_mask.shape[-1]
         if cache is not None:
             if slots is None:
                 slots = torch.arange(batch_size, device=device)
@@ -321,7 +369,9 @@ class Transformer(nn.Module):
                 cache_positions = positions
             if attn_mask is None:
                 num_keys = int(cache_positions.max()) + 1
-                attn_mask = torch.arange(num_keys, device=device) <= cache_positions[:, :, None]
+                # One query of one sequence attends to every key up to its own: no mask (fused.py).
+                if not (use_fused and batch_size == 1 and seq_len == 1):
+                    attn_mask = torch.arange(num_keys, device=device) <= cache_positions[:, :, None]
         x = self.embed_tokens(input_ids)
         cos, sin = self.rope(positions, x.dtype)
         empty_rows = None
@@ -333,11 +383,29 @@ class Transformer(nn.Module):
         if any(not 0 <= i < len(self.layers) for i in wanted):
             raise ValueError(f"hidden_layers {tuple(hidden_layers)} must be in [0, {len(self.layers)})")
         hidden = {}
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache, slots, cache_positions, attn_mask, empty_rows)
-            if i in wanted:
-                hidden[i] = x
+        if use_fused:
+            # fused.py works on [B*T, H] with cos/sin laid out [B, T, 1, d].
+            cos, sin = cos.transpose(1, 2), sin.transpose(1, 2)
+            rows = fused.slot_range(slots, batch_size) if cache is not None else None
+            attn_mask = fused.additive_mask(attn_mask)
+            layer_weights, lm_head = self.fused_weights()
+            x = x.view(batch_size * seq_len, -1)
+            for i, layer in enumerate(self.layers):
+                x = layer.forward_fused(layer_weights[i], x, batch_size, seq_len, cos, sin, cache, slots, rows,
+                                        cache_positions, attn_mask, num_keys, empty_rows)
+                if i in wanted:
+                    hidden[i] = x.view(batch_size, seq_len, -1)
+            x = x.view(batch_size, seq_len, -1)
+        else:
+            for i, layer in enumerate(self.layers):
+                x = layer(x, cos, sin, cache, slots, cache_positions, attn_mask, empty_rows)
+                if i in wanted:
+                    hidden[i] = x
         if logits_positions is not None:
             x = x.gather(1, logits_positions[:, :, None].expand(-1, -1, x.shape[-1]))
-        logits = self.lm_head(self.norm(x)).float()
+        if use_fused:
+            flat = x.reshape(-1, x.shape[-1])
+            logits = torch.mm(fused.rms_scale(flat, self.norm.eps), lm_head).view(*x.shape[:-1], lm_head.shape[1])
+        else:
+            logits = self.lm_head(self.norm(x)).float()
         return ModelOutput(logits, [hidden[i] for i in hidden_layers])

@@ -1,5 +1,6 @@
 """The target model against transformers on random tiny Llama and Qwen2 configs: full-sequence
-logits, hidden states, KV-cache decoding (prefill, single steps, chunks, mixed slots), bf16."""
+logits, hidden states, KV-cache decoding (prefill, single steps, chunks, mixed slots), bf16;
+each through the module path and the fused inference path."""
 
 from __future__ import annotations
 
@@ -42,9 +43,15 @@ def random_ids(vocab_size: int, batch_size: int, seq_len: int, seed: int = 1) ->
     return torch.randint(0, vocab_size, (batch_size, seq_len), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.fixture(scope="module", params=sorted(FAMILIES))
+@pytest.fixture(scope="module", params=[(family, fused) for family in sorted(FAMILIES) for fused in (False, True)],
+                ids=lambda param: f"{param[0]}-{'fused' if param[1] else 'plain'}")
 def pair(request):
-    return hf_pair(request.param)
+    """Each family twice: the module path and the fused inference path (engine/fused.py, taken
+    under no_grad in float32), both against transformers."""
+    family, fused_inference = request.param
+    hf, ours = hf_pair(family)
+    ours.fused_inference = fused_inference
+    return hf, ours
 
 
 @torch.no_grad()

@@ -1,0 +1,201 @@
+"""The inference fast path: the same math as model.py / drafter.py in fewer, cheaper ops.
+
+A decode step of a small model on a CPU costs what its ops cost to dispatch, not what they
+compute (a 128-wide linear layer is ~3 us of work and ~15 us through nn.Linear on a 3-d
+input). Under no-grad, for float32 models that opt in (`fused_inference = True`; the engine
+sets it on CPU), each decoder block runs on weights derived once from its parameters:
+
+    qkv      [in, (2h + 3kv) d]  q | k | v | rot(q) | rot(k) projections, transposed for mm,
+                                 the input RMSNorm weight folded in (rms(x) * w @ W = (x * s) @ (w W))
+    o, down  [out, H]            transposed; the residual add rides on addmm
+    gate_up  [H, 2I]             gate | up, the post-attention RMSNorm weight folded in
+    lm_head  [H, V]              the final RMSNorm weight folded in
+
+so that RoPE is two ops for q and k together: x * cos + rot(x) * sin, where rot(x) (the
+rotate-half of x) came out of the projection, a signed permutation of W's rows. RMSNorm's
+statistic is one vector_norm. The result equals the unfused forward up to float32 rounding;
+tests/engine/test_fused.py checks that on both model families and through the engine.
+
+The derived weights are cached on the module and rebuilt when any source parameter changes:
+the key is each parameter's version counter (bumped by every in-place update: load_state_dict,
+an optimizer step, copy_) and storage address (a new tensor or device). Writes through
+`.data` bypass the version counter; Engine.load_*_state drop the cache besides. Cost: one more
+copy of the block weights (and two of q/k), which is why it is opt-in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def rotate_half_rows(weight: Tensor, num_heads: int, head_dim: int) -> Tensor:
+    """Rows of a projection (weight [heads * d, in] or bias [heads * d]) such that
+    x @ W_rot^T = rotate_half(x @ W^T) per head: rotate_half(y) = cat(-y[d/2:], y[:d/2])."""
+    per_head = weight.reshape(num_heads, head_dim, -1)
+    first, second = per_head.chunk(2, dim=1)
+    return torch.cat([-second, first], dim=1).reshape(weight.shape)
+
+
+@dataclass
+class AttentionWeights:
+    qkv: Tensor  # [in, (2h + 3kv) d]
+    qkv_bias: Tensor | None
+    o: Tensor  # [h d, H]
+    o_bias: Tensor | None
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+
+@dataclass
+class MLPWeights:
+    gate_up: Tensor  # [H, 2I]
+    down: Tensor  # [I, H]
+    intermediate_size: int
+
+
+def attention_weights(attn, norm_weight: Tensor, num_heads: int, num_kv_heads: int, head_dim: int) -> AttentionWeights:
+    """From a module with q/k/v/o_proj (nn.Linear) and the RMSNorm weight applied to its input."""
+    q, k = attn.q_proj, attn.k_proj
+    weight = torch.cat([q.weight, k.weight, attn.v_proj.weight, rotate_half_rows(q.weight, num_heads, head_dim),
+                        rotate_half_rows(k.weight, num_kv_heads, head_dim)]) * norm_weight
+    bias = None
+    if q.bias is not None:
+        bias = torch.cat([q.bias, k.bias, attn.v_proj.bias, rotate_half_rows(q.bias, num_heads, head_dim),
+                          rotate_half_rows(k.bias, num_kv_heads, head_dim)])
+    return AttentionWeights(weight.t().contiguous(), bias, attn.o_proj.weight.t().contiguous(), attn.o_proj.bias,
+                            num_heads, num_kv_heads, head_dim)
+
+
+def mlp_weights(mlp, norm_weight: Tensor) -> MLPWeights:
+    gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]) * norm_weight
+    return MLPWeights(gate_up.t().contiguous(), mlp.down_proj.weight.t().contiguous(), mlp.gate_proj.out_features)
+
+
+# Parameter (re)registrations anywhere, e.g. `module.weight = nn.Parameter(...)` or
+# load_state_dict(assign=True): a cached entry built before one is rebuilt.
+_registrations = 0
+
+
+def _count_registration(module, name, param):
+    global _registrations
+    _registrations += 1
+
+
+torch.nn.modules.module.register_module_parameter_registration_hook(_count_registration)
+
+
+def cached(module, sources, build):
+    """build(), cached on `module` until a tensor that sources() returns changes (its version
+    counter or storage) or any parameter is re-registered. sources() is only called on a
+    rebuild: reading parameters through nn.Module attributes costs more than the check."""
+    entry = module.__dict__.get("_fused_cache")
+    if entry is not None:
+        registrations, tensors, key, value = entry
+        if registrations == _registrations and key == tuple((t._version, t.data_ptr()) for t in tensors):
+            return value
+    tensors = sources()
+    key = tuple((t._version, t.data_ptr()) for t in tensors)
+    # Plain tensors even when called under inference_mode, so no-grad callers can use them too.
+    with torch.inference_mode(False), torch.no_grad():
+        value = build()
+    module.__dict__["_fused_cache"] = (_registrations, tensors, key, value)
+    return value
+
+
+def drop_cache(module: torch.nn.Module) -> None:
+    for submodule in module.modules():
+        submodule.__dict__.pop("_fused_cache", None)
+
+
+def rms_scale(x: Tensor, eps: float) -> Tensor:
+    """x / sqrt(mean(x^2) + eps) over the last dim (RMSNorm without its weight), x: [N, H].
+    Four ops, none with a Python scalar operand (each of those costs a tensor wrap)."""
+    size = x.shape[-1]
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    return x * torch.addcmul(_scalar(eps, x), norm, norm, value=1.0 / size).rsqrt_()
+
+
+_scalars: dict = {}
+
+
+def _scalar(value: float, like: Tensor) -> Tensor:
+    """A cached 0-dim tensor of `value` with like's dtype and device."""
+    key = (value, like.dtype, like.device)
+    tensor = _scalars.get(key)
+    if tensor is None:
+        with torch.inference_mode(False):
+            tensor = _scalars[key] = torch.tensor(value, dtype=like.dtype, device=like.device)
+    return tensor
+
+
+def rope_cos_sin(table: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+    """cos, sin [B, T, 1, d] from a [2, max_pos, d] float32 table."""
+    cos, sin = table[:, positions].unsqueeze(3).unbind(0)
+    return cos, sin
+
+
+def slot_range(slots: Tensor | None, batch_size: int) -> tuple[int, int] | None:
+    """(first, end) when the slots are consecutive (their cache rows are then a slice, not a
+    gather); CPU tensors only, where reading them costs no sync."""
+    if slots is None:
+        return 0, batch_size
+    if slots.device.type != "cpu":
+        return None
+    ids = slots.tolist()
+    first = ids[0]
+    return (first, first + len(ids)) if ids == list(range(first, first + len(ids))) else None
+
+
+def additive_mask(attn_mask: Tensor | None) -> Tensor | None:
+    """Bool [B, T, S] (True = may attend) -> float [B, 1, T, S] of 0 / -inf, built once per
+    forward (SDPA would convert a bool mask in every layer)."""
+    if attn_mask is None:
+        return None
+    return torch.zeros(attn_mask.shape, device=attn_mask.device).masked_fill_(~attn_mask, float("-inf"))[:, None]
+
+
+def attention(w: AttentionWeights, x: Tensor, batch_size: int, seq_len: int, cos: Tensor, sin: Tensor, cache,
+              layer: int, slots: Tensor | None, rows: tuple[int, int] | None, cache_positions: Tensor | None,
+              attn_mask: Tensor | None, num_keys: int | None, empty_rows: Tensor | None) -> Tensor:
+    """Attention of normalised-but-unweighted inputs x [B*T, in] -> [B*T, h*d] (before o_proj).
+    Cache semantics are model.Attention's, over the first num_keys cache entries; attn_mask
+    is additive_mask's, or None where every query may see all num_keys keys."""
+    h, kv, d = w.num_heads, w.num_kv_heads, w.head_dim
+    proj = torch.addmm(w.qkv_bias, x, w.qkv) if w.qkv_bias is not None else torch.mm(x, w.qkv)
+    proj = proj.view(batch_size, seq_len, 2 * h + 3 * kv, d)
+    qk = torch.addcmul(proj[:, :, :h + kv] * cos, proj[:, :, h + 2 * kv:], sin)
+    q = qk[:, :, :h].transpose(1, 2)
+    k, v = qk[:, :, h:], proj[:, :, h + kv:h + 2 * kv]  # [B, T, kv, d]
+    if cache is None:
+        k, v = k.transpose(1, 2), v.transpose(1, 2)
+        is_causal = attn_mask is None
+    else:
+        index = slots[:, None].expand(-1, seq_len)
+        cache.k[layer, index, :, cache_positions] = k
+        cache.v[layer, index, :, cache_positions] = v
+        if rows is not None:
+            k, v = cache.k[layer, rows[0]:rows[1], :, :num_keys], cache.v[layer, rows[0]:rows[1], :, :num_keys]
+        else:
+            k, v = cache.k[layer, slots, :, :num_keys], cache.v[layer, slots, :, :num_keys]
+        is_causal = False
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=kv != h)
+    if empty_rows is not None:
+        out = out.masked_fill(empty_rows[:, None, :, None], 0.0)
+    return out.transpose(1, 2).reshape(batch_size * seq_len, h * d)
+
+
+def residual_linear(x: Tensor, inputs: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x + inputs @ weight (+ bias), in one addmm."""
+    return torch.addmm(x if bias is None else x + bias, inputs, weight)
+
+
+def mlp(w: MLPWeights, x: Tensor, eps: float) -> Tensor:
+    """x + down(silu(gate(rms(x))) * up(rms(x))), x: [N, H]."""
+    gate_up = torch.mm(rms_scale(x, eps), w.gate_up)
+    size = w.intermediate_size
+    return torch.addmm(x, F.silu(gate_up[:, :size]).mul_(gate_up[:, size:]), w.down)
