@@ -169,7 +169,7 @@ class Engine:
         self.running: dict[int, _Sequence] = {}  # slot -> sequence
         self.free_slots = list(range(max_batch_size))
         # The most recent steps, for metrics; bounded so a long-lived generator does not grow.
-        self.step_stats: deque[StepStats] = deque(maxlen=100_000)
+        self.step_stats: deque[StepStats] = deque(maxlen=10_000)
 
     # ---- requests and weights -------------------------------------------------------------
 
