@@ -175,6 +175,11 @@ class DrafterSection(Section):
     w_min: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.05
     num_threads: PosInt = 1  # torch intra-op threads in this role
     metrics_every_s: PosFloat = 5.0  # how often the learner's counters go to its metrics file
+    # Checkpoint the drafter, its optimizer and counters into <run dir>/drafter_checkpoints/ when a
+    # published drafter's version crosses a multiple of this (in actor versions), and at a clean
+    # shutdown; the newest 2 are kept. A restarted learner or --resume continues from the latest
+    # one there is. 0 = write none (a restarted learner then starts from the offline drafter again).
+    checkpoint_every: NonNegInt = 10
 
 
 class EchoSection(Section):

@@ -15,19 +15,46 @@ Versions: the learner's actor version is the trainer's policy version it last sw
 drafter's version is the actor version of its latest training step (the initial drafter,
 distilled offline from the initial actor, is version 0). Drafter lag = actor version - drafter
 version.
+
+Checkpoints (`save_checkpoint` / `load_checkpoint`, under <run dir>/drafter_checkpoints/step-N,
+N = drafter optimizer steps): the drafter as a drafter directory (config.json + safetensors, the
+float32 master weights), the optimizer state and the counters, staged and renamed into place
+(`respec_async.checkpoints`). The replay buffer and the actor are not in them: a restarted learner
+refills the buffer from new rollouts and holds the trainer's current actor.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
+import json
 import random
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from respec_async.algorithms.distill import DistillStats, reward_weights, unrolled_distill_loss
+from respec_async.checkpoints import latest_step_dir, prune_step_dirs, replace_dir
 from respec_async.config import Config
+from respec_async.engine.drafter import WEIGHTS_NAME, Eagle3Drafter
+
+COUNTERS_NAME = "drafter_learner.json"  # the counters; marks a directory as a drafter checkpoint
+NUM_CHECKPOINTS_KEPT = 2
+
+
+def drafter_checkpoints_dir(run_dir: Path) -> Path:
+    return run_dir / "drafter_checkpoints"
+
+
+def latest_drafter_checkpoint(run_dir: Path) -> Path | None:
+    return latest_step_dir(drafter_checkpoints_dir(run_dir), COUNTERS_NAME)
+
+
+class DrafterCheckpointError(RuntimeError):
+    """A drafter checkpoint that cannot be resumed from this run: names the path and why."""
 
 
 @dataclass
@@ -138,6 +165,9 @@ class DrafterLearner:
         with torch.no_grad():
             self.target.load_state_dict(state, strict=True)
         self.actor_version = version
+        # The actor went back (a resumed trainer restarts from its own, older checkpoint): the
+        # versions after it will be retrained, so the drafter counts as trained against this one.
+        self.drafter_version = min(self.drafter_version, version)
 
     def snapshot(self) -> tuple[int, dict[str, torch.Tensor]]:
         """(drafter version, weights in model.dtype) for a broadcast to the generators."""
@@ -145,6 +175,51 @@ class DrafterLearner:
         if self.compute_dtype != torch.float32:
             state = {k: v.to(self.compute_dtype) if v.is_floating_point() else v for k, v in state.items()}
         return self.drafter_version, state
+
+    # --- checkpoints --------------------------------------------------------------------
+
+    def save_checkpoint(self, directory: Path) -> Path:
+        """directory/step-<num_steps>: the drafter, its optimizer state and the counters; only the
+        newest NUM_CHECKPOINTS_KEPT stay."""
+        def fill(staging: Path) -> None:
+            self.drafter.save_pretrained(staging / "drafter")
+            torch.save(self.optimizer.state_dict(), staging / "optimizer.pt")
+            # actor_version is for the record: a restarted learner takes the trainer's current actor.
+            counters = {"num_steps": self.num_steps, "drafter_version": self.drafter_version,
+                        "actor_version": self.actor_version}
+            (staging / COUNTERS_NAME).write_text(json.dumps(counters))
+
+        path = replace_dir(directory / f"step-{self.num_steps}", fill)
+        prune_step_dirs(directory, COUNTERS_NAME, keep=NUM_CHECKPOINTS_KEPT)
+        return path
+
+    def load_checkpoint(self, path: Path) -> None:
+        """Continue from a `save_checkpoint` directory: drafter weights, optimizer state, num_steps
+        and drafter_version. A checkpoint of another drafter (its config or draft vocabulary differ
+        from the run's) raises DrafterCheckpointError rather than being trained on."""
+        device = next(self.drafter.parameters()).device
+        try:
+            counters = json.loads((path / COUNTERS_NAME).read_text())
+            num_steps, drafter_version = int(counters["num_steps"]), int(counters["drafter_version"])
+            saved = Eagle3Drafter.load_pretrained(path / "drafter", self.drafter.target_embed)
+        except Exception as exc:  # whatever the files hold, the error names the checkpoint
+            raise DrafterCheckpointError(f"drafter checkpoint {path} cannot be read: {exc}") from exc
+        ours, theirs = dataclasses.asdict(self.drafter.config), dataclasses.asdict(saved.config)
+        mismatches = [f"{key} = {theirs[key]!r} (the run's drafter: {value!r})"
+                      for key, value in ours.items() if theirs[key] != value]
+        if not mismatches and not torch.equal(saved.d2t.cpu(), self.drafter.d2t.cpu()):
+            mismatches.append("the draft vocabulary (d2t) differs")
+        if mismatches:
+            raise DrafterCheckpointError(
+                f"drafter checkpoint {path} does not match this run's drafter (model.drafter_path = "
+                f"{self.config.model.drafter_path!r}): {'; '.join(mismatches)}")
+        try:
+            # The float32 master weights as saved (`saved` is in the target's dtype).
+            self.drafter.load_state_dict(load_file(str(path / "drafter" / WEIGHTS_NAME), device=str(device)))
+            self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
+        except Exception as exc:  # whatever the files hold, the error names the checkpoint
+            raise DrafterCheckpointError(f"drafter checkpoint {path} cannot be loaded: {exc}") from exc
+        self.num_steps, self.drafter_version = num_steps, drafter_version
 
     # --- training -----------------------------------------------------------------------
 

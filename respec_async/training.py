@@ -2,21 +2,21 @@
 
 `ActorTrainer` is plain synchronous PyTorch; the trainer role calls it from its compute thread.
 A checkpoint holds the actor (safetensors, Hugging Face layout), the optimizer state, the
-policy version and the data position, written to a temporary directory and renamed into place,
-so a crash mid-write never leaves a half checkpoint that a resume would pick up.
+policy version and the data position, written to a temporary directory and renamed into place
+(`respec_async.checkpoints`), so a crash mid-write never leaves a half checkpoint that a resume
+would pick up.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from respec_async.algorithms.grpo import LossStats, completion_logprobs, group_advantages, grpo_loss
+from respec_async.checkpoints import latest_step_dir, replace_dir
 from respec_async.config import Config
 from respec_async.engine.checkpoint import load_pretrained, save_pretrained
 from respec_async.prompts import Example, PromptSource
@@ -28,11 +28,7 @@ def checkpoints_dir(run_dir: Path) -> Path:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = []
-    for path in checkpoints_dir(run_dir).glob("step-*"):
-        if (path / "trainer.json").exists():
-            found.append((int(path.name.split("-")[1]), path))
-    return max(found)[1] if found else None
+    return latest_step_dir(checkpoints_dir(run_dir), "trainer.json")
 
 
 @dataclass
@@ -113,18 +109,12 @@ class ActorTrainer:
         return TrainStats(num_tokens=total_tokens, grad_norm=float(grad_norm), **totals)
 
     def save_checkpoint(self) -> Path:
-        final = checkpoints_dir(self.run_dir) / f"step-{self.version}"
-        tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        save_pretrained(self.model, tmp / "actor")
-        torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-        (tmp / "trainer.json").write_text(json.dumps({"version": self.version}))
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        return final
+        def fill(staging: Path) -> None:
+            save_pretrained(self.model, staging / "actor")
+            torch.save(self.optimizer.state_dict(), staging / "optimizer.pt")
+            (staging / "trainer.json").write_text(json.dumps({"version": self.version}))
+
+        return replace_dir(checkpoints_dir(self.run_dir) / f"step-{self.version}", fill)
 
     def load_checkpoint(self, path: Path) -> None:
         loaded = load_pretrained(path / "actor", dtype=torch.float32, device=self.config.model.device)

@@ -41,7 +41,6 @@ import os
 import random
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from respec_async.algorithms.distill import DistillStats, unrolled_distill_loss
+from respec_async.checkpoints import replace_dir
 from respec_async.tasks import arithmetic
 
 # Bump when the training recipe changes in a way the hyperparameters below do not capture.
@@ -168,34 +168,21 @@ def _copy_shipped(root: Path, key: str, required: tuple[str, ...], log: Callable
     shipped = SHIPPED_DIR / root.name
     if not _stamp_matches(shipped, key, required):
         return False
-    _replace_stage(root, lambda staging: shutil.copytree(shipped, staging, dirs_exist_ok=True))
+    replace_dir(root, lambda staging: shutil.copytree(shipped, staging, dirs_exist_ok=True))
     log(f"zoo: {root.name} copied from the trained copy shipped with the package "
         f"(python -m respec_async.zoo --force retrains it)")
     return True
 
 
 def _build_stage(root: Path, key: str, build: Callable[[Path], dict]) -> None:
-    """Run build(staging_dir) -> metrics and stamp the result, into root (see _replace_stage)."""
+    """Run build(staging_dir) -> metrics and stamp the result, into root (see checkpoints.replace_dir)."""
 
     def fill(staging: Path) -> None:
         metrics = build(staging)
         (staging / STAMP_NAME).write_text(json.dumps({"key": key, "format_version": ZOO_FORMAT_VERSION,
                                                       "metrics": metrics}, indent=2))
 
-    _replace_stage(root, fill)
-
-
-def _replace_stage(root: Path, fill: Callable[[Path], object]) -> None:
-    """fill(staging_dir) in a temporary directory beside root, then rename it into place: root
-    is either absent, the old stage, or complete."""
-    staging = Path(tempfile.mkdtemp(prefix=f".staging-{root.name}-", dir=root.parent))
-    try:
-        fill(staging)
-        if root.exists():
-            shutil.rmtree(root)
-        os.rename(staging, root)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    replace_dir(root, fill)
 
 
 def ensure_zoo(cache_dir: str | Path | None = None, spec: ZooSpec | None = None, force: bool = False,

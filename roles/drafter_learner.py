@@ -9,6 +9,14 @@ actor (ReSpec's drafter learner), pushed to the generators every I actor version
 - It owns the "drafter" weight group (members: the generators). Once the actor version it holds
   is >= the version of the last published drafter + `drafter.update_interval`, and it has trained
   on that version, it broadcasts the drafter; generators swap it in at a step boundary.
+- Checkpoints: when a published drafter's version crosses a multiple of `drafter.checkpoint_every`,
+  and at a clean shutdown, the drafter, its optimizer and counters go to
+  `<run_dir>/drafter_checkpoints/step-N` (N = drafter steps; the newest 2 are kept). A learner
+  that starts with a checkpoint there (restarted by the supervisor, or `respec launch --resume`)
+  continues from the latest one (`drafter_learner.resumed`) and, once it holds the actor, publishes
+  the restored drafter to every generator: they may hold the offline one (a resumed run, a
+  restarted generator) or a later one of the learner that died. A checkpoint of another drafter
+  fails the start with an error naming the checkpoint and the mismatch.
 
 Metrics: `drafter.step` / `drafter.published` log events, and `<run_dir>/drafter_learner-0.metrics.jsonl`
 with one record per drafter optimizer step (loss, weights, estimated acceptance length, actor
@@ -24,7 +32,7 @@ import msgspec
 import torch
 
 from respec_async.actor import Actor, handles
-from respec_async.drafter_learning import DrafterLearner
+from respec_async.drafter_learning import DrafterLearner, drafter_checkpoints_dir, latest_drafter_checkpoint
 from respec_async.metrics import MetricsWriter
 from respec_async.models import load_drafter, load_target
 from respec_async.weight_sync import WeightMember, WeightOwner
@@ -65,6 +73,14 @@ class DrafterLearnerActor(Actor):
         drafter = await self.run_blocking(load_drafter, cfg, target)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.core = DrafterLearner(cfg, target, drafter, pad_id)
+        self.resumed_from = latest_drafter_checkpoint(self.ctx.run_dir)
+        if self.resumed_from is not None:
+            await self.run_blocking(self.core.load_checkpoint, self.resumed_from)
+            self.log.info("drafter_learner.resumed", checkpoint=str(self.resumed_from),
+                          version=self.core.drafter_version, step=self.core.num_steps)
+            await self.notify("drafter_learner.resumed", version=self.core.drafter_version, step=self.core.num_steps,
+                              checkpoint=self.resumed_from.name)
+        self.checkpointed_step = self.core.num_steps
         self.generators = sorted(n for n in self.ctx.endpoints.inboxes if n.startswith("generator-"))
         members = self.generators if cfg.generator.sd != "off" else []
         timeout = cfg.trainer.weight_sync_timeout_s
@@ -118,6 +134,8 @@ class DrafterLearnerActor(Actor):
             return
         version, tensors, _ = staged
         self.core.load_actor(version, tensors)
+        # A trainer resumed from an older checkpoint: pace the next publish from where it is.
+        self.published_at_actor = min(self.published_at_actor, version)
         self.log.info("drafter.actor_applied", version=version, drafter_version=self.core.drafter_version)
 
     def _record(self, kind: str, **fields) -> DrafterLearnerRecord:
@@ -134,18 +152,36 @@ class DrafterLearnerActor(Actor):
         interval = self.ctx.config.drafter.update_interval
         if not self.trained_since_publish or self.core.drafter_version < self.published_at_actor + interval:
             return
+        await self._publish()
+
+    async def _publish(self) -> None:
         stats = await self.drafter_weights.publish(self.core.snapshot)
         previous, self.published_version = self.published_version, self.core.drafter_version
         self.published_at_actor = self.core.drafter_version
         self.trained_since_publish = 0
         self._record("publish", drafter_lag=self.published_version - previous,
                      seconds=stats.seconds if stats else 0.0)
+        every = self.ctx.config.drafter.checkpoint_every
+        if every and self.published_version // every > previous // every:
+            await self._checkpoint()
         await self.notify("drafter.published", version=self.published_version, actor_version=self.core.actor_version,
                           steps=self.core.num_steps)
+
+    async def _checkpoint(self) -> None:
+        """Write the learner's state unless nothing was trained since the last checkpoint (or the
+        one it resumed from). Runs in the compute thread, so never in the middle of a step."""
+        if not self.ctx.config.drafter.checkpoint_every or self.core.num_steps == self.checkpointed_step:
+            return
+        path = await self.run_blocking(self.core.save_checkpoint, drafter_checkpoints_dir(self.ctx.run_dir))
+        self.checkpointed_step = self.core.num_steps
+        self.log.info("drafter.checkpoint", path=str(path), version=self.core.drafter_version,
+                      step=self.core.num_steps)
 
     async def main(self) -> None:
         await self.actor_weights.arrived.wait()
         await self.run_blocking(self._swap_actor)
+        if self.resumed_from is not None:
+            await self._publish()  # the restored drafter, to every generator (see the module docstring)
         await self.notify("drafter_learner.ready", actor_version=self.core.actor_version,
                           members=len(self.drafter_weights.expected), weighting=self.ctx.config.drafter.weighting)
         while True:
@@ -172,5 +208,9 @@ class DrafterLearnerActor(Actor):
                 waiter.cancel()
 
     async def teardown(self) -> None:
+        # A clean stop (the run finished, or a shutdown) keeps what was trained since the last
+        # checkpoint; after a failure the learner's state is not trusted.
+        if self.exit_code == 0 and hasattr(self, "checkpointed_step"):
+            await self._checkpoint()
         if hasattr(self, "metrics"):
             self.metrics.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 
 import pytest
@@ -14,9 +15,17 @@ import torch
 from respec_async import zoo
 from respec_async.algorithms.distill import unrolled_distill_loss
 from respec_async.config import config_from_dict
-from respec_async.drafter_learning import DrafterLearner, encode_batch
+from respec_async.drafter_learning import (
+    DrafterCheckpointError,
+    DrafterLearner,
+    drafter_checkpoints_dir,
+    encode_batch,
+    latest_drafter_checkpoint,
+)
+from respec_async.engine.drafter import Eagle3Drafter
 from respec_async.metrics import read_metrics
 from respec_async.models import load_drafter, load_target
+from transport.weights import weights_checksum
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +62,9 @@ def test_drafter_section_is_validated_and_the_learner_needs_sd():
 
     config = config_from_dict({"roles": {"drafter_learner": 1}, "generator": {"sd": "static"}})
     assert config.drafter.update_interval == 1 and config.drafter.weighting == "reward"
+    assert config.drafter.checkpoint_every == 10
+    with pytest.raises(ConfigError, match=r"drafter\.checkpoint_every"):
+        config_from_dict({"drafter": {"checkpoint_every": -1}})
     with pytest.raises(ConfigError, match=r"drafter\.weighting"):
         config_from_dict({"drafter": {"weighting": "softmax"}})
     with pytest.raises(ConfigError, match=r"drafter\.w_min"):
@@ -111,6 +123,76 @@ def test_learner_waits_on_an_empty_buffer_and_trains_on_degenerate_rewards(quick
     assert not learner.can_train()  # replay_ratio 1: 8 samples drawn >= 6 received
     version, state = learner.snapshot()
     assert version == 3 and set(state) == set(before)
+
+
+# --- checkpoints -----------------------------------------------------------------------------
+
+
+def assert_same_learner_state(a: DrafterLearner, b: DrafterLearner) -> None:
+    for name, tensor in a.drafter.state_dict().items():
+        other = b.drafter.state_dict()[name]
+        assert other.dtype == tensor.dtype and torch.equal(other, tensor), name
+    sa, sb = a.optimizer.state_dict(), b.optimizer.state_dict()
+    assert sa["param_groups"] == sb["param_groups"] and sa["state"].keys() == sb["state"].keys()
+    for index, moments in sa["state"].items():
+        for key, value in moments.items():
+            assert torch.equal(sb["state"][index][key], value), (index, key)
+    assert (a.num_steps, a.drafter_version) == (b.num_steps, b.drafter_version)
+
+
+def test_a_drafter_checkpoint_round_trips_bit_for_bit_and_training_goes_on_as_if_uninterrupted(quick_zoo, tmp_path):
+    rewards = [0.0, 1.0, 0.5, 0.2]  # batch_size 4 = the buffer: every draw is the whole buffer, in order
+    uninterrupted = make_learner(quick_zoo)
+    fill(uninterrupted, rewards)
+    actor = uninterrupted.target.state_dict()
+    uninterrupted.load_actor(3, actor)
+    uninterrupted.train_step()
+    uninterrupted.train_step()
+    path = uninterrupted.save_checkpoint(tmp_path / "drafter_checkpoints")
+    assert path.name == "step-2" and latest_drafter_checkpoint(tmp_path) == path
+
+    resumed = make_learner(quick_zoo)  # starts from the offline drafter, like a restarted role
+    assert not torch.equal(resumed.drafter.fc.weight, uninterrupted.drafter.fc.weight)
+    resumed.load_checkpoint(path)
+    assert_same_learner_state(uninterrupted, resumed)
+    assert (resumed.num_steps, resumed.drafter_version) == (2, 3)
+    # The checkpoint's drafter is a drafter directory like the offline one.
+    loaded = Eagle3Drafter.load_pretrained(path / "drafter", resumed.target.embed_tokens)
+    assert torch.equal(loaded.lm_head.weight, uninterrupted.drafter.lm_head.weight)
+
+    # One more step on the same data and actor: the same update as the learner never stopped
+    # (the Adam moments and step count came back, not only the weights).
+    fill(resumed, rewards)
+    resumed.load_actor(3, actor)
+    uninterrupted.train_step()
+    resumed.train_step()
+    assert_same_learner_state(uninterrupted, resumed)
+
+
+def test_only_the_newest_two_complete_drafter_checkpoints_are_kept_and_the_latest_is_resumed(quick_zoo, tmp_path):
+    learner = make_learner(quick_zoo)
+    directory = drafter_checkpoints_dir(tmp_path)
+    for step in (1, 12, 3):
+        learner.num_steps = step
+        learner.save_checkpoint(directory)
+    (directory / "step-40").mkdir()  # no counters file: not a (complete) checkpoint
+    assert sorted(p.name for p in directory.iterdir()) == ["step-12", "step-3", "step-40"]
+    assert latest_drafter_checkpoint(tmp_path) == directory / "step-12"
+
+
+def test_a_checkpoint_of_another_drafter_fails_naming_the_path_and_the_mismatch(quick_zoo, tmp_path):
+    learner = make_learner(quick_zoo)
+    vocab = learner.drafter.config.vocab_size
+    other = Eagle3Drafter.from_target(learner.target, draft_vocab_ids=torch.arange(vocab // 2))
+    path = DrafterLearner(learner.config, learner.target, other, learner.pad_id).save_checkpoint(tmp_path)
+    before = weights_checksum(learner.drafter.state_dict())
+    with pytest.raises(DrafterCheckpointError, match=re.escape(str(path)) + r".*does not match.*draft_vocab_size = "
+                       + f"{vocab // 2}" + r" \(the run's drafter: " + f"{vocab}"):
+        learner.load_checkpoint(path)
+    assert weights_checksum(learner.drafter.state_dict()) == before and learner.num_steps == 0
+    (path / "drafter" / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(DrafterCheckpointError, match=re.escape(str(path)) + " cannot be read"):
+        learner.load_checkpoint(path)
 
 
 # --- real runs -------------------------------------------------------------------------------
@@ -239,9 +321,11 @@ def test_exact_sd_reward_curves_agree_for_no_sd_plain_kd_and_reward_weighted_kd(
         assert abs(mean[name] - mean["no_sd"]) <= tolerance, (name, mean, tolerance, rewards)
 
 
-def test_a_killed_drafter_learner_is_restarted_and_the_run_and_the_drafter_pushes_go_on(launch, quick_zoo):
+def test_a_killed_drafter_learner_is_restarted_from_its_checkpoint_and_the_run_and_the_drafter_pushes_go_on(
+        launch, quick_zoo):
     steps = 10
-    run = launch(rl_config(quick_zoo, steps=steps, learner=1, extra="").replace(
+    # update_interval = 2, checkpoint_every = 2: every publish writes a checkpoint before it is announced.
+    run = launch(rl_config(quick_zoo, steps=steps, learner=1, extra="checkpoint_every = 2").replace(
         "weight_sync_timeout_s = 30.0", "weight_sync_timeout_s = 10.0"))
     run.wait_event(lambda e: e.get("event") == "drafter.published", timeout=120)
     os.kill(run.role_pids()["drafter_learner-0"][0], signal.SIGKILL)
@@ -250,8 +334,29 @@ def test_a_killed_drafter_learner_is_restarted_and_the_run_and_the_drafter_pushe
     assert len(run.role_pids()["drafter_learner-0"]) == 2  # restarted once
     events = run.events("drafter_learner-0")
     second_start = [i for i, e in enumerate(events) if e.get("event") == "role.ready"][1]
+
+    def published(part):
+        return [e for e in part if e.get("event") == "weights.published" and e.get("group") == "drafter"]
+
     def checksums(part):
-        return {e["checksum"] for e in part if e.get("event") == "weights.published" and e.get("group") == "drafter"}
+        return {e["checksum"] for e in published(part)}
+
+    # The restarted learner went on from the checkpoint of its first life, not from the offline
+    # drafter, and first gave the generators that drafter: bit for bit the one its first life
+    # published at that version.
+    resumed = [e for e in events if e.get("event") == "drafter_learner.resumed"]
+    assert len(resumed) == 1 and events.index(resumed[0]) < second_start, resumed
+    assert resumed[0]["version"] > 0 and resumed[0]["step"] > 0, resumed
+    before = {e["version"]: e["checksum"] for e in published(events[:second_start])}
+    first_after = published(events[second_start:])[0]
+    assert first_after["version"] == resumed[0]["version"], (first_after, resumed)
+    assert first_after["checksum"] == before[resumed[0]["version"]], (first_after, before)
+    config = learner_config(quick_zoo)
+    target, _ = load_target(config)
+    assert first_after["checksum"] != weights_checksum(load_drafter(config, target).state_dict())[:12]
+    saved = [e for e in events if e.get("event") == "drafter.checkpoint"]
+    kept = sorted(p.name for p in drafter_checkpoints_dir(run.run_dir).iterdir())
+    assert len(saved) > 2 and kept == sorted(os.path.basename(e["path"]) for e in saved[-2:]), (saved, kept)
 
     after = checksums(events[second_start:])
     assert after, "the restarted learner never published"
