@@ -108,8 +108,8 @@ class DraftAttention(nn.Module):
             if attn_mask is None:
                 num_keys = int(cache_positions.max()) + 1
                 attn_mask = torch.arange(num_keys, device=x.device) <= cache_positions[:, :, None]
-            k = cache.k[0, slots, :, :attn_mask.shape[-1]].to(q.dtype)
-            v = cache.v[0, slots, :, :attn_mask.shape[-1]].to(q.dtype)
+            k = fused.cache_rows(cache.k, 0, slots, attn_mask.shape[-1]).to(q.dtype)
+            v = fused.cache_rows(cache.v, 0, slots, attn_mask.shape[-1]).to(q.dtype)
             is_causal, mask = False, attn_mask[:, None]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                              enable_gqa=config.num_key_value_heads != config.num_attention_heads)

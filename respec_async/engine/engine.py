@@ -223,6 +223,7 @@ class Engine:
         start_s = time.perf_counter()
         finished: list[Completion] = []
         num_admitted = self._admit(finished)
+        self._compact()  # holes that admission left (fewer requests waited than slots were free)
         slots = sorted(self.running)
         num_emitted = num_accepted = 0
         mode = "idle"
@@ -239,6 +240,8 @@ class Engine:
             num_emitted = self._emit(slots, tokens, logprobs, num_tokens, sd if mode == "sd" else None, finished)
             if mode == "sd":
                 num_accepted = int(num_tokens.sum()) - len(slots)
+        if not self.waiting:
+            self._compact()  # nothing will refill the freed slots: close the holes now
         self.step_stats.append(StepStats(mode, sd if mode == "sd" else None, len(slots), num_admitted, num_emitted,
                                          time.perf_counter() - start_s, num_accepted))
         return finished
@@ -268,6 +271,7 @@ class Engine:
 
     def _admit(self, finished: list[Completion]) -> int:
         admitted: list[_Sequence] = []
+        self.free_slots.sort()  # the lowest first, so the running slots stay 0..n-1
         while self.waiting and self.free_slots:
             request = self.waiting.pop(0)
             sequence = _Sequence(request, self.free_slots.pop(0))
@@ -306,6 +310,36 @@ class Engine:
         self._emit([sequence.slot for sequence in admitted], first[:, None], token_logprobs(logprobs, first)[:, None],
                    torch.ones_like(first), None, finished, prefill=True)
         return len(admitted)
+
+    def _compact(self) -> None:
+        """Keep the running sequences in slots 0..n-1: move the highest-numbered ones into the
+        free slots below n. Attention then reads each layer's cache rows as one slice instead
+        of gathering them (on CPU a gather of B slots' K/V costs several decode steps' worth of
+        memory traffic once sequences are long). Holes only persist once no request waits to
+        fill them (the tail of a generation phase); a move copies one sequence's valid cache
+        entries and per-slot state, once."""
+        num_running = len(self.running)
+        holes = sorted(slot for slot in self.free_slots if slot < num_running)
+        if not holes:
+            return
+        movers = sorted(slot for slot in self.running if slot >= num_running)
+        source = torch.tensor(movers, device=self.device)
+        destination = torch.tensor(holes, device=self.device)
+        num_keys = int(self.lengths[source].max()) + 1
+        caches = [self.cache] + ([self.drafter_cache] if self.drafter is not None else [])
+        for cache in caches:
+            for buffer in (cache.k, cache.v):
+                buffer[:, destination, :, :num_keys] = buffer[:, source, :, :num_keys]
+        per_slot = [self.tokens, self.lengths, self.temperature, self.top_p, self.top_k]
+        if self.drafter is not None:
+            per_slot += [self.pending_features, self.num_pending]
+        for buffer in per_slot:
+            buffer[destination] = buffer[source]
+        for old, new in zip(movers, holes):
+            sequence = self.running.pop(old)
+            sequence.slot = new
+            self.running[new] = sequence
+        self.free_slots = sorted(set(self.free_slots) - set(holes) | set(movers))
 
     # ---- plain decoding -------------------------------------------------------------------
 

@@ -151,6 +151,12 @@ def slot_range(slots: Tensor | None, batch_size: int) -> tuple[int, int] | None:
     return (first, first + len(ids)) if ids == list(range(first, first + len(ids))) else None
 
 
+def cache_rows(buffer: Tensor, layer: int, slots: Tensor, num_keys: int) -> Tensor:
+    """buffer[layer, slots, :, :num_keys] ([B, kv_heads, num_keys, head_dim]) as an index_select,
+    which on CPU copies several times faster than the advanced-indexing gather it equals."""
+    return buffer[layer, :, :, :num_keys].index_select(0, slots)
+
+
 def additive_mask(attn_mask: Tensor | None) -> Tensor | None:
     """Bool [B, T, S] (True = may attend) -> float [B, 1, T, S] of 0 / -inf, built once per
     forward (SDPA would convert a bool mask in every layer)."""
@@ -181,7 +187,7 @@ def attention(w: AttentionWeights, x: Tensor, batch_size: int, seq_len: int, cos
         if rows is not None:
             k, v = cache.k[layer, rows[0]:rows[1], :, :num_keys], cache.v[layer, rows[0]:rows[1], :, :num_keys]
         else:
-            k, v = cache.k[layer, slots, :, :num_keys], cache.v[layer, slots, :, :num_keys]
+            k, v = cache_rows(cache.k, layer, slots, num_keys), cache_rows(cache.v, layer, slots, num_keys)
         is_causal = False
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=kv != h)
     if empty_rows is not None:

@@ -226,8 +226,8 @@ class Attention(nn.Module):
             cache.k[layer, rows, :, cache_positions] = k.transpose(1, 2).to(cache.k.dtype)
             cache.v[layer, rows, :, cache_positions] = v.transpose(1, 2).to(cache.v.dtype)
             num_keys = attn_mask.shape[-1]
-            k = cache.k[layer, slots, :, :num_keys].to(q.dtype)
-            v = cache.v[layer, slots, :, :num_keys].to(q.dtype)
+            k = fused.cache_rows(cache.k, layer, slots, num_keys).to(q.dtype)
+            v = fused.cache_rows(cache.v, layer, slots, num_keys).to(q.dtype)
         mask = None if attn_mask is None else attn_mask[:, None]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=attn_mask is None,
                                              enable_gqa=self.enable_gqa)

@@ -119,6 +119,66 @@ def test_more_requests_than_slots_match_running_each_alone(models):
     assert {stat.mode for stat in engine.step_stats} == {"sd", "plain"}
 
 
+@pytest.mark.parametrize("sd", [None, CHAIN, TREE], ids=str)
+def test_running_sequences_move_down_into_freed_slots_and_decode_on_unchanged(models, sd):
+    """Once no request waits, sequences in high slots move into the slots finished ones free
+    (engine._compact), K/V, drafter state and all: outputs equal running each alone, behaviour
+    log-probs equal a full forward, and the running slots are always 0..n-1."""
+    target, drafter = models
+    lengths = [3, 6, 9, 12, 15]  # the lowest slots finish first
+    work = [Request(i, PROMPTS[i % len(PROMPTS)], SamplingParams(temperature=0.0, max_new_tokens=n))
+            for i, n in enumerate(lengths)]
+    alone = [Engine(target, drafter, max_batch_size=1, max_seq_len=64).generate([r], sd)[0] for r in work]
+    engine = Engine(target, drafter, max_batch_size=5, max_seq_len=64)
+    for request in work:
+        engine.add_request(request)
+    done, moved = {}, False
+    while engine.has_unfinished:
+        before = {seq.request.request_id: slot for slot, seq in engine.running.items()}
+        for completion in engine.step(sd):
+            done[completion.request_id] = completion
+        after = {seq.request.request_id: slot for slot, seq in engine.running.items()}
+        moved |= any(before.get(rid, slot) != slot for rid, slot in after.items())
+        assert sorted(engine.running) == list(range(len(engine.running)))  # nothing waits: no holes
+    assert moved
+    assert [done[i].output_ids for i in range(len(work))] == [c.output_ids for c in alone]
+    # Greedy drafts are deterministic too: the moved drafter state drafts what it did alone.
+    assert [done[i].num_accepted for i in range(len(work))] == [c.num_accepted for c in alone]
+
+    sampled = SamplingParams(temperature=0.8, max_new_tokens=12)
+    engine = Engine(target, drafter, max_batch_size=4, max_seq_len=64, seed=3)
+    work = [Request(i, PROMPTS[i % len(PROMPTS)], SamplingParams(temperature=0.8, max_new_tokens=3 + 3 * i))
+            for i in range(4)]
+    for completion in engine.generate(work, sd):
+        torch.testing.assert_close(torch.tensor(completion.logprobs), full_logprobs(target, completion, sampled),
+                                   atol=1e-4, rtol=1e-4)
+
+
+def test_a_compaction_move_carries_every_piece_of_a_sequences_state(models):
+    target, drafter = models
+    engine = Engine(target, drafter, max_batch_size=3, max_seq_len=64)
+    for request in requests(SamplingParams(temperature=1.0, max_new_tokens=30), PROMPTS[:3]):
+        engine.add_request(request)
+    for _ in range(3):
+        engine.step(CHAIN)
+    engine._finish(engine.running[0], "stop")  # free the lowest slot under a running sequence
+    mover = engine.running[2]
+    length = int(engine.lengths[2])
+    caches = (engine.cache.k, engine.cache.v, engine.drafter_cache.k, engine.drafter_cache.v)
+    state = [buffer[:, 2, :, :length].clone() for buffer in caches] + [
+        buffer[2].clone() for buffer in (engine.tokens, engine.lengths, engine.temperature, engine.pending_features,
+                                         engine.num_pending)]
+    with torch.inference_mode():
+        engine._compact()
+    assert engine.running[0] is mover and mover.slot == 0 and sorted(engine.running) == [0, 1]
+    assert engine.free_slots == [2]
+    moved = [buffer[:, 0, :, :length] for buffer in caches] + [
+        buffer[0] for buffer in (engine.tokens, engine.lengths, engine.temperature, engine.pending_features,
+                                 engine.num_pending)]
+    for before, after in zip(state, moved):
+        assert torch.equal(before, after)
+
+
 def test_switching_modes_every_few_steps_keeps_greedy_equality(models):
     target, drafter = models
     plain, _ = run(target, drafter, SamplingParams(temperature=0.0, max_new_tokens=40), None)
