@@ -174,6 +174,10 @@ class DrafterSection(Section):
     weighting: Literal["reward", "none"] = "reward"
     w_min: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.05
     num_threads: PosInt = 1  # torch intra-op threads in this role
+    # CPU priority of the learner process (os.nice increment, 0-19): above 0 it trains on the
+    # CPU time the generator and the trainer leave, so on a machine with fewer cores than roles
+    # distillation never slows the RL loop; its drafters then lag more versions behind.
+    nice: Annotated[int, msgspec.Meta(ge=0, le=19)] = 0
     metrics_every_s: PosFloat = 5.0  # how often the learner's counters go to its metrics file
     # Checkpoint the drafter, its optimizer and counters into <run dir>/drafter_checkpoints/ when a
     # published drafter's version crosses a multiple of this (in actor versions), and at a clean

@@ -26,6 +26,7 @@ and drafter versions, lag) and one per publish (kind = "publish").
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 import msgspec
@@ -69,6 +70,8 @@ class DrafterLearnerActor(Actor):
     async def setup(self) -> None:
         cfg = self.ctx.config
         torch.set_num_threads(cfg.drafter.num_threads)
+        if cfg.drafter.nice:
+            os.nice(cfg.drafter.nice)  # lower priority: train on the CPU time the loop leaves
         target, tokenizer = await self.run_blocking(load_target, cfg)
         drafter = await self.run_blocking(load_drafter, cfg, target)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -182,8 +185,11 @@ class DrafterLearnerActor(Actor):
         await self.run_blocking(self._swap_actor)
         if self.resumed_from is not None:
             await self._publish()  # the restored drafter, to every generator (see the module docstring)
+        nice = await self.run_blocking(os.nice, 0)  # the priority the compute thread trains at
+        self.log.info("drafter_learner.ready", actor_version=self.core.actor_version, nice=nice)
         await self.notify("drafter_learner.ready", actor_version=self.core.actor_version,
-                          members=len(self.drafter_weights.expected), weighting=self.ctx.config.drafter.weighting)
+                          members=len(self.drafter_weights.expected), weighting=self.ctx.config.drafter.weighting,
+                          nice=nice)
         while True:
             if self.actor_weights.arrived.is_set():
                 await self.run_blocking(self._swap_actor)

@@ -65,6 +65,8 @@ def test_drafter_section_is_validated_and_the_learner_needs_sd():
     assert config.drafter.checkpoint_every == 10
     with pytest.raises(ConfigError, match=r"drafter\.checkpoint_every"):
         config_from_dict({"drafter": {"checkpoint_every": -1}})
+    with pytest.raises(ConfigError, match=r"drafter\.nice"):
+        config_from_dict({"drafter": {"nice": 20}})
     with pytest.raises(ConfigError, match=r"drafter\.weighting"):
         config_from_dict({"drafter": {"weighting": "softmax"}})
     with pytest.raises(ConfigError, match=r"drafter\.w_min"):
@@ -250,9 +252,12 @@ def finished(run, timeout=240):
 
 def test_learner_run_publishes_every_interval_and_generators_apply_the_learners_drafter(launch, quick_zoo):
     steps = 8
-    run = launch(rl_config(quick_zoo, steps=steps, learner=1, generators=2))
+    run = launch(rl_config(quick_zoo, steps=steps, learner=1, generators=2, extra="nice = 5"))
     records = finished(run)
     assert [r.step for r in records] == list(range(steps))
+    # drafter.nice: the thread that trains runs at the lower priority (the os.nice base is 0 here).
+    ready = [e for e in run.events("drafter_learner-0") if e.get("event") == "drafter_learner.ready"]
+    assert ready and ready[0]["nice"] == os.nice(0) + 5
     published = {e["version"]: e["checksum"] for e in run.events("drafter_learner-0")
                  if e.get("event") == "weights.published" and e.get("group") == "drafter"}
     versions = sorted(published)
