@@ -53,7 +53,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from rl_bench import (  # noqa: E402
-    events, launch_run, learner_records, moving_average, plot_curves, rl_arguments, step_records,
+    events, launch_run, learner_records, moving_average, plot_curves, rl_arguments, save_figure, step_records,
 )
 
 ARMS = {
@@ -292,13 +292,7 @@ def plot_time(path: Path, results: dict, arms: list[str], window: int, threshold
     ax.set_xlim(left=0)
     ax.set_xlabel("wall-clock seconds since launch")
     ax.set_ylabel("mean reward of the step's rollouts")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, ax, title, path)
 
 
 if __name__ == "__main__":

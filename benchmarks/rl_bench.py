@@ -103,6 +103,13 @@ def plot_curves(path: Path, title: str, ylabel: str, curves: dict[str, list[floa
         ax.axhline(hline[0], color="gray", linestyle="--", label=hline[1])
     ax.set_xlabel("RL step (policy version)")
     ax.set_ylabel(ylabel)
+    save_figure(fig, ax, title, path)
+
+
+def save_figure(fig, ax, title: str, path: Path) -> None:
+    """Title, grid and legend on `ax`, then write `fig` to `path` (PNG) and close it."""
+    import matplotlib.pyplot as plt
+
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
