@@ -5,7 +5,9 @@ the process's resident memory over a long generation run (no per-step growth).
 
 A stream of held-out arithmetic prompts keeps every slot of the engine busy for --minutes
 (finished sequences leave, new ones enter: continuous batching); the SD mode cycles through
-plain, a chain and a tree config step by step, so every code path runs. RSS is read from
+plain, a chain and a tree config step by step, so every code path runs, and every --swap-every
+steps new target and drafter weights are loaded as a generator loads a broadcast (two weight
+sets alternate, so the fused inference path rebuilds its derived weights). RSS is read from
 /proc/self/statm every 5 seconds; the first --warmup-s are excluded (allocator and caches
 settle). Reported: RSS after warm-up and at the end, the largest, and the slope of a least
 squares line through the samples (MB per minute). Target: no per-step growth, i.e. end - start
@@ -58,6 +60,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--max-seq-len", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--swap-every", type=int, default=20, help="steps between weight loads (0 = none)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -74,6 +77,13 @@ def main() -> None:
     allocated_drafter = engine.drafter_cache.num_bytes
     params = SamplingParams(temperature=1.0, max_new_tokens=192, stop_token_ids=(tokenizer.eos_token_id,))
     modes = [None, SDConfig(4, 1, 4), SDConfig(3, 2, 4)]
+    # Two weight sets to alternate between: as loaded, and nudged (a broadcast is a fresh dict).
+    with torch.no_grad():
+        weight_sets = [({k: v.clone() for k, v in target.state_dict().items()},
+                        {k: v.clone() for k, v in drafter.state_dict().items()})]
+        weight_sets.append(tuple({k: v * 1.001 if v.is_floating_point() else v for k, v in state.items()}
+                                 for state in weight_sets[0]))
+    num_swaps = 0
     next_prompt, num_steps, num_tokens, num_done = 0, 0, 0, 0
     samples: list[tuple[float, float]] = []
     start_s = time.perf_counter()
@@ -87,6 +97,11 @@ def main() -> None:
             next_prompt += 1
         finished = engine.step(modes[num_steps % len(modes)])
         num_steps += 1
+        if args.swap_every and num_steps % args.swap_every == 0:
+            target_state, drafter_state = weight_sets[num_swaps % 2]
+            engine.load_target_state({k: v.clone() for k, v in target_state.items()})
+            engine.load_drafter_state({k: v.clone() for k, v in drafter_state.items()})
+            num_swaps += 1
         num_done += len(finished)
         num_tokens += sum(len(c.output_ids) for c in finished)
         now = time.perf_counter() - start_s
@@ -104,7 +119,8 @@ def main() -> None:
         "num_steps": num_steps, "num_sequences": num_done, "num_tokens": num_tokens,
         "rss_start_mb": start_rss, "rss_end_mb": end_rss, "rss_max_mb": max(r for _, r in settled),
         "rss_slope_mb_per_min": slope_mb_per_min(settled), "samples": samples,
-        "step_stats_len": len(engine.step_stats),
+        "step_stats_len": len(engine.step_stats), "num_weight_swaps": num_swaps,
+        "fused_inference": target.fused_inference,
     }
     growth = end_rss - start_rss
     result["pass"] = abs(growth) <= 0.02 * start_rss and result["rss_slope_mb_per_min"] < 1.0
@@ -113,6 +129,7 @@ def main() -> None:
           f"{args.batch_size} slots x {target.config.num_key_value_heads} kv heads x {engine.cache_len} positions x "
           f"{target.config.head_dim} x 4 B; allocated {allocated_target / 2**20:.2f} MiB")
     print(f"KV cache (drafter): stated {stated_drafter / 2**20:.2f} MiB; allocated {allocated_drafter / 2**20:.2f} MiB")
+    print(f"weight loads: {num_swaps} (every {args.swap_every} steps); fused inference path: {target.fused_inference}")
     print(f"{'steps':>7} {'sequences':>9} {'tokens':>8} {'rss start':>10} {'rss end':>9} {'rss max':>9} {'slope':>12}")
     print(f"{num_steps:>7} {num_done:>9} {num_tokens:>8} {start_rss:>8.1f}MB {end_rss:>7.1f}MB "
           f"{result['rss_max_mb']:>7.1f}MB {result['rss_slope_mb_per_min']:>+8.2f}MB/min")
