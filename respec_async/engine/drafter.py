@@ -201,9 +201,9 @@ class Eagle3Drafter(nn.Module):
             positions = torch.arange(seq_len, device=input_ids.device).expand(batch_size, -1)
         if cache_positions is None:
             cache_positions = positions
-        weight = self.target_embed.weight
-        if (self.fused_inference and not torch.is_grad_enabled() and weight.dtype == torch.float32
-                and not weight.is_inference()):
+        weights = (self.target_embed.weight, self.fc.weight)
+        if (self.fused_inference and not torch.is_grad_enabled()
+                and all(w.dtype == torch.float32 and not w.is_inference() for w in weights)):
             return self._forward_fused(input_ids, hidden, positions, cache, slots, cache_positions, attn_mask,
                                        logits_positions)
         if hidden.shape[-1] == 3 * self.config.hidden_size:

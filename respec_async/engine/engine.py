@@ -45,6 +45,8 @@ from respec_async.engine.speculative import (
 
 # Target features buffered per slot between drafter catch-ups while SD is off.
 MAX_PENDING_FEATURES = 32
+# The largest target the engine runs through engine/fused.py by default (fused_inference=None).
+FUSED_MAX_PARAMETERS = 50_000_000
 
 
 @dataclass(frozen=True)
@@ -133,10 +135,13 @@ class Engine:
                  max_draft_tokens: int = 64, fused_inference: bool | None = None):
         self.target = target.eval()
         self.drafter = None if drafter is None else drafter.eval()
-        # engine/fused.py: the same math in fewer ops, for one more copy of the weights. On by
-        # default on CPU, where a small model's decode step costs its op count.
+        # engine/fused.py: the same math in fewer ops, for about twice the weight memory. On by
+        # default for small float32 models on CPU, whose decode steps cost their op count; a
+        # large model's cost is its matmuls, which fusing does not shrink.
         if fused_inference is None:
-            fused_inference = next(target.parameters()).device.type == "cpu"
+            param = next(target.parameters())
+            fused_inference = (param.device.type == "cpu" and param.dtype == torch.float32
+                               and sum(p.numel() for p in target.parameters()) <= FUSED_MAX_PARAMETERS)
         for model in (self.target, self.drafter):
             if model is not None:
                 model.fused_inference = fused_inference

@@ -16,15 +16,21 @@ rotate-half of x) came out of the projection, a signed permutation of W's rows. 
 statistic is one vector_norm. The result equals the unfused forward up to float32 rounding;
 tests/engine/test_fused.py checks that on both model families and through the engine.
 
-The derived weights are cached on the module and rebuilt when any source parameter changes:
-the key is each parameter's version counter (bumped by every in-place update: load_state_dict,
-an optimizer step, copy_) and storage address (a new tensor or device). Writes through
-`.data` bypass the version counter; Engine.load_*_state drop the cache besides. Cost: one more
-copy of the block weights (and two of q/k), which is why it is opt-in.
+The derived weights are cached on the module and rebuilt when a source parameter changes:
+the key is each parameter's version counter (bumped by in-place updates such as
+load_state_dict, copy_ and the default AdamW / SGD steps) and storage address (a new tensor or
+device), and any parameter registration in the process (a replaced nn.Parameter) invalidates
+every entry. Writes that bypass the version counter are not seen: `.data` writes, fused
+optimizer kernels (AdamW(fused=True)), `.to()` under torch.__future__'s overwrite-on-conversion;
+call `drop_cache(model)` after those (Engine.load_*_state always does). Cost: one more copy of
+the block weights, two more of q/k, and one of the lm_head (a full vocabulary x hidden matrix,
+also with tied embeddings), so about twice the weight memory; the engine turns it on only for
+small CPU models (see Engine), where per-op dispatch dominates and the copy is a few MB.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -98,6 +104,7 @@ def cached(module, sources, build):
         registrations, tensors, key, value = entry
         if registrations == _registrations and key == tuple((t._version, t.data_ptr()) for t in tensors):
             return value
+        del module.__dict__["_fused_cache"], entry, value  # free the stale copy before building the new one
     tensors = sources()
     key = tuple((t._version, t.data_ptr()) for t in tensors)
     # Plain tensors even when called under inference_mode, so no-grad callers can use them too.
@@ -105,6 +112,20 @@ def cached(module, sources, build):
         value = build()
     module.__dict__["_fused_cache"] = (_registrations, tensors, key, value)
     return value
+
+
+@contextlib.contextmanager
+def module_path(*models: torch.nn.Module):
+    """Inside the block the models run their module path (fused_inference off): references in
+    tests, or anything that wants the unfused numerics of a model an Engine has turned on."""
+    saved = [model.fused_inference for model in models]
+    for model in models:
+        model.fused_inference = False
+    try:
+        yield
+    finally:
+        for model, value in zip(models, saved):
+            model.fused_inference = value
 
 
 def drop_cache(module: torch.nn.Module) -> None:
@@ -170,7 +191,8 @@ def attention(w: AttentionWeights, x: Tensor, batch_size: int, seq_len: int, cos
               attn_mask: Tensor | None, num_keys: int | None, empty_rows: Tensor | None) -> Tensor:
     """Attention of normalised-but-unweighted inputs x [B*T, in] -> [B*T, h*d] (before o_proj).
     Cache semantics are model.Attention's, over the first num_keys cache entries; attn_mask
-    is additive_mask's, or None where every query may see all num_keys keys."""
+    is additive_mask's, or None: with a cache, every query sees all num_keys keys; without
+    one, causal attention over the T tokens."""
     h, kv, d = w.num_heads, w.num_kv_heads, w.head_dim
     proj = torch.addmm(w.qkv_bias, x, w.qkv) if w.qkv_bias is not None else torch.mm(x, w.qkv)
     proj = proj.view(batch_size, seq_len, 2 * h + 3 * kv, d)

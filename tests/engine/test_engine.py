@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from respec_async.engine import fused
 from respec_async.engine.drafter import Eagle3Drafter
 from respec_async.engine.engine import Completion, Engine, Request, SDConfig
 from respec_async.engine.model import ModelConfig, Transformer
@@ -48,7 +49,7 @@ def run(target, drafter, params, policy, max_batch_size=4, prompts=PROMPTS, seed
 
 def full_logprobs(target, completion: Completion, params: SamplingParams) -> torch.Tensor:
     ids = torch.tensor([completion.prompt_ids + completion.output_ids])
-    with torch.no_grad():
+    with torch.no_grad(), fused.module_path(target):  # the reference: the module path, not the engine's
         logits = target(ids).logits[0]
     logprobs = sampling_logprobs(logits, params.temperature, params.top_p, params.top_k)
     start = len(completion.prompt_ids) - 1

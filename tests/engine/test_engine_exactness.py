@@ -18,6 +18,7 @@ import torch
 from respec_async.engine.drafter import Eagle3Drafter
 from respec_async.engine.engine import Engine, Request, SDConfig
 from respec_async.engine import engine as engine_module
+from respec_async.engine import fused
 from respec_async.engine.sampling import SamplingParams, sample, sampling_logprobs, token_logprobs
 from respec_async.engine.speculative import RelaxedAcceptance
 from tests.engine.test_engine import tiny_models
@@ -39,7 +40,7 @@ def exact_law(target, params: SamplingParams) -> torch.Tensor:
     """P(x0, x1, x2 | PROMPT) under plain sampling, flattened to V^3 cells."""
     prefixes = torch.cartesian_prod(torch.arange(V), torch.arange(V))
     ids = torch.cat([torch.tensor(PROMPT).expand(V * V, -1), prefixes], 1)
-    with torch.no_grad():
+    with torch.no_grad(), fused.module_path(target):  # the reference: the module path, not the engine's
         logits = target(ids).logits[:, len(PROMPT) - 1:]
     p = sampling_logprobs(logits, params.temperature, params.top_p, params.top_k).double().exp()
     p0 = p[0, 0]  # [x0]

@@ -74,7 +74,8 @@ def decode_logits(target):
     return target(torch.tensor([[9], [10]]), torch.full((2, 1), 4), cache, slots).logits
 
 
-@pytest.mark.parametrize("update", ["load_state_dict", "optimizer_step", "copy_", "new_parameter", "to_dtype"])
+@pytest.mark.parametrize("update", ["load_state_dict", "optimizer_step", "copy_", "new_parameter", "to_dtype",
+                                    "fused_adamw_then_drop_cache"])
 def test_cached_fused_weights_follow_parameter_updates(update):
     target, _ = tiny_models(seed=0)
     other, _ = tiny_models(seed=1)
@@ -93,6 +94,11 @@ def test_cached_fused_weights_follow_parameter_updates(update):
             target.layers[0].mlp.down_proj.weight.copy_(other.layers[0].mlp.down_proj.weight)
     elif update == "new_parameter":
         target.layers[1].self_attn.q_proj.weight = nn.Parameter(other.layers[1].self_attn.q_proj.weight.clone())
+    elif update == "fused_adamw_then_drop_cache":  # fused kernels do not bump versions: drop_cache says so
+        optimizer = torch.optim.AdamW(target.parameters(), lr=0.1, fused=True)
+        target(torch.tensor([[1, 2, 3]])).logits.logsumexp(-1).sum().backward()
+        optimizer.step()
+        fused.drop_cache(target)
     elif update == "to_dtype":  # new storage: float64 and back
         target.double().float()
         with torch.no_grad():
@@ -127,3 +133,27 @@ def test_engine_fused_and_module_paths_agree(sd):
     for plain, fast in zip(results[False], results[True]):
         assert plain.output_ids == fast.output_ids
         torch.testing.assert_close(torch.tensor(fast.logprobs), torch.tensor(plain.logprobs), atol=1e-4, rtol=0)
+
+
+def test_engine_fuses_small_cpu_models_by_default_and_module_path_turns_it_off_for_a_block():
+    target, drafter = tiny_models()
+    Engine(target, drafter, max_batch_size=1, max_seq_len=16)
+    assert target.fused_inference and drafter.fused_inference
+    with fused.module_path(target, drafter):
+        assert not target.fused_inference and not drafter.fused_inference
+    assert target.fused_inference and drafter.fused_inference
+    big, _ = tiny_models()
+    Engine(big.double(), None, max_batch_size=1, max_seq_len=16)  # not float32: the module path
+    assert not big.fused_inference
+
+
+def test_a_drafter_whose_own_weights_are_inference_tensors_takes_the_module_path():
+    target, _ = tiny_models()
+    with torch.inference_mode():
+        drafter = make_drafter()[0]
+        drafter = type(drafter)(drafter.config, target.embed_tokens)  # built under inference_mode
+    drafter.fused_inference = True
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        drafter(ids, torch.randn(1, 3, 3 * drafter.config.hidden_size))  # no version-counter error
+    assert "_fused_cache" not in drafter.__dict__
