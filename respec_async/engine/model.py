@@ -288,8 +288,8 @@ class DecoderLayer(nn.Module):
 
 
 class Transformer(nn.Module):
-    # Inference (no grad, float32) through fused.py: fewer ops, one more copy of the weights.
-    # Off by default; the engine turns it on for CPU models.
+    # Inference (no grad, float32) through fused.py: fewer ops, a second copy of the weights.
+    # Off by default; the engine turns it on for small float32 models on CPU.
     fused_inference: bool = False
 
     def __init__(self, config: ModelConfig):
