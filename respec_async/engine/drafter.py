@@ -106,8 +106,7 @@ class DraftAttention(nn.Module):
             cache.k[0, rows, :, cache_positions] = k.transpose(1, 2).to(cache.k.dtype)
             cache.v[0, rows, :, cache_positions] = v.transpose(1, 2).to(cache.v.dtype)
             if attn_mask is None:
-                num_keys = int(cache_positions.max()) + 1
-                attn_mask = torch.arange(num_keys, device=x.device) <= cache_positions[:, :, None]
+                attn_mask, _ = fused.causal_cache_mask(cache_positions)
             k = fused.cache_rows(cache.k, 0, slots, attn_mask.shape[-1]).to(q.dtype)
             v = fused.cache_rows(cache.v, 0, slots, attn_mask.shape[-1]).to(q.dtype)
             is_causal, mask = False, attn_mask[:, None]
@@ -248,10 +247,7 @@ class Eagle3Drafter(nn.Module):
         rows, num_keys = None, None if attn_mask is None else attn_mask.shape[-1]
         if cache is not None:
             if attn_mask is None:
-                num_keys = int(cache_positions.max()) + 1
-                # One query of one sequence attends to every key up to its own: no mask.
-                if batch_size > 1 or seq_len > 1:
-                    attn_mask = torch.arange(num_keys, device=input_ids.device) <= cache_positions[:, :, None]
+                attn_mask, num_keys = fused.causal_cache_mask(cache_positions, allow_none=True)
             rows = fused.slot_range(slots, batch_size)
         out = fused.attention(attn_weights, x, batch_size, seq_len, cos, sin, cache, 0, slots, rows, cache_positions,
                               fused.additive_mask(attn_mask), num_keys, None)

@@ -154,22 +154,24 @@ def _scalar(value: float, like: Tensor) -> Tensor:
     return tensor
 
 
-def rope_cos_sin(table: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
-    """cos, sin [B, T, 1, d] from a [2, max_pos, d] float32 table."""
-    cos, sin = table[:, positions].unsqueeze(3).unbind(0)
-    return cos, sin
-
-
-def slot_range(slots: Tensor | None, batch_size: int) -> tuple[int, int] | None:
+def slot_range(slots: Tensor, batch_size: int) -> tuple[int, int] | None:
     """(first, end) when the slots are consecutive (their cache rows are then a slice, not a
     gather); CPU tensors only, where reading them costs no sync."""
-    if slots is None:
-        return 0, batch_size
     if slots.device.type != "cpu":
         return None
     ids = slots.tolist()
     first = ids[0]
     return (first, first + len(ids)) if ids == list(range(first, first + len(ids))) else None
+
+
+def causal_cache_mask(cache_positions: Tensor, allow_none: bool = False) -> tuple[Tensor | None, int]:
+    """The default mask with a KV cache, bool [B, T, S]: each query sees the cache indices up to
+    its own; and S. None instead of the mask, where allow_none (the fused path), for one query
+    of one sequence, which sees every key there is."""
+    num_keys = int(cache_positions.max()) + 1
+    if allow_none and cache_positions.numel() == 1:
+        return None, num_keys
+    return torch.arange(num_keys, device=cache_positions.device) <= cache_positions[:, :, None], num_keys
 
 
 def cache_rows(buffer: Tensor, layer: int, slots: Tensor, num_keys: int) -> Tensor:

@@ -368,10 +368,7 @@ class Transformer(nn.Module):
             if cache_positions is None:
                 cache_positions = positions
             if attn_mask is None:
-                num_keys = int(cache_positions.max()) + 1
-                # One query of one sequence attends to every key up to its own: no mask (fused.py).
-                if not (use_fused and batch_size == 1 and seq_len == 1):
-                    attn_mask = torch.arange(num_keys, device=device) <= cache_positions[:, :, None]
+                attn_mask, num_keys = fused.causal_cache_mask(cache_positions, allow_none=use_fused)
         x = self.embed_tokens(input_ids)
         cos, sin = self.rope(positions, x.dtype)
         empty_rows = None
