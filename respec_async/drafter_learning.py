@@ -39,7 +39,7 @@ from safetensors.torch import load_file
 from respec_async.algorithms.distill import DistillStats, reward_weights, unrolled_distill_loss
 from respec_async.checkpoints import latest_step_dir, prune_step_dirs, replace_dir
 from respec_async.config import Config
-from respec_async.engine.drafter import WEIGHTS_NAME, Eagle3Drafter
+from respec_async.engine.drafter import WEIGHTS_NAME, DrafterConfig
 
 COUNTERS_NAME = "drafter_learner.json"  # the counters; marks a directory as a drafter checkpoint
 NUM_CHECKPOINTS_KEPT = 2
@@ -201,21 +201,22 @@ class DrafterLearner:
         try:
             counters = json.loads((path / COUNTERS_NAME).read_text())
             num_steps, drafter_version = int(counters["num_steps"]), int(counters["drafter_version"])
-            saved = Eagle3Drafter.load_pretrained(path / "drafter", self.drafter.target_embed)
+            saved_config = DrafterConfig.from_dir(path / "drafter")
+            # The float32 master weights as saved.
+            state = load_file(str(path / "drafter" / WEIGHTS_NAME), device=str(device))
         except Exception as exc:  # whatever the files hold, the error names the checkpoint
             raise DrafterCheckpointError(f"drafter checkpoint {path} cannot be read: {exc}") from exc
-        ours, theirs = dataclasses.asdict(self.drafter.config), dataclasses.asdict(saved.config)
+        ours, theirs = dataclasses.asdict(self.drafter.config), dataclasses.asdict(saved_config)
         mismatches = [f"{key} = {theirs[key]!r} (the run's drafter: {value!r})"
                       for key, value in ours.items() if theirs[key] != value]
-        if not mismatches and not torch.equal(saved.d2t.cpu(), self.drafter.d2t.cpu()):
+        if not mismatches and not torch.equal(state["d2t"].cpu(), self.drafter.d2t.cpu()):
             mismatches.append("the draft vocabulary (d2t) differs")
         if mismatches:
             raise DrafterCheckpointError(
                 f"drafter checkpoint {path} does not match this run's drafter (model.drafter_path = "
                 f"{self.config.model.drafter_path!r}): {'; '.join(mismatches)}")
         try:
-            # The float32 master weights as saved (`saved` is in the target's dtype).
-            self.drafter.load_state_dict(load_file(str(path / "drafter" / WEIGHTS_NAME), device=str(device)))
+            self.drafter.load_state_dict(state)
             self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
         except Exception as exc:  # whatever the files hold, the error names the checkpoint
             raise DrafterCheckpointError(f"drafter checkpoint {path} cannot be loaded: {exc}") from exc

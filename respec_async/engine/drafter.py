@@ -56,6 +56,13 @@ class DrafterConfig:
         if len(self.feature_layers) != 3:
             raise ValueError(f"feature_layers must name 3 target layers, got {self.feature_layers}")
 
+    @classmethod
+    def from_dir(cls, path: str | Path) -> "DrafterConfig":
+        """The config of a drafter directory (save_pretrained's config.json; extra keys ignored)."""
+        raw = json.loads((Path(path) / CONFIG_NAME).read_text())
+        fields = {field.name for field in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in raw.items() if key in fields})
+
     def cache_config(self) -> ModelConfig:
         """A one-layer target ModelConfig with this drafter's attention shape, for model.KVCache
         (and for the target's RoPE helpers)."""
@@ -300,9 +307,7 @@ class Eagle3Drafter(nn.Module):
     @classmethod
     def load_pretrained(cls, path: str | Path, target_embed: nn.Embedding) -> "Eagle3Drafter":
         path = Path(path)
-        raw = json.loads((path / CONFIG_NAME).read_text())
-        fields = {field.name for field in dataclasses.fields(DrafterConfig)}
-        config = DrafterConfig(**{key: value for key, value in raw.items() if key in fields})
+        config = DrafterConfig.from_dir(path)
         state = load_file(str(path / WEIGHTS_NAME))
         draft_vocab_ids = torch.arange(config.draft_vocab_size) + state["d2t"]
         drafter = cls(config, target_embed, draft_vocab_ids)
