@@ -20,8 +20,12 @@ Per-slot state, all on the device:
                          from. A speculative step first runs the drafter over the pending
                          entries ("catch-up", EAGLE's re-run on accepted tokens), which
                          also yields the root's logits and hidden. Plain steps only append
-                         features and catch up in a batch when the buffer fills, so the
-                         drafter is always ready when SD switches back on.
+                         features: an eager engine catches up in a batch whenever
+                         MAX_PENDING_FEATURES are buffered; a lazy one (the default where
+                         a buffer for whole sequences is small) skips the drafter's prompt
+                         prefill too and catches up only when SD is next chosen, so a
+                         sequence that finishes under plain decoding never costs a
+                         drafter forward.
 
 Every emitted token's behaviour log-prob is the target's `sampling_logprobs` of it, read from
 the forward that verified or sampled it.
@@ -43,8 +47,11 @@ from respec_async.engine.sampling import SamplingParams, sample, sampling_logpro
 from respec_async.engine.speculative import (
     RelaxedAcceptance, chain_accept, select_tree, tree_accept, tree_attention_mask)
 
-# Target features buffered per slot between drafter catch-ups while SD is off.
+# Target features buffered per slot between drafter catch-ups while SD is off (eager upkeep).
 MAX_PENDING_FEATURES = 32
+# Lazy upkeep buffers a whole sequence's features per slot; the engine takes it by default
+# when that buffer (max_batch_size x max_seq_len x 3 hidden) is at most this many bytes.
+LAZY_PENDING_BYTES = 256 * 2**20
 # The largest target the engine runs through engine/fused.py by default (fused_inference=None).
 FUSED_MAX_PARAMETERS = 50_000_000
 
@@ -132,7 +139,8 @@ SDPolicy = SDConfig | Callable[[int], SDConfig | None] | None
 class Engine:
     def __init__(self, target: Transformer, drafter: Eagle3Drafter | None = None, max_batch_size: int = 16,
                  max_seq_len: int = 512, seed: int = 0, relaxed: RelaxedAcceptance | None = None,
-                 max_draft_tokens: int = 64, fused_inference: bool | None = None):
+                 max_draft_tokens: int = 64, fused_inference: bool | None = None,
+                 lazy_drafter: bool | None = None):
         self.target = target.eval()
         self.drafter = None if drafter is None else drafter.eval()
         # engine/fused.py: the same math in fewer ops, for about twice the weight memory. On by
@@ -155,6 +163,13 @@ class Engine:
         # Room past max_seq_len for a verified tree, drafter tree entries and catch-up padding.
         self.cache_len = max_seq_len + max_draft_tokens + MAX_PENDING_FEATURES + 2
         config = target.config
+        # Drafter upkeep while SD is off (module docstring): lazy buffers every feature of a
+        # sequence until SD is chosen, eager catches up every MAX_PENDING_FEATURES steps.
+        if lazy_drafter is None:
+            buffer_bytes = max_batch_size * (max_seq_len + 1) * 3 * config.hidden_size * self.dtype.itemsize
+            lazy_drafter = buffer_bytes <= LAZY_PENDING_BYTES
+        self.lazy_drafter = drafter is not None and lazy_drafter
+        self.max_pending = max_seq_len + 1 if self.lazy_drafter else MAX_PENDING_FEATURES
         with torch.inference_mode():
             self.cache = KVCache(config, max_batch_size, self.cache_len, self.dtype, self.device)
             self.tokens = torch.zeros(max_batch_size, self.cache_len, dtype=torch.long, device=self.device)
@@ -167,7 +182,7 @@ class Engine:
                 self.feature_layers = tuple(drafter.config.feature_layers)
                 self.drafter_cache = KVCache(drafter.config.cache_config(), max_batch_size, self.cache_len,
                                              self.dtype, self.device)
-                self.pending_features = torch.zeros(max_batch_size, MAX_PENDING_FEATURES, 3 * config.hidden_size,
+                self.pending_features = torch.zeros(max_batch_size, self.max_pending, 3 * config.hidden_size,
                                                     dtype=self.dtype, device=self.device)
                 self.num_pending = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)
         self.waiting: list[Request] = []
@@ -255,9 +270,9 @@ class Engine:
         if self.drafter is None:
             raise ValueError(f"speculative decoding {sd} requested, but this engine has no drafter")
         if sd.num_draft_tokens > self.max_draft_tokens or (sd.num_steps - 1) * sd.top_k > self.max_draft_tokens \
-                or sd.num_steps + 1 > MAX_PENDING_FEATURES:
+                or sd.num_steps + 1 > self.max_pending:
             raise ValueError(f"{sd} exceeds the engine's max_draft_tokens {self.max_draft_tokens} "
-                             f"(or num_steps >= {MAX_PENDING_FEATURES})")
+                             f"(or num_steps >= {self.max_pending})")
         if sd.top_k > self.drafter.config.draft_vocab_size:
             raise ValueError(f"{sd}: top_k exceeds the draft vocabulary")
 
@@ -304,7 +319,11 @@ class Engine:
         self.tokens[slots, :max_len] = ids
         self.tokens[slots, prompt_lens] = first
         self.lengths[slots] = prompt_lens
-        if self.drafter is not None:
+        if self.lazy_drafter:
+            # Every prompt feature waits for the next catch-up (entries 0..P-2 and the root).
+            self.pending_features[slots, :max_len] = self._features(out.hidden)
+            self.num_pending[slots] = prompt_lens
+        elif self.drafter is not None:
             features = self._features(out.hidden)
             # Drafter entries 0..P-2 now; f_{P-1} waits for the token after the next one.
             if max_len > 1:
@@ -360,7 +379,7 @@ class Engine:
             num_pending = self.num_pending[slots]
             self.pending_features[slots, num_pending] = self._features(out.hidden)[:, 0]
             self.num_pending[slots] = num_pending + 1
-            if int(num_pending.max()) + 1 >= MAX_PENDING_FEATURES:
+            if int(num_pending.max()) + 1 >= self.max_pending:
                 self._drafter_catch_up(slots, keep_last=True)
         return tokens[:, None], token_logprobs(logprobs, tokens)[:, None], torch.ones_like(tokens)
 
@@ -376,7 +395,9 @@ class Engine:
         if num_entries == 0:
             return None, None
         first = self.lengths[slots] - self.num_pending[slots]
-        positions = first[:, None] + torch.arange(num_entries, device=self.device)
+        # A slot with fewer entries than the most pads past its length, where later writes land
+        # anyway; the clamp keeps a long lazy catch-up's padding inside the cache.
+        positions = (first[:, None] + torch.arange(num_entries, device=self.device)).clamp_(max=self.cache_len - 2)
         ids = self.tokens[slots[:, None], positions + 1]
         last = (num_pending - 1).clamp(min=0)[:, None]
         logits, hidden = self.drafter(ids, self.pending_features[slots, :num_entries], positions, self.drafter_cache,

@@ -8,6 +8,7 @@ import torch
 
 from respec_async.engine import fused
 from respec_async.engine.drafter import Eagle3Drafter
+from respec_async.engine import engine as engine_module
 from respec_async.engine.engine import Completion, Engine, Request, SDConfig
 from respec_async.engine.model import ModelConfig, Transformer
 from respec_async.engine.sampling import SamplingParams, sampling_logprobs
@@ -42,8 +43,9 @@ def requests(params, prompts=PROMPTS):
     return [Request(i, prompt, params) for i, prompt in enumerate(prompts)]
 
 
-def run(target, drafter, params, policy, max_batch_size=4, prompts=PROMPTS, seed=0):
-    engine = Engine(target, drafter, max_batch_size=max_batch_size, max_seq_len=64, seed=seed)
+def run(target, drafter, params, policy, max_batch_size=4, prompts=PROMPTS, seed=0, lazy_drafter=None):
+    engine = Engine(target, drafter, max_batch_size=max_batch_size, max_seq_len=64, seed=seed,
+                    lazy_drafter=lazy_drafter)
     return engine.generate(requests(params, prompts), policy), engine
 
 
@@ -180,7 +182,11 @@ def test_a_compaction_move_carries_every_piece_of_a_sequences_state(models):
         assert torch.equal(before, after)
 
 
-def test_switching_modes_every_few_steps_keeps_greedy_equality(models):
+UPKEEP = pytest.mark.parametrize("lazy", [True, False], ids=["lazy", "eager"])
+
+
+@UPKEEP
+def test_switching_modes_every_few_steps_keeps_greedy_equality(models, lazy):
     target, drafter = models
     plain, _ = run(target, drafter, SamplingParams(temperature=0.0, max_new_tokens=40), None)
     schedule = [None, CHAIN, CHAIN, TREE, None, None, SDConfig(2, 4, 5), TREE, None, CHAIN]
@@ -189,18 +195,61 @@ def test_switching_modes_every_few_steps_keeps_greedy_equality(models):
     def policy(batch_size):
         return schedule[next(counter) // 2 % len(schedule)]
 
-    switched, engine = run(target, drafter, SamplingParams(temperature=0.0, max_new_tokens=40), policy)
+    switched, engine = run(target, drafter, SamplingParams(temperature=0.0, max_new_tokens=40), policy,
+                           lazy_drafter=lazy)
+    assert engine.lazy_drafter is lazy
     assert [c.output_ids for c in switched] == [c.output_ids for c in plain]
     assert {stat.mode for stat in engine.step_stats} == {"sd", "plain"}
 
 
-def test_long_plain_stretch_then_sd_catches_the_drafter_up(models):
+@UPKEEP
+def test_long_plain_stretch_then_sd_catches_the_drafter_up(models, lazy):
     target, drafter = models
     params = SamplingParams(temperature=0.0, max_new_tokens=50)
     plain, _ = run(target, drafter, params, None)
     counter = iter(range(10_000))
-    switched, _ = run(target, drafter, params, lambda batch: None if next(counter) < 40 else TREE)
+    switched, _ = run(target, drafter, params, lambda batch: None if next(counter) < 40 else TREE, lazy_drafter=lazy)
     assert [c.output_ids for c in switched] == [c.output_ids for c in plain]
+
+
+def count_forwards(module) -> list:
+    calls = []
+    module.register_forward_hook(lambda *args: calls.append(1))
+    return calls
+
+
+def test_a_lazy_drafter_costs_nothing_until_sd_is_chosen(models):
+    """Lazy upkeep: plain decoding runs no drafter forward at all (prompt prefill and catch-ups
+    wait for SD), the eager engine runs them every MAX_PENDING_FEATURES steps, and the first SD
+    step of the lazy engine catches every sequence up in one forward."""
+    target, drafter = tiny_models()
+    calls = count_forwards(drafter)
+    params = SamplingParams(temperature=1.0, max_new_tokens=60)
+    lazy, _ = run(target, drafter, params, None, lazy_drafter=True)
+    assert calls == []
+    eager, _ = run(target, drafter, params, None, lazy_drafter=False)
+    assert len(calls) >= 2  # the prefill and at least one catch-up (60 steps > MAX_PENDING_FEATURES)
+    assert [c.output_ids for c in lazy] == [c.output_ids for c in eager]  # the drafter never touches plain output
+    calls.clear()
+    engine = Engine(target, drafter, max_batch_size=4, max_seq_len=64, lazy_drafter=True)
+    for request in requests(params):
+        engine.add_request(request)
+    for _ in range(20):
+        engine.step(None)
+    running = sorted(engine.running)
+    assert calls == [] and int(engine.num_pending[running].min()) > 20  # prompt + 20 steps of features
+    engine.step(CHAIN)
+    assert len(calls) == 1 + CHAIN.num_steps - 1  # one catch-up, then the chain's drafts
+    assert int(engine.num_pending[running].max()) <= CHAIN.num_steps + 1  # the backlog is consumed
+
+
+def test_the_engine_buffers_whole_sequences_only_where_that_is_small(models, monkeypatch):
+    target, drafter = models
+    assert Engine(target, drafter, max_batch_size=4, max_seq_len=64).lazy_drafter
+    assert not Engine(target, None, max_batch_size=4, max_seq_len=64).lazy_drafter
+    monkeypatch.setattr(engine_module, "LAZY_PENDING_BYTES", 4 * 65 * 3 * 32 * 4 - 1)  # one byte short
+    eager = Engine(target, drafter, max_batch_size=4, max_seq_len=64)
+    assert not eager.lazy_drafter and eager.pending_features.shape[1] == engine_module.MAX_PENDING_FEATURES
 
 
 def test_stop_tokens_and_max_new_tokens(models):
@@ -284,18 +333,11 @@ def test_sd_config_is_hashable_and_validated():
         Engine(target, None, max_batch_size=1, max_seq_len=16).generate(requests(GREEDY)[:1], CHAIN)
 
 
-def test_drafter_cache_matches_a_fresh_drafter_pass_after_switching(models):
-    """The drafter's K/V for every consumed position equals a from-scratch drafter pass over the
-    sequence with the target's features (EAGLE's re-run on accepted tokens), whatever mix of
-    plain, chain and tree steps produced the sequence."""
-    target, drafter = models
-    engine = Engine(target, drafter, max_batch_size=2, max_seq_len=96, seed=1)
-    for request in requests(SamplingParams(temperature=1.0, max_new_tokens=80), PROMPTS[:2]):
-        engine.add_request(request)
-    schedule = [CHAIN, None, TREE, TREE] + [None] * 35 + [CHAIN, TREE, None, CHAIN]
-    for sd in schedule:
-        engine.step(sd)
-    for slot in (0, 1):
+def assert_drafter_cache_is_a_fresh_pass(engine, target, drafter, slots) -> list[int]:
+    """Each slot's drafter K/V for every consumed position equals a from-scratch drafter pass over
+    its sequence with the target's features; returns the consumed counts."""
+    consumed_counts = []
+    for slot in slots:
         length = int(engine.lengths[slot])
         consumed = length - int(engine.num_pending[slot])
         ids = engine.tokens[slot, :length + 1][None]
@@ -308,4 +350,34 @@ def test_drafter_cache_matches_a_fresh_drafter_pass_after_switching(models):
                                    atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(engine.drafter_cache.v[0, slot, :, :consumed], cache.v[0, 0, :, :consumed],
                                    atol=1e-4, rtol=1e-4)
-        assert consumed > 30
+        consumed_counts.append(consumed)
+    return consumed_counts
+
+
+@UPKEEP
+def test_drafter_cache_matches_a_fresh_drafter_pass_after_switching(models, lazy):
+    """EAGLE's re-run on accepted tokens, whatever mix of plain, chain and tree steps produced
+    the sequence."""
+    target, drafter = models
+    engine = Engine(target, drafter, max_batch_size=2, max_seq_len=96, seed=1, lazy_drafter=lazy)
+    for request in requests(SamplingParams(temperature=1.0, max_new_tokens=80), PROMPTS[:2]):
+        engine.add_request(request)
+    schedule = [CHAIN, None, TREE, TREE] + [None] * 35 + [CHAIN, TREE, None, CHAIN]
+    for sd in schedule:
+        engine.step(sd)
+    assert min(assert_drafter_cache_is_a_fresh_pass(engine, target, drafter, (0, 1))) > 30
+
+
+def test_a_long_lazy_catch_up_beside_a_short_one_stays_inside_the_cache(models):
+    """One slot far into its sequence with one pending feature, another just admitted with a long
+    prompt pending: the catch-up pads the first slot past its length by the second's backlog,
+    beyond the cache's end unless clamped."""
+    target, drafter = models
+    engine = Engine(target, drafter, max_batch_size=2, max_seq_len=96, max_draft_tokens=8, seed=2, lazy_drafter=True)
+    engine.add_request(Request("long", [1, 2, 3], SamplingParams(temperature=1.0, max_new_tokens=92)))
+    while int(engine.lengths[0]) < 80:
+        engine.step(CHAIN)
+    engine.add_request(Request("late", [(7 * i) % V for i in range(85)], SamplingParams(max_new_tokens=8)))
+    engine.step(CHAIN)  # catch-up entries: 1-4 for slot 0, 85 for slot 1
+    assert int(engine.lengths[0]) - 1 + 85 > engine.cache_len - 2  # the padding did reach past the cache
+    assert min(assert_drafter_cache_is_a_fresh_pass(engine, target, drafter, (0, 1))) >= 80

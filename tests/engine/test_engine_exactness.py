@@ -5,8 +5,8 @@ prompt; the law of their first three output tokens under plain sampling is compu
 from full forwards (8^2 prefixes) and compared with the engine's samples by a chi-square test
 (cells with expected count < 5 pooled; any sample in a zero-probability cell fails).
 
-False alarms: every check that must pass uses alpha = 1e-4; this file has 13 of them, so a
-correct engine fails the file with probability < 1.3e-3 (Bonferroni). The checks that must fail
+False alarms: every check that must pass uses alpha = 1e-4; this file has 14 of them, so a
+correct engine fails the file with probability < 1.4e-3 (Bonferroni). The checks that must fail
 (relaxed acceptance, which is not exact, and a chain rule with the classic bug of resampling a
 rejection from p instead of norm(max(p - q, 0))) require p < 1e-6; at this sample size their
 p-values come out below 1e-30. Seeds are fixed, so the outcome is deterministic.
@@ -49,8 +49,9 @@ def exact_law(target, params: SamplingParams) -> torch.Tensor:
     return (p0[:, None, None] * p1[:, :, None] * p2).reshape(-1)
 
 
-def sample_triples(target, drafter, params, policy, relaxed=None, seed=0):
-    engine = Engine(target, drafter, max_batch_size=128, max_seq_len=32, seed=seed, relaxed=relaxed)
+def sample_triples(target, drafter, params, policy, relaxed=None, seed=0, lazy_drafter=None):
+    engine = Engine(target, drafter, max_batch_size=128, max_seq_len=32, seed=seed, relaxed=relaxed,
+                    lazy_drafter=lazy_drafter)
     completions = engine.generate([Request(i, PROMPT, params) for i in range(NUM_SAMPLES)], policy)
     out = torch.tensor([c.output_ids for c in completions])
     return torch.bincount(out[:, 0] * V * V + out[:, 1] * V + out[:, 2], minlength=V ** 3).double(), completions
@@ -78,11 +79,13 @@ def test_plain_sampling_matches_the_target(models):
     assert chi_square_pvalue(counts, exact_law(target, PARAMS[2])) > ALPHA
 
 
-def test_switching_mode_every_step_matches_the_target(models):
+@pytest.mark.parametrize("lazy", [True, False], ids=["lazy-drafter", "eager-drafter"])
+def test_switching_mode_every_step_matches_the_target(models, lazy):
     target, drafter = models
     schedule = iter(range(10 ** 6))
     configs = [None, SD[1], SD[0], SDConfig(2, 2, 3)]
-    counts, _ = sample_triples(target, drafter, PARAMS[3], lambda batch: configs[next(schedule) % 4], seed=12)
+    counts, _ = sample_triples(target, drafter, PARAMS[3], lambda batch: configs[next(schedule) % 4], seed=12,
+                               lazy_drafter=lazy)
     assert chi_square_pvalue(counts, exact_law(target, PARAMS[3])) > ALPHA
 
 
