@@ -9,7 +9,9 @@ current actor, which is the distribution the drafter must match), weights every 
 w(r) — its reward min-max normalised within the batch and clipped to [w_min, 1]
 (`algorithms.distill.reward_weights`; w = 1 everywhere is plain KD) — and takes one AdamW step
 on the unrolled KD loss. Optimizer steps are paced by the data (`replay_ratio`): samples drawn
-stay below replay_ratio x rollouts received, so the learner never spins on a stale buffer.
+stay below replay_ratio x rollouts received, so the learner never spins on a stale buffer; with
+`pace_floor` < 1 a rollout counts by the share of its decode steps that were speculative (at
+least pace_floor), so a drafter the generators hardly use is hardly trained.
 
 Versions: the learner's actor version is the trainer's policy version it last swapped in; the
 drafter's version is the actor version of its latest training step (the initial drafter,
@@ -144,20 +146,24 @@ class DrafterLearner:
         self.drafter_version = 0  # the offline drafter was distilled from the initial actor
         self.num_steps = 0
         self.num_drawn = 0
+        self.sample_budget = 0.0  # samples the learner may draw so far (replay_ratio, pace_floor)
 
     # --- data ---------------------------------------------------------------------------
 
     def add_group(self, prompt_ids: list[int], completions: list[list[int]], rewards: list[float], group_id: int,
-                  policy_versions: list[int]) -> None:
-        for completion, reward, version in zip(completions, rewards, policy_versions):
+                  policy_versions: list[int], sd_shares: list[float] | None = None) -> None:
+        """sd_shares: each rollout's share of decode steps that were speculative (None: all of them)."""
+        d = self.config.drafter
+        for i, (completion, reward, version) in enumerate(zip(completions, rewards, policy_versions)):
             if not completion:
                 continue  # nothing to distill
             self.buffer.add(BufferedSample(list(prompt_ids) + list(completion), len(prompt_ids), float(reward),
                                            group_id, version))
+            share = 1.0 if sd_shares is None else sd_shares[i]
+            self.sample_budget += d.replay_ratio * max(d.pace_floor, share)
 
     def can_train(self) -> bool:
-        return len(self.buffer) > 0 and \
-            self.num_drawn < self.config.drafter.replay_ratio * self.buffer.num_received
+        return len(self.buffer) > 0 and self.num_drawn < self.sample_budget
 
     # --- weights ------------------------------------------------------------------------
 

@@ -105,7 +105,8 @@ class DrafterLearnerActor(Actor):
     async def on_scored(self, message: ScoredGroup) -> None:
         self.core.add_group(message.group.prompt_ids, [r.completion_ids for r in message.rollouts],
                             message.rewards, message.group.group_id,
-                            [r.min_policy_version for r in message.rollouts])
+                            [r.min_policy_version for r in message.rollouts],
+                            [r.num_verify_steps / max(r.num_decode_steps, 1) for r in message.rollouts])
         self.data_arrived.set()
 
     @handles

@@ -127,6 +127,33 @@ def test_learner_waits_on_an_empty_buffer_and_trains_on_degenerate_rewards(quick
     assert version == 3 and set(state) == set(before)
 
 
+def count_steps_until_idle(learner: DrafterLearner) -> int:
+    steps = 0
+    while learner.can_train():
+        learner.train_step()
+        steps += 1
+    return steps
+
+
+def test_a_learner_paced_by_sd_use_trains_in_proportion_to_speculative_decode_steps(quick_zoo):
+    """pace_floor < 1: each rollout counts by its share of speculative decode steps, at least
+    pace_floor; the default (1) counts every rollout fully whatever the generators did."""
+    prompt, completions = [1, 5, 6, 7], [[8, 9, 10, 11]] * 8
+    learners = {}
+    for name, floor, shares in [("unpaced", 1.0, [0.0] * 8), ("all-sd", 0.1, [1.0] * 8),
+                                ("mostly-plain", 0.1, [0.25] * 8), ("no-sd", 0.1, [0.0] * 8)]:
+        learner = learners[name] = make_learner(quick_zoo, replay_ratio=2.0, pace_floor=floor, batch_size=2)
+        learner.load_actor(1, learner.target.state_dict())
+        learner.add_group(prompt, completions, [0.0] * 8, group_id=0, policy_versions=[0] * 8, sd_shares=shares)
+    # budget = 8 rollouts x replay_ratio 2 x max(floor, share); 2 samples per step
+    assert count_steps_until_idle(learners["unpaced"]) == 8
+    assert count_steps_until_idle(learners["all-sd"]) == 8
+    assert count_steps_until_idle(learners["mostly-plain"]) == 2
+    assert count_steps_until_idle(learners["no-sd"]) == 1  # 1.6 samples of budget: one step, then it waits
+    with pytest.raises(Exception, match=r"drafter\.pace_floor"):
+        learner_config(quick_zoo, pace_floor=1.5)
+
+
 # --- checkpoints -----------------------------------------------------------------------------
 
 
