@@ -2,7 +2,7 @@
 for no SD, naive SD and full ReSpec, on the same workload and seed, in one run.
 
     .venv/bin/python benchmarks/bench_e2e.py [--steps 60] [--target-reward 0.5] [--window 10]
-        [--arms no-sd naive-sd respec] [--quick]
+        [--arms no-sd naive-sd respec] [--profile offline|in-run] [--quick]
     .venv/bin/python benchmarks/bench_e2e.py --from-json benchmarks/results/bench_e2e.json
         [--target-reward 0.45]        (re-report a recorded run, e.g. at another threshold)
 
@@ -12,8 +12,12 @@ own data.groups_per_step x data.group_size, sampling.max_new_tokens and trainer.
   no-sd:     generator.sd = "off", roles.drafter_learner = 0 (plain decoding)
   naive-sd:  generator.sd = "static" with the config's (sd_num_steps, sd_top_k,
              sd_num_draft_tokens), roles.drafter_learner = 0 (the offline zoo drafter, frozen)
-  respec:    generator.sd = "adaptive" (profiled at generator start, inside the timed run),
-             roles.drafter_learner = 1, drafter.weighting = "reward" (the config as is)
+  respec:    generator.sd = "adaptive", roles.drafter_learner = 1, drafter.weighting = "reward"
+             (the config as is). Its SD profile (step costs per config and batch size on this
+             hardware, acceptance lengths) is, with --profile offline (the default, and the
+             paper's way: once per hardware and model pair), measured by `respec profile` before
+             the runs, timed and reported beside the arm's times but not in them; with
+             --profile in-run the generator measures it at start, inside the timed run.
 The zoo target and drafter (respec_async.zoo.ensure_zoo, made sure of before the first run, so
 no arm pays for training it; --quick: the micro zoo with 4 x 4 x 64-token steps unless given,
 a smoke test whose numbers mean nothing).
@@ -45,6 +49,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -72,6 +77,9 @@ def main() -> None:
     parser.add_argument("--target-reward", type=float, default=0.5,
                         help="the fixed reward threshold of 'time to reward' (default 0.5)")
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
+    parser.add_argument("--profile", choices=("offline", "in-run"), default="offline",
+                        help="respec's SD profile: measured by `respec profile` before the runs (default) or by "
+                             "the generator inside the timed run")
     parser.add_argument("--from-json", type=Path, help="re-report this recorded result (no runs)")
     args = parser.parse_args()
     if args.from_json:
@@ -105,15 +113,23 @@ def main() -> None:
     g = config.generator
     root = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
     started = time.perf_counter()
+    arms = {name: list(ARMS[name]) for name in args.arms}
+    offline_profile_s = None
+    if "respec" in arms and args.profile == "offline":
+        profile_path = root / "sd_profile.json"
+        offline_profile_s = run_profile(args.config, common + arms["respec"], profile_path)
+        arms["respec"].append(f'generator.sd_profile="{profile_path}"')
     results = {}
     for name in args.arms:
         print(f"running {name} ...", flush=True)
         launched = time.time()
-        run_dir = launch_run(args.config, name, root, common + ARMS[name])
+        run_dir = launch_run(args.config, name, root, common + arms[name])
         exited = time.time()
         results[name] = arm_result(run_dir, launched, exited, args.window)
-        results[name]["overrides"] = ARMS[name]
+        results[name]["overrides"] = arms[name]
         results[name]["sd"] = resolved[name].generator.sd
+    if offline_profile_s is not None:
+        results["respec"]["sd_profile_s"] = results["respec"]["offline_profile_s"] = offline_profile_s
     report(args, results, {
         "benchmark": "bench_e2e", "command": " ".join(sys.argv), "quick_zoo": args.quick,
         "settings": {"config": str(args.config), "steps": args.steps, "groups_per_step": config.data.groups_per_step,
@@ -121,9 +137,26 @@ def main() -> None:
                      "lr": config.trainer.lr, "window": args.window, "seed": args.seed,
                      "static_sd": [g.sd_num_steps, g.sd_top_k, g.sd_num_draft_tokens],
                      "relaxed_thresholds": [g.sd_relaxed_threshold_single, g.sd_relaxed_threshold_acc],
-                     "overrides": common},
+                     "overrides": common, "profile": args.profile},
         "total_wall_s": time.perf_counter() - started,
     })
+
+
+def run_profile(config: Path, overrides: list[str], out: Path) -> float:
+    """`respec profile` with the generator's own in-run settings (5 repeats, 16 acceptance
+    prompts); returns its wall seconds, process start included."""
+    args = [sys.executable, "-m", "respec_async.cli", "profile", str(config), "--out", str(out), "--repeats", "5",
+            "--acceptance-prompts", "16"]
+    for o in overrides:
+        args += ["--set", o]
+    print("profiling SD offline (respec profile) ...", flush=True)
+    started = time.perf_counter()
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"respec profile failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}")
+    seconds = time.perf_counter() - started
+    print(f"  profile: {seconds:.0f}s  {out}", flush=True)
+    return seconds
 
 
 def arm_result(run_dir: Path, launched: float, exited: float, window: int) -> dict:
@@ -221,6 +254,14 @@ def report(args, results: dict, recorded: dict) -> None:
               f"| {fmt(r['sd_profile_s']):>12} | {r['learner_steps']:>13}")
     print("(startup: launch -> step 0's record; s/step and tok/s: step 0 -> the last step; trainer waits: "
           "its share of wait + train + sync spent waiting for rollouts)")
+    offline = results.get("respec", {}).get("offline_profile_s")
+    if offline is not None:
+        mine = results["respec"]
+        line = (f"respec's SD profile was measured offline (respec profile, {offline:.1f} s) before the runs and is "
+                f"in none of the times above; with it added respec's {n}-step wall is {mine['wall_s'] + offline:.1f} s")
+        if "no-sd" in results:
+            line += f" ({results['no-sd']['wall_s'] / (mine['wall_s'] + offline):.2f}x no-sd's)"
+        print(line)
 
     lines = []
     x = args.target_reward
