@@ -55,21 +55,11 @@ evidence for all, only weaker). Estimates are L_c = profiled L_c * r_c (never be
 `probe_interval` decode steps it runs one step with a config the plan does not use at that B
 (round robin over those predicted within `probe_margin` of the best), so a config whose
 estimate went stale (or a drafter that recovers after SD was switched off) is seen again.
-It re-estimates step costs online too: the profile is measured in a quiet process at short
-contexts, and a live generator shares the machine with the trainer and the learner and decodes
-long-tail contexts, which can cost SD steps relatively more than plain ones. Per mode m the
-ratio c_m of a step's measured cost to the fitted T_m(B) enters a geometric moving average
-(`cost_ema`; steps that admitted requests, and an SD step right after a plain one, which also
-pays the drafter's catch-up, are left out), and predictions use c_m * T_m(B): a slowdown that
-hits every mode alike changes no choice, one that hits SD more moves the plan toward plain.
-Every `cost_resolve_every` cost observations the plan is re-solved, and the ratio of an SD
-config not observed since moves `cost_forget` of the way (in log) toward plain's, so a config
-once seen as costly is tried again after a while.
-`report()` gives the share of steps per mode, the cost ratios, and the predicted vs observed
-speedup over plain decoding, both against plain decoding's live cost c_plain * T_plain(B): a
-decode step at batch B that emitted k tokens per sequence in t seconds (measured) ran at
-speedup k * c_plain * T_plain(B) / t; the window's observed speedup is
-the time-weighted mean of that, sum(k * c_plain * T_plain(B)) / sum(t), and the predicted speedup the
+`report()` gives the share of steps per mode and the predicted vs observed speedup over plain
+decoding, both against the profile's fitted plain step cost: a decode step at batch B that
+emitted k tokens per sequence in t seconds (measured) ran at speedup k * T_plain(B) / t
+(plain decoding needs T_plain(B) per token per sequence); the window's observed speedup is
+the time-weighted mean of that, sum(k * T_plain(B)) / sum(t), and the predicted speedup the
 time-weighted mean of the S_choice(B) the scheduler expected when it chose (1 for plain
 steps). Steps that also admitted (prefilled) new requests are left out of both.
 
@@ -435,42 +425,39 @@ class SpeedupModel:
         return (1.0 - math.exp(-n)) * admission["a"] + n * admission["b"]
 
     def speedup(self, key: str, batch_size: float, acceptance: dict[str, float] | None = None,
-                refilling: bool = False, cost_scale: dict[str, float] | None = None) -> float:
+                refilling: bool = False) -> float:
         """Predicted throughput of `key` over plain decoding at this batch size; with refilling,
-        each step also pays the expected admission cost of the slots its finished rows free.
-        cost_scale: per mode (PLAIN included), live step cost over the fitted one (default 1)."""
+        each step also pays the expected admission cost of the slots its finished rows free."""
         if key == PLAIN:
             return 1.0
         length = self.tokens_per_row(key, acceptance)
         plain_s, sd_s = self.plain(batch_size), self.cost[key](batch_size)
-        if cost_scale:
-            plain_s, sd_s = plain_s * cost_scale.get(PLAIN, 1.0), sd_s * cost_scale.get(key, 1.0)
         if refilling:
             plain_s += self.admission_seconds(batch_size, 1.0)
             sd_s += self.admission_seconds(batch_size, length)
         return length * plain_s / sd_s
 
     def best(self, batch_size: float, acceptance: dict[str, float] | None = None,
-             refilling: bool = False, cost_scale: dict[str, float] | None = None) -> tuple[str, float]:
+             refilling: bool = False) -> tuple[str, float]:
         """(PLAIN or the best config's key, its predicted speedup) at this batch size."""
         choice, value = PLAIN, 1.0
         for key in self.cost:
-            s = self.speedup(key, batch_size, acceptance, refilling, cost_scale)
+            s = self.speedup(key, batch_size, acceptance, refilling)
             if s > value:
                 choice, value = key, s
         return choice, value
 
     def plan(self, max_batch_size: int, acceptance: dict[str, float] | None = None,
-             refilling: bool = False, cost_scale: dict[str, float] | None = None) -> list[tuple[str, float]]:
+             refilling: bool = False) -> list[tuple[str, float]]:
         """best(B) for B = 1..max_batch_size (index B - 1)."""
-        return [self.best(b, acceptance, refilling, cost_scale) for b in range(1, max_batch_size + 1)]
+        return [self.best(b, acceptance, refilling) for b in range(1, max_batch_size + 1)]
 
     def plan_summary(self, max_batch_size: int, acceptance: dict[str, float] | None = None,
-                     refilling: bool = False, cost_scale: dict[str, float] | None = None) -> list[dict[str, Any]]:
+                     refilling: bool = False) -> list[dict[str, Any]]:
         """The plan as runs of batch sizes with the same choice: [{from, to, choice, speedup}, ...]
         (speedup: predicted, at the run's first batch size)."""
         runs: list[dict[str, Any]] = []
-        for b, (key, value) in enumerate(self.plan(max_batch_size, acceptance, refilling, cost_scale), start=1):
+        for b, (key, value) in enumerate(self.plan(max_batch_size, acceptance, refilling), start=1):
             if runs and runs[-1]["choice"] == key:
                 runs[-1]["to"] = b
             else:
@@ -554,21 +541,14 @@ class AdaptiveScheduler:
     """Per-step SD choice from the fitted model, with acceptance re-estimated online."""
 
     def __init__(self, model: SpeedupModel, max_batch_size: int, *, ema: float = 0.2, coupling: float = 0.5,
-                 window_rows: int = 64, probe_interval: int = 64, probe_margin: float = 0.75,
-                 cost_ema: float = 0.05, cost_resolve_every: int = 32, cost_forget: float = 0.05) -> None:
+                 window_rows: int = 64, probe_interval: int = 64, probe_margin: float = 0.75) -> None:
         self.model = model
         self.max_batch_size = max_batch_size
         self.ema, self.coupling, self.window_rows = ema, coupling, window_rows
         self.probe_interval, self.probe_margin = probe_interval, probe_margin
-        self.cost_ema, self.cost_resolve_every, self.cost_forget = cost_ema, cost_resolve_every, cost_forget
         self.clock = make_clock(model.profile.clock)
         self.profiled = dict(model.profile.acceptance)
         self.ratio = {key: 1.0 for key in self.profiled}
-        # Live step cost over the fitted one, per mode (module docstring: step costs online).
-        self.cost_ratio = {PLAIN: 1.0, **{key: 1.0 for key in model.cost}}
-        self._cost_seen: set[str] = set()
-        self._cost_observations = 0
-        self._last_mode: str | None = None
         self._window: dict[str, list[int]] = {key: [0, 0] for key in self.profiled}  # [tokens, rows]
         self._probe_turn = 0
         self._steps_since_probe = 0
@@ -595,7 +575,7 @@ class AdaptiveScheduler:
         """(the config, None = plain; its predicted speedup) the plan holds for this batch size."""
         entry = self._plan.get((refilling, batch_size))
         if entry is None:
-            key, value = self.model.best(batch_size, self.estimates, refilling, self.cost_ratio)
+            key, value = self.model.best(batch_size, self.estimates, refilling)
             entry = self._plan[refilling, batch_size] = (self.model.configs.get(key), value)
         return entry
 
@@ -605,7 +585,7 @@ class AdaptiveScheduler:
         self._resolve()
 
     def predicted_speedup(self, key: str, batch_size: int) -> float:
-        return self.model.speedup(key, batch_size, self.estimates, cost_scale=self.cost_ratio)
+        return self.model.speedup(key, batch_size, self.estimates)
 
     # per step
     def choose(self, batch_size: int, refilling: bool = False) -> SDConfig | None:
@@ -649,36 +629,12 @@ class AdaptiveScheduler:
             if window[1] >= self.window_rows:
                 self._update(key, window[0] / window[1])
                 window[0] = window[1] = 0
-        switched_on = stats.sd is not None and self._last_mode == PLAIN
-        self._last_mode = key
         if seconds is not None and stats.num_admitted == 0:
             tokens_per_row = (stats.num_accepted + batch_size) / batch_size if stats.sd is not None else 1.0
-            plain_s = tokens_per_row * self.model.plain(batch_size) * self.cost_ratio[PLAIN]
+            plain_s = tokens_per_row * self.model.plain(batch_size)
             self._plain_equiv_s += plain_s
             self._actual_s += seconds
             self._predicted_weighted += seconds * self.predicted_speedup(key, batch_size)
-            if not switched_on and seconds > 0:  # a switch from plain also pays the drafter's catch-up
-                self._observe_cost(key, seconds / self.model.step_seconds(key, batch_size))
-
-    def _observe_cost(self, key: str, x: float) -> None:
-        """Geometric EMA of live over fitted step cost for `key`; every cost_resolve_every
-        observations the plan is re-solved, and the SD configs not seen since the last time
-        move cost_forget of the way back toward plain's ratio (so one seen as costly then is
-        tried again once its estimate has been forgotten)."""
-        x = min(max(x, 0.25), 4.0)  # one preempted or lucky step moves little
-        self.cost_ratio[key] = math.exp((1 - self.cost_ema) * math.log(self.cost_ratio[key])
-                                        + self.cost_ema * math.log(x))
-        self._cost_seen.add(key)
-        self._cost_observations += 1
-        if self._cost_observations >= self.cost_resolve_every:
-            self._cost_observations = 0
-            plain = self.cost_ratio[PLAIN]
-            for other in self.model.cost:
-                if other not in self._cost_seen:
-                    self.cost_ratio[other] = math.exp((1 - self.cost_forget) * math.log(self.cost_ratio[other])
-                                                      + self.cost_forget * math.log(plain))
-            self._cost_seen.clear()
-            self._resolve()
 
     def _update(self, key: str, observed: float) -> None:
         x = observed / self.profiled[key]
@@ -705,10 +661,8 @@ class AdaptiveScheduler:
             "observed_speedup": round(self._plain_equiv_s / self._actual_s, 4) if self._actual_s else None,
             "observed_acceptance": {k: round(sum(v) / len(v), 3) for k, v in self._observed_acceptance.items()},
             "acceptance_estimate": {k: round(v, 3) for k, v in self.estimates.items()},
-            "cost_ratio": {k: round(v, 3) for k, v in self.cost_ratio.items()},
-            "plan": self.model.plan_summary(self.max_batch_size, self.estimates, cost_scale=self.cost_ratio),
-            "plan_refilling": self.model.plan_summary(self.max_batch_size, self.estimates, refilling=True,
-                                                      cost_scale=self.cost_ratio),
+            "plan": self.model.plan_summary(self.max_batch_size, self.estimates),
+            "plan_refilling": self.model.plan_summary(self.max_batch_size, self.estimates, refilling=True),
             "probes": self.num_probes,
         }
         if reset:
