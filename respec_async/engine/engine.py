@@ -22,10 +22,10 @@ Per-slot state, all on the device:
                          also yields the root's logits and hidden. Plain steps only append
                          features: an eager engine catches up in a batch whenever
                          MAX_PENDING_FEATURES are buffered; a lazy one (the default where
-                         a buffer for whole sequences is small) skips the drafter's prompt
-                         prefill too and catches up only when SD is next chosen, so a
-                         sequence that finishes under plain decoding never costs a
-                         drafter forward.
+                         a buffer for whole sequences is small) catches up only when SD
+                         is next chosen, and skips the drafter's prompt prefill of
+                         requests admitted by a plain step, so a sequence that finishes
+                         under plain decoding never costs a drafter forward.
 
 Every emitted token's behaviour log-prob is the target's `sampling_logprobs` of it, read from
 the forward that verified or sampled it.
@@ -242,7 +242,7 @@ class Engine:
         running sequence. Returns the sequences that finished in this step."""
         start_s = time.perf_counter()
         finished: list[Completion] = []
-        num_admitted = self._admit(finished)
+        num_admitted = self._admit(finished, sd)
         self._compact()  # holes that admission left (fewer requests waited than slots were free)
         slots = sorted(self.running)
         num_emitted = num_accepted = 0
@@ -289,7 +289,7 @@ class Engine:
 
     # ---- prefill ----------------------------------------------------------------------------
 
-    def _admit(self, finished: list[Completion]) -> int:
+    def _admit(self, finished: list[Completion], sd: SDConfig | None = None) -> int:
         admitted: list[_Sequence] = []
         self.free_slots.sort()  # the lowest first, so the running slots stay 0..n-1
         while self.waiting and self.free_slots:
@@ -319,8 +319,10 @@ class Engine:
         self.tokens[slots, :max_len] = ids
         self.tokens[slots, prompt_lens] = first
         self.lengths[slots] = prompt_lens
-        if self.lazy_drafter:
+        if self.lazy_drafter and sd is None:
             # Every prompt feature waits for the next catch-up (entries 0..P-2 and the root).
+            # Not before an SD step: its catch-up pads every row to the longest backlog, so a
+            # prompt left pending would cost B x prompt-length drafter entries.
             self.pending_features[slots, :max_len] = self._features(out.hidden)
             self.num_pending[slots] = prompt_lens
         elif self.drafter is not None:

@@ -243,6 +243,23 @@ def test_a_lazy_drafter_costs_nothing_until_sd_is_chosen(models):
     assert int(engine.num_pending[running].max()) <= CHAIN.num_steps + 1  # the backlog is consumed
 
 
+def test_a_lazy_engine_prefills_the_drafter_for_requests_an_sd_step_admits():
+    """Left pending, a new prompt would make the step's catch-up pad every row to its length
+    (B x prompt-length drafter entries at every refill): a step that runs SD prefills it now."""
+    target, drafter = tiny_models()
+    widths = []
+    drafter.register_forward_hook(lambda module, args, output: widths.append(args[0].shape[1]))
+    engine = Engine(target, drafter, max_batch_size=5, max_seq_len=64, lazy_drafter=True)
+    for request in requests(SamplingParams(max_new_tokens=8), [list(range(1, 13)) * 2] * 4):
+        engine.add_request(request)
+    engine.step(CHAIN)
+    assert widths == [23, 1] + [1] * (CHAIN.num_steps - 1)  # prefill, a one-entry catch-up, drafts
+    widths.clear()
+    engine.add_request(Request("late", list(range(1, 13)) * 2, SamplingParams(max_new_tokens=8)))
+    engine.step(None)  # admitted by a plain step: nothing for the drafter
+    assert widths == [] and len(engine.running) == 5
+
+
 def test_the_engine_buffers_whole_sequences_only_where_that_is_small(models, monkeypatch):
     target, drafter = models
     assert Engine(target, drafter, max_batch_size=4, max_seq_len=64).lazy_drafter
