@@ -65,6 +65,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--max-batch-size", type=int, default=64, help="slots of the RL generation phase")
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
+    parser.add_argument("--min-speedup", type=float, default=1.15,
+                        help="the adaptive scheduler's generator.sd_min_speedup (default 1.15, as configs/respec.toml)")
     parser.add_argument("--out", default=str(RESULTS))
     return parser.parse_args()
 
@@ -89,12 +91,13 @@ class ModeRun:
     that would not have every slot busy (the queue ran dry)."""
 
     def __init__(self, target, drafter, profile: Profile, mode: str, prompts: list[list[int]],
-                 params: SamplingParams, batch_size: int, full_only: bool, seed: int) -> None:
+                 params: SamplingParams, batch_size: int, full_only: bool, seed: int, min_speedup: float = 1.0) -> None:
         configs = profile.configs
         self.engine = Engine(target, drafter, max_batch_size=batch_size,
                              max_seq_len=max(len(p) for p in prompts) + params.max_new_tokens + 1, seed=seed,
                              max_draft_tokens=engine_draft_budget(configs))
-        self.scheduler = AdaptiveScheduler(SpeedupModel(profile), batch_size) if mode == ADAPTIVE else None
+        self.scheduler = (AdaptiveScheduler(SpeedupModel(profile), batch_size, min_speedup=min_speedup)
+                          if mode == ADAPTIVE else None)
         self.static = None if mode in (PLAIN, ADAPTIVE) else next(c for c in configs if config_key(c) == mode)
         for i, prompt in enumerate(prompts):
             self.engine.add_request(Request(i, prompt, params))
@@ -131,10 +134,11 @@ class ModeRun:
 
 
 def run_modes(target, drafter, profile: Profile, modes: list[str], prompts: list[list[int]],
-              params: SamplingParams, batch_size: int, full_only: bool, seed: int) -> dict[str, dict]:
+              params: SamplingParams, batch_size: int, full_only: bool, seed: int,
+              min_speedup: float = 1.0) -> dict[str, dict]:
     """Every mode on the same prompts, interleaved step by step (a round robin over the modes'
     engines), so a change of load on a shared machine hits every mode alike."""
-    runs = {mode: ModeRun(target, drafter, profile, mode, prompts, params, batch_size, full_only, seed)
+    runs = {mode: ModeRun(target, drafter, profile, mode, prompts, params, batch_size, full_only, seed, min_speedup)
             for mode in modes}
     while not all(run.done for run in runs.values()):
         for run in runs.values():
@@ -186,7 +190,8 @@ def main() -> None:
     for rep in range(args.repeats):
         for batch_size in batch_sizes:
             prompts = heldout[:max(4 * batch_size, 16)]
-            results = run_modes(target, drafter, profile, modes, prompts, params, batch_size, True, seed=rep)
+            results = run_modes(target, drafter, profile, modes, prompts, params, batch_size, True, seed=rep,
+                                min_speedup=args.min_speedup)
             for mode, result in results.items():
                 accumulate(cells[batch_size].setdefault(mode, {"tokens": 0, "steps": 0,
                                                                "seconds": {"wall": 0.0, "cpu": 0.0}}), result)
@@ -211,7 +216,7 @@ def main() -> None:
     stream: dict[str, dict] = {}
     for rep in range(args.repeats):
         results = run_modes(target, drafter, profile, modes, stream_prompts, params, args.max_batch_size, False,
-                            seed=100 + rep)
+                            seed=100 + rep, min_speedup=args.min_speedup)
         for mode, result in results.items():
             accumulate(stream.setdefault(mode, {"tokens": 0, "steps": 0, "seconds": {"wall": 0.0, "cpu": 0.0}}),
                        result)
@@ -224,7 +229,7 @@ def main() -> None:
         print(f"{mode:>9} | {c['seconds'][clock]:8.2f} | {c['tokens']:7d} | {c['tokens'] / c['seconds'][clock]:7.0f} | "
               f"x{stream[PLAIN]['seconds'][clock] / c['seconds'][clock]:.2f}")
     adaptive_stream = stream[ADAPTIVE]["scheduler"]
-    print(f"adaptive: step shares {adaptive_stream['share']}, predicted speedup "
+    print(f"adaptive (min speedup {args.min_speedup:g}): step shares {adaptive_stream['share']}, predicted speedup "
           f"{adaptive_stream['predicted_speedup']}, observed {adaptive_stream['observed_speedup']}")
 
     checks = target_checks(rows, stream, best_static, clock)
@@ -232,6 +237,7 @@ def main() -> None:
         print(f"{'PASS' if passed else 'MISS'}  {name}: {detail}")
     model = SpeedupModel(profile)
     result = {"target": str(target_dir), "drafter": str(drafter_dir), "clock": clock, "threads": 1,
+              "min_speedup": args.min_speedup,
               "temperature": args.temperature, "max_new_tokens": args.max_new_tokens, "repeats": args.repeats,
               "machine": platform.platform(), "torch": torch.__version__,
               "seconds": round(time.perf_counter() - started, 1),

@@ -438,26 +438,27 @@ class SpeedupModel:
         return length * plain_s / sd_s
 
     def best(self, batch_size: float, acceptance: dict[str, float] | None = None,
-             refilling: bool = False) -> tuple[str, float]:
-        """(PLAIN or the best config's key, its predicted speedup) at this batch size."""
+             refilling: bool = False, min_speedup: float = 1.0) -> tuple[str, float]:
+        """(PLAIN or the best config's key, its predicted speedup) at this batch size; a config
+        is chosen only if its predicted speedup exceeds min_speedup."""
         choice, value = PLAIN, 1.0
         for key in self.cost:
             s = self.speedup(key, batch_size, acceptance, refilling)
-            if s > value:
+            if s > max(value, min_speedup):
                 choice, value = key, s
         return choice, value
 
     def plan(self, max_batch_size: int, acceptance: dict[str, float] | None = None,
-             refilling: bool = False) -> list[tuple[str, float]]:
+             refilling: bool = False, min_speedup: float = 1.0) -> list[tuple[str, float]]:
         """best(B) for B = 1..max_batch_size (index B - 1)."""
-        return [self.best(b, acceptance, refilling) for b in range(1, max_batch_size + 1)]
+        return [self.best(b, acceptance, refilling, min_speedup) for b in range(1, max_batch_size + 1)]
 
     def plan_summary(self, max_batch_size: int, acceptance: dict[str, float] | None = None,
-                     refilling: bool = False) -> list[dict[str, Any]]:
+                     refilling: bool = False, min_speedup: float = 1.0) -> list[dict[str, Any]]:
         """The plan as runs of batch sizes with the same choice: [{from, to, choice, speedup}, ...]
         (speedup: predicted, at the run's first batch size)."""
         runs: list[dict[str, Any]] = []
-        for b, (key, value) in enumerate(self.plan(max_batch_size, acceptance, refilling), start=1):
+        for b, (key, value) in enumerate(self.plan(max_batch_size, acceptance, refilling, min_speedup), start=1):
             if runs and runs[-1]["choice"] == key:
                 runs[-1]["to"] = b
             else:
@@ -541,9 +542,11 @@ class AdaptiveScheduler:
     """Per-step SD choice from the fitted model, with acceptance re-estimated online."""
 
     def __init__(self, model: SpeedupModel, max_batch_size: int, *, ema: float = 0.2, coupling: float = 0.5,
-                 window_rows: int = 64, probe_interval: int = 64, probe_margin: float = 0.75) -> None:
+                 window_rows: int = 64, probe_interval: int = 64, probe_margin: float = 0.75,
+                 min_speedup: float = 1.0) -> None:
         self.model = model
         self.max_batch_size = max_batch_size
+        self.min_speedup = min_speedup
         self.ema, self.coupling, self.window_rows = ema, coupling, window_rows
         self.probe_interval, self.probe_margin = probe_interval, probe_margin
         self.clock = make_clock(model.profile.clock)
@@ -575,7 +578,7 @@ class AdaptiveScheduler:
         """(the config, None = plain; its predicted speedup) the plan holds for this batch size."""
         entry = self._plan.get((refilling, batch_size))
         if entry is None:
-            key, value = self.model.best(batch_size, self.estimates, refilling)
+            key, value = self.model.best(batch_size, self.estimates, refilling, self.min_speedup)
             entry = self._plan[refilling, batch_size] = (self.model.configs.get(key), value)
         return entry
 
@@ -661,8 +664,9 @@ class AdaptiveScheduler:
             "observed_speedup": round(self._plain_equiv_s / self._actual_s, 4) if self._actual_s else None,
             "observed_acceptance": {k: round(sum(v) / len(v), 3) for k, v in self._observed_acceptance.items()},
             "acceptance_estimate": {k: round(v, 3) for k, v in self.estimates.items()},
-            "plan": self.model.plan_summary(self.max_batch_size, self.estimates),
-            "plan_refilling": self.model.plan_summary(self.max_batch_size, self.estimates, refilling=True),
+            "plan": self.model.plan_summary(self.max_batch_size, self.estimates, min_speedup=self.min_speedup),
+            "plan_refilling": self.model.plan_summary(self.max_batch_size, self.estimates, refilling=True,
+                                                      min_speedup=self.min_speedup),
             "probes": self.num_probes,
         }
         if reset:
@@ -788,7 +792,7 @@ def generator_profile(config) -> tuple[Profile | None, list[SDConfig]]:
 def scheduler_for(config, profile: Profile) -> AdaptiveScheduler:
     g = config.generator
     return AdaptiveScheduler(SpeedupModel(profile), g.max_batch_size, ema=g.sd_acceptance_ema,
-                             probe_interval=g.sd_probe_interval)
+                             probe_interval=g.sd_probe_interval, min_speedup=g.sd_min_speedup)
 
 
 def profile_warnings(config, profile: Profile) -> list[str]:

@@ -102,6 +102,10 @@ class GeneratorSection(Section):
         "1,1,1", "2,1,2", "3,1,3", "4,1,4", "6,1,6", "3,2,4", "4,2,8", "5,4,16"])
     sd_acceptance_ema: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.2  # adaptive: weight of each new acceptance window
     sd_probe_interval: NonNegInt = 64  # adaptive: every N decode steps try an unplanned config once (0 = never)
+    # adaptive: SD only where its predicted speedup exceeds this (1.0 = wherever it is predicted
+    # to win at all). Above 1 it is a margin for the prediction's error: a config predicted a few
+    # percent faster is as likely slower live, where steps also pay the drafter's catch-ups.
+    sd_min_speedup: Annotated[float, msgspec.Meta(ge=1)] = 1.0
     num_threads: PosInt = 1  # torch intra-op threads in this role
     verify_weights: bool = True  # checksum the weights after each swap against the trainer's
     # Relaxed (lossy) SD acceptance, SGLang's threshold_single / threshold_acc: 1.0 and 1.0 (the

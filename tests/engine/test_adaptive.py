@@ -11,6 +11,7 @@ import torch
 from respec_async.adaptive import (
     PLAIN, AdaptiveScheduler, CostFit, Profile, SpeedupModel, config_key, engine_draft_budget, fit_cost,
     parse_grid, profile_batch_sizes, profile_units, profile_warnings, run_profile)
+from respec_async.config import ConfigError, config_from_dict
 from respec_async.engine.engine import Engine, SDConfig, StepStats
 from respec_async.engine.sampling import SamplingParams
 from tests.engine.test_engine import tiny_models
@@ -109,6 +110,20 @@ def test_scheduler_switches_with_the_active_batch_size():
     assert scheduler.choose(64) is None
     assert scheduler.choose(500) is None  # beyond the plan: its last entry
     assert scheduler.choose(0) is None
+
+
+def test_min_speedup_keeps_sd_off_where_its_predicted_gain_is_within_the_margin():
+    model = SpeedupModel(synthetic_profile())
+    plan = model.plan(64)
+    margin = 1.2
+    assert any(key != PLAIN and value <= margin for key, value in plan)  # some gains are marginal
+    scheduler = AdaptiveScheduler(model, 64, probe_interval=0, min_speedup=margin)
+    for batch_size, (key, value) in enumerate(plan, start=1):
+        assert scheduler.choose(batch_size) == (model.configs[key] if value > margin else None)
+    assert scheduler.choose(1) == SDConfig(4, 1, 4)  # a clear gain stays
+    assert all(run["choice"] == PLAIN or run["speedup"] > margin for run in scheduler.report()["plan"])
+    with pytest.raises(ConfigError, match=r"generator\.sd_min_speedup"):
+        config_from_dict({"generator": {"sd_min_speedup": 0.9}})
 
 
 def test_online_acceptance_drop_moves_the_choice_and_recovery_moves_it_back():
