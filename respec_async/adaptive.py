@@ -54,7 +54,11 @@ alpha * coupling toward x as well (the configs share one drafter, so a drop seen
 evidence for all, only weaker). Estimates are L_c = profiled L_c * r_c (never below 1). Every
 `probe_interval` decode steps it runs one step with a config the plan does not use at that B
 (round robin over those predicted within `probe_margin` of the best), so a config whose
-estimate went stale (or a drafter that recovers after SD was switched off) is seen again.
+estimate went stale (or a drafter that recovers after SD was switched off) is seen again. Where
+the plan has SD off, a probe waits for a batch of at most `probe_max_plain_batch` rows (the
+tail of a phase): the engine's drafter catches up lazily, so the first SD step after plain ones
+runs the drafter over every row's backlog, cheap for a few rows, as costly as the whole
+upkeep it saves at B = 64.
 `report()` gives the share of steps per mode and the predicted vs observed speedup over plain
 decoding, both against the profile's fitted plain step cost: a decode step at batch B that
 emitted k tokens per sequence in t seconds (measured) ran at speedup k * T_plain(B) / t
@@ -543,12 +547,13 @@ class AdaptiveScheduler:
 
     def __init__(self, model: SpeedupModel, max_batch_size: int, *, ema: float = 0.2, coupling: float = 0.5,
                  window_rows: int = 64, probe_interval: int = 64, probe_margin: float = 0.75,
-                 min_speedup: float = 1.0) -> None:
+                 probe_max_plain_batch: int = 4, min_speedup: float = 1.0) -> None:
         self.model = model
         self.max_batch_size = max_batch_size
         self.min_speedup = min_speedup
         self.ema, self.coupling, self.window_rows = ema, coupling, window_rows
         self.probe_interval, self.probe_margin = probe_interval, probe_margin
+        self.probe_max_plain_batch = probe_max_plain_batch
         self.clock = make_clock(model.profile.clock)
         self.profiled = dict(model.profile.acceptance)
         self.ratio = {key: 1.0 for key in self.profiled}
@@ -599,7 +604,8 @@ class AdaptiveScheduler:
         index = min(batch_size, self.max_batch_size) - 1
         choice, best = self.planned(index + 1, refilling)
         self._steps_since_probe += 1
-        if self.probe_interval and self._steps_since_probe >= self.probe_interval:
+        if self.probe_interval and self._steps_since_probe >= self.probe_interval \
+                and (choice is not None or batch_size <= self.probe_max_plain_batch):
             self._steps_since_probe = 0
             probe = self._probe(batch_size, config_key(choice), best, refilling)
             if probe is not None:

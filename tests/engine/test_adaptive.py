@@ -159,6 +159,19 @@ def test_probes_try_an_unplanned_config_every_interval():
     assert all(strict.choose(1) == SDConfig(4, 1, 4) for _ in range(20))
 
 
+
+def test_a_probe_from_plain_decoding_waits_for_a_small_batch():
+    """Where the plan has SD off, a probe would catch every row's drafter up: it waits until at
+    most probe_max_plain_batch rows are active, then runs at once."""
+    scheduler = AdaptiveScheduler(SpeedupModel(synthetic_profile()), 64, probe_interval=5, probe_margin=0.1,
+                                  probe_max_plain_batch=4)
+    assert [scheduler.choose(64) for _ in range(20)] == [None] * 20  # plan: plain at 64, no probe
+    assert scheduler.num_probes == 0
+    assert scheduler.choose(40) is None  # still plain territory: the probe keeps waiting
+    probe = scheduler.choose(3)  # the tail: the pending probe runs (a config other than the plan's)
+    assert probe is not None and probe != scheduler.planned(3)[0] and scheduler.num_probes == 1
+
+
 def test_report_gives_mode_shares_and_predicted_vs_observed_speedup():
     model = SpeedupModel(synthetic_profile())
     scheduler = AdaptiveScheduler(model, 64, probe_interval=0, window_rows=10 ** 6)
