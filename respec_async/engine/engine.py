@@ -358,7 +358,10 @@ class Engine:
                 buffer[:, destination, :, :num_keys] = buffer[:, source, :, :num_keys]
         per_slot = [self.tokens, self.lengths, self.temperature, self.top_p, self.top_k]
         if self.drafter is not None:
-            per_slot += [self.pending_features, self.num_pending]
+            per_slot.append(self.num_pending)
+            # Only the pending entries: under lazy upkeep a row holds up to a whole sequence.
+            num_pending = int(self.num_pending[source].max())
+            self.pending_features[destination, :num_pending] = self.pending_features[source, :num_pending]
         for buffer in per_slot:
             buffer[destination] = buffer[source]
         for old, new in zip(movers, holes):
