@@ -65,10 +65,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--max-batch-size", type=int, default=64, help="slots of the RL generation phase")
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
-    parser.add_argument("--min-speedup", type=float, default=1.15,
-                        help="the adaptive scheduler's generator.sd_min_speedup (default 1.15, as configs/respec.toml)")
+    parser.add_argument("--min-speedup", type=float,
+                        help="the adaptive scheduler's generator.sd_min_speedup (default: configs/respec.toml's)")
     parser.add_argument("--out", default=str(RESULTS))
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.min_speedup is None:
+        from respec_async.config import load_config
+        respec_toml = Path(__file__).resolve().parents[1] / "configs" / "respec.toml"
+        args.min_speedup = load_config(respec_toml).generator.sd_min_speedup
+    return args
 
 
 class Timer:

@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -58,7 +57,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from rl_bench import (  # noqa: E402
-    events, launch_run, learner_records, moving_average, plot_curves, rl_arguments, save_figure, step_records,
+    events, launch_run, learner_records, moving_average, plot_curves, respec_cli, rl_arguments, save_figure,
+    step_records,
 )
 
 ARMS = {
@@ -145,16 +145,9 @@ def main() -> None:
 def run_profile(config: Path, overrides: list[str], out: Path) -> float:
     """`respec profile` with the generator's own in-run settings (5 repeats, 16 acceptance
     prompts); returns its wall seconds, process start included."""
-    args = [sys.executable, "-m", "respec_async.cli", "profile", str(config), "--out", str(out), "--repeats", "5",
-            "--acceptance-prompts", "16"]
-    for o in overrides:
-        args += ["--set", o]
     print("profiling SD offline (respec profile) ...", flush=True)
-    started = time.perf_counter()
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=1800)
-    if proc.returncode != 0:
-        raise RuntimeError(f"respec profile failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}")
-    seconds = time.perf_counter() - started
+    seconds = respec_cli("profile", config, overrides, ["--out", str(out), "--repeats", "5", "--acceptance-prompts",
+                                                        "16"], timeout_s=1800, what="respec profile")
     print(f"  profile: {seconds:.0f}s  {out}", flush=True)
     return seconds
 

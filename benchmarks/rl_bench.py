@@ -34,19 +34,27 @@ def rl_arguments(description: str, steps: int, out_name: str) -> argparse.Argume
     return parser
 
 
-def launch_run(config: Path, name: str, root: Path, overrides: list[str], timeout_s: float = 3600) -> Path:
-    """Run `respec launch CONFIG --set ...` to completion; returns the run directory."""
-    overrides = [f'run.root="{root}"', f'run.name="{name}"', "run.final_eval=false", "supervisor.live_status=false",
-                 "trainer.checkpoint_every=0", *overrides]
-    args = [sys.executable, "-m", "respec_async.cli", "launch", str(config)]
+def respec_cli(command: str, config: Path, overrides: list[str], extra: list[str] = (), timeout_s: float = 3600,
+               what: str = "") -> float:
+    """Run `respec COMMAND CONFIG [extra] --set ...` to completion (an error names `what` and ends
+    with its output); returns its wall seconds, process start included."""
+    args = [sys.executable, "-m", "respec_async.cli", command, str(config), *extra]
     for o in overrides:
         args += ["--set", o]
     started = time.perf_counter()
     proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout_s)
     if proc.returncode != 0:
-        raise RuntimeError(f"run {name} failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}")
+        raise RuntimeError(f"{what or command} failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}")
+    return time.perf_counter() - started
+
+
+def launch_run(config: Path, name: str, root: Path, overrides: list[str], timeout_s: float = 3600) -> Path:
+    """Run `respec launch CONFIG --set ...` to completion; returns the run directory."""
+    overrides = [f'run.root="{root}"', f'run.name="{name}"', "run.final_eval=false", "supervisor.live_status=false",
+                 "trainer.checkpoint_every=0", *overrides]
+    seconds = respec_cli("launch", config, overrides, timeout_s=timeout_s, what=f"run {name}")
     run_dir = max(root.glob(f"{name}-*"))
-    print(f"  {name}: {time.perf_counter() - started:.0f}s  {run_dir}", flush=True)
+    print(f"  {name}: {seconds:.0f}s  {run_dir}", flush=True)
     return run_dir
 
 

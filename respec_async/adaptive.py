@@ -29,8 +29,8 @@ predicted throughput speedup of config c over plain decoding at batch size B is
     S_c(B) = L_c * T_plain(B) / T_c(B)
 
 and the best choice at B is argmax_c S_c(B) if that exceeds max(1, min_speedup), else SD off
-(`generator.sd_min_speedup`, default 1: above it, a margin for the prediction's error). While requests
-wait for slots (an RL generation phase before its tail), every sequence that finishes is
+(`generator.sd_min_speedup`, default 1: above it, a margin for the prediction's error). While
+requests wait for slots (an RL generation phase before its tail), every sequence that finishes is
 replaced and prefilled at the next step, and that admission cost is per step, not per token:
 a mode that emits k tokens per row finishes n = B * k / (mean completion length) rows per step
 (Poisson), so its step costs T_m(B) + P(n >= 1) * a_adm + n * b_adm on top, with a_adm, b_adm
