@@ -70,8 +70,6 @@ class DrafterLearnerActor(Actor):
     async def setup(self) -> None:
         cfg = self.ctx.config
         torch.set_num_threads(cfg.drafter.num_threads)
-        if cfg.drafter.nice:
-            os.nice(cfg.drafter.nice)  # lower priority: train on the CPU time the loop leaves
         target, tokenizer = await self.run_blocking(load_target, cfg)
         drafter = await self.run_blocking(load_drafter, cfg, target)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -182,6 +180,12 @@ class DrafterLearnerActor(Actor):
                       step=self.core.num_steps)
 
     async def main(self) -> None:
+        nice = self.ctx.config.drafter.nice
+        if nice:
+            # Lower priority from here on: train on the CPU time the loop leaves. Not during
+            # setup, whose model loading and group joins the trainer's first step waits for.
+            os.nice(nice)  # the event-loop thread
+            await self.run_blocking(os.nice, nice)  # the compute thread (created during setup)
         await self.actor_weights.arrived.wait()
         await self.run_blocking(self._swap_actor)
         if self.resumed_from is not None:
