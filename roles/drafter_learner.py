@@ -180,12 +180,12 @@ class DrafterLearnerActor(Actor):
                       step=self.core.num_steps)
 
     async def main(self) -> None:
-        nice = self.ctx.config.drafter.nice
-        if nice:
+        increment = self.ctx.config.drafter.nice
+        if increment:
             # Lower priority from here on: train on the CPU time the loop leaves. Not during
             # setup, whose model loading and group joins the trainer's first step waits for.
-            os.nice(nice)  # the event-loop thread
-            await self.run_blocking(os.nice, nice)  # the compute thread (created during setup)
+            os.nice(increment)  # the event-loop thread
+            await self.run_blocking(os.nice, increment)  # the compute thread (created during setup)
         await self.actor_weights.arrived.wait()
         await self.run_blocking(self._swap_actor)
         if self.resumed_from is not None:
