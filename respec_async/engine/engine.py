@@ -42,10 +42,11 @@ import torch
 
 from respec_async.engine import fused
 from respec_async.engine.drafter import Eagle3Drafter
+from respec_async.engine.history import Cursor, HistoryIndex, draft_tensors
 from respec_async.engine.model import KVCache, Transformer
 from respec_async.engine.sampling import SamplingParams, sample, sampling_logprobs, token_logprobs
 from respec_async.engine.speculative import (
-    RelaxedAcceptance, chain_accept, select_tree, tree_accept, tree_attention_mask)
+    DraftTree, RelaxedAcceptance, chain_accept, point_chain_accept, select_tree, tree_accept, tree_attention_mask)
 
 # Target features buffered per slot between drafter catch-ups while SD is off (eager upkeep).
 MAX_PENDING_FEATURES = 32
@@ -56,21 +57,30 @@ LAZY_PENDING_BYTES = 256 * 2**20
 FUSED_MAX_PARAMETERS = 50_000_000
 
 
+SOURCES = ("eagle", "history")
+MAX_HISTORY_DRAFT_TOKENS = 64
+
+
 @dataclass(frozen=True)
 class SDConfig:
-    """One speculative-decoding configuration (ReSpec's (s, t, n)).
+    """One speculative-decoding configuration (ReSpec's (s, t, n)) and where its drafts come from.
 
-    num_steps s: drafter forwards per step (tree depth). top_k t: children per expanded node;
-    t = 1 is a chain of s sampled drafts. num_draft_tokens n: drafted tokens verified per
+    num_steps s: tree depth (drafter forwards per step for "eagle"). top_k t: children per
+    expanded node; t = 1 is a chain of s drafts. num_draft_tokens n: drafted tokens verified per
     sequence, the best n of the tree (the root is extra); a chain verifies exactly its s drafts,
-    so for t = 1 a larger n is clamped to s (and a smaller one is an error).
+    so for t = 1 a larger n is clamped to s (and a smaller one is an error). source: "eagle"
+    (the neural drafter) or "history" (engine/history.py: earlier rollouts of the same prompt,
+    no model call; rows without a match get no drafts and decode one token).
     """
 
     num_steps: int
     top_k: int = 1
     num_draft_tokens: int | None = None
+    source: str = "eagle"
 
     def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise ValueError(f"SDConfig source must be one of {SOURCES}, got {self.source!r}")
         if self.num_draft_tokens is None:
             object.__setattr__(self, "num_draft_tokens", self.num_steps if self.top_k == 1 else self.num_steps * self.top_k)
         s, t, n = self.num_steps, self.top_k, self.num_draft_tokens
@@ -81,12 +91,18 @@ class SDConfig:
         if t == 1:
             n = s
             object.__setattr__(self, "num_draft_tokens", n)
-        if n > t + (s - 1) * t * t:
+        if self.source == "eagle" and n > t + (s - 1) * t * t:
             raise ValueError(f"{self} drafts at most {t + (s - 1) * t * t} candidates, fewer than num_draft_tokens")
+        if self.source == "history" and n > MAX_HISTORY_DRAFT_TOKENS:
+            raise ValueError(f"{self}: a history tree has at most {MAX_HISTORY_DRAFT_TOKENS} draft tokens")
 
     @property
     def is_chain(self) -> bool:
         return self.top_k == 1
+
+    @property
+    def uses_drafter(self) -> bool:
+        return self.source == "eagle"
 
 
 @dataclass
@@ -119,6 +135,8 @@ class StepStats:
     num_emitted: int
     duration_s: float
     num_accepted: int = 0  # drafts accepted in this step, summed over sequences (before any stop cut)
+    num_drafted: int = 0  # draft tokens verified in this step, summed over sequences
+    draft_s: float = 0.0  # seconds spent drafting from history (0 for EAGLE: its drafting is model calls)
 
 
 @dataclass
@@ -131,6 +149,7 @@ class _Sequence:
     num_accepted: int = 0
     num_verify_steps: int = 0
     num_decode_steps: int = 0
+    cursor: Cursor | None = None  # its place in the history index, if the engine keeps one
 
 
 SDPolicy = SDConfig | Callable[[int], SDConfig | None] | None
@@ -140,7 +159,7 @@ class Engine:
     def __init__(self, target: Transformer, drafter: Eagle3Drafter | None = None, max_batch_size: int = 16,
                  max_seq_len: int = 512, seed: int = 0, relaxed: RelaxedAcceptance | None = None,
                  max_draft_tokens: int = 64, fused_inference: bool | None = None,
-                 lazy_drafter: bool | None = None):
+                 lazy_drafter: bool | None = None, history: HistoryIndex | None = None):
         self.target = target.eval()
         self.drafter = None if drafter is None else drafter.eval()
         # engine/fused.py: the same math in fewer ops, for about twice the weight memory. On by
@@ -157,6 +176,9 @@ class Engine:
         self.max_seq_len = max_seq_len
         self.max_draft_tokens = max_draft_tokens
         self.relaxed = relaxed
+        # Rollout history (engine/history.py): every sequence is indexed as it is generated and
+        # kept after it finishes, whatever the weights; history SD configs draft from it.
+        self.history = history
         param = next(target.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.generator = torch.Generator(self.device).manual_seed(seed)
@@ -169,7 +191,8 @@ class Engine:
             buffer_bytes = max_batch_size * (max_seq_len + 1) * 3 * config.hidden_size * self.dtype.itemsize
             lazy_drafter = buffer_bytes <= LAZY_PENDING_BYTES
         self.lazy_drafter = drafter is not None and lazy_drafter
-        self.max_pending = max_seq_len + 1 if self.lazy_drafter else MAX_PENDING_FEATURES
+        # (+ a verified path: a history step appends its features without a catch-up)
+        self.max_pending = max_seq_len + max_draft_tokens + 2 if self.lazy_drafter else MAX_PENDING_FEATURES
         with torch.inference_mode():
             self.cache = KVCache(config, max_batch_size, self.cache_len, self.dtype, self.device)
             self.tokens = torch.zeros(max_batch_size, self.cache_len, dtype=torch.long, device=self.device)
@@ -185,6 +208,7 @@ class Engine:
                 self.pending_features = torch.zeros(max_batch_size, self.max_pending, 3 * config.hidden_size,
                                                     dtype=self.dtype, device=self.device)
                 self.num_pending = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)
+        self._step_draft: tuple[list[int], float] | None = None
         self.waiting: list[Request] = []
         self.running: dict[int, _Sequence] = {}  # slot -> sequence
         self.free_slots = list(range(max_batch_size))
@@ -247,6 +271,7 @@ class Engine:
         slots = sorted(self.running)
         num_emitted = num_accepted = 0
         mode = "idle"
+        self._step_draft: tuple[list[int], float] | None = None  # history steps: drafts per row, seconds
         if slots:
             slot_ids = torch.tensor(slots, device=self.device)
             sampling_args = self._sampling_args(slots, slot_ids)
@@ -262,11 +287,22 @@ class Engine:
                 num_accepted = int(num_tokens.sum()) - len(slots)
         if not self.waiting:
             self._compact()  # nothing will refill the freed slots: close the holes now
+        if mode == "sd":
+            num_drafted = sum(self._step_draft[0]) if self._step_draft else sd.num_draft_tokens * len(slots)
+            draft_s = self._step_draft[1] if self._step_draft else 0.0
+        else:
+            num_drafted, draft_s = 0, 0.0
         self.step_stats.append(StepStats(mode, sd if mode == "sd" else None, len(slots), num_admitted, num_emitted,
-                                         time.perf_counter() - start_s, num_accepted))
+                                         time.perf_counter() - start_s, num_accepted, num_drafted, draft_s))
         return finished
 
     def _check_sd(self, sd: SDConfig) -> None:
+        if sd.source == "history":
+            if self.history is None:
+                raise ValueError(f"history speculative decoding {sd} requested, but this engine keeps no history index")
+            if sd.num_draft_tokens > self.max_draft_tokens or sd.num_steps > self.max_draft_tokens:
+                raise ValueError(f"{sd} exceeds the engine's max_draft_tokens {self.max_draft_tokens}")
+            return
         if self.drafter is None:
             raise ValueError(f"speculative decoding {sd} requested, but this engine has no drafter")
         if sd.num_draft_tokens > self.max_draft_tokens or (sd.num_steps - 1) * sd.top_k > self.max_draft_tokens \
@@ -301,6 +337,8 @@ class Engine:
             self.temperature[sequence.slot] = params.temperature
             self.top_p[sequence.slot] = params.top_p
             self.top_k[sequence.slot] = params.top_k
+            if self.history is not None:
+                sequence.cursor = self.history.open(request.prompt_ids)
         if not admitted:
             return 0
         slots = torch.tensor([sequence.slot for sequence in admitted], device=self.device)
@@ -319,9 +357,9 @@ class Engine:
         self.tokens[slots, :max_len] = ids
         self.tokens[slots, prompt_lens] = first
         self.lengths[slots] = prompt_lens
-        if self.lazy_drafter and sd is None:
+        if self.lazy_drafter and (sd is None or not sd.uses_drafter):
             # Every prompt feature waits for the next catch-up (entries 0..P-2 and the root).
-            # Not before an SD step: its catch-up pads every row to the longest backlog, so a
+            # Not before an EAGLE step: its catch-up pads every row to the longest backlog, so a
             # prompt left pending would cost B x prompt-length drafter entries.
             self.pending_features[slots, :max_len] = self._features(out.hidden)
             self.num_pending[slots] = prompt_lens
@@ -417,24 +455,59 @@ class Engine:
     def _speculative_step(self, slots: torch.Tensor, sd: SDConfig, sampling_args: tuple):
         """Draft (chain or tree), verify in one target forward, accept exactly, commit."""
         lengths = self.lengths[slots]
-        root_logits, root_hidden = self._drafter_catch_up(slots)
-        if sd.is_chain:
-            emitted, num_accepted, path, target_logprobs, features = self._chain_step(
-                slots, lengths, root_logits, root_hidden, sd, sampling_args)
+        if sd.source == "history":
+            emitted, num_accepted, path, target_logprobs, features = self._history_step(
+                slots, lengths, sd, sampling_args)
         else:
-            emitted, num_accepted, path, target_logprobs, features = self._tree_step(
+            root_logits, root_hidden = self._drafter_catch_up(slots)
+            step = self._chain_step if sd.is_chain else self._tree_step
+            emitted, num_accepted, path, target_logprobs, features = step(
                 slots, lengths, root_logits, root_hidden, sd, sampling_args)
         # Commit: the emitted tokens, the target features of the verified path for the next
         # catch-up, and the new length (root + accepted drafts are now in the target cache).
         num_slots_written = emitted.shape[1]
         offsets = torch.arange(num_slots_written, device=self.device)
         self.tokens[slots[:, None], lengths[:, None] + 1 + offsets] = emitted
-        self.pending_features[slots, :num_slots_written] = features
-        self.num_pending[slots] = num_accepted + 1
+        if self.drafter is not None and sd.uses_drafter:
+            self.pending_features[slots, :num_slots_written] = features
+            self.num_pending[slots] = num_accepted + 1
+        elif self.drafter is not None:
+            # No catch-up ran: the path's features queue up behind the pending ones (entries past
+            # a row's accepted path land beyond its count and are overwritten later).
+            num_pending = self.num_pending[slots]
+            self.pending_features[slots[:, None], num_pending[:, None] + offsets] = features
+            self.num_pending[slots] = num_pending + num_accepted + 1
         self.lengths[slots] = lengths + num_accepted + 1
         logprobs = token_logprobs(target_logprobs.gather(
             1, path.clamp(min=0)[:, :, None].expand(-1, -1, target_logprobs.shape[-1])), emitted)
         return emitted, logprobs, num_accepted + 1
+
+    def _history_step(self, slots, lengths, sd: SDConfig, sampling_args: tuple):
+        """Drafts from the history index (no model call), verified exactly whatever the engine's
+        relaxed setting (a chain by point_chain_accept, a tree by tree_accept)."""
+        if self.drafter is not None and int(self.num_pending[slots].max()) + sd.num_steps + 1 >= self.max_pending:
+            self._drafter_catch_up(slots, keep_last=True)  # eager upkeep: room for the path's features
+        started = time.perf_counter()
+        cursors = [self.running[slot].cursor for slot in slots.tolist()]
+        if not sd.is_chain:
+            draft = self.history.draft(cursors, sd.num_steps, sd.top_k, sd.num_draft_tokens)
+            tree = DraftTree(*draft_tensors(draft, self.device))
+            self._step_draft = (draft.num_drafted, time.perf_counter() - started)
+            return self._verify_tree(slots, lengths, tree, sampling_args, relaxed=None)
+        chains, num_drafted = self.history.draft_chains(cursors, sd.num_steps)
+        drafts = torch.frombuffer(chains, dtype=torch.int64).view(len(cursors), sd.num_steps).to(self.device)
+        num_drafts = torch.tensor(num_drafted, device=self.device)
+        self._step_draft = (num_drafted, time.perf_counter() - started)
+        positions = lengths[:, None] + torch.arange(sd.num_steps + 1, device=self.device)
+        ids = torch.cat([self.tokens[slots, lengths][:, None], drafts], 1)
+        out = self.target(ids, positions, self.cache, slots, positions, None, hidden_layers=self.feature_layers)
+        target_logprobs = sampling_logprobs(out.logits, *sampling_args)
+        num_accepted, next_tokens = point_chain_accept(drafts, num_drafts, target_logprobs, self.generator)
+        emitted = torch.cat([drafts, next_tokens[:, None]], 1)
+        emitted[torch.arange(len(cursors), device=self.device), num_accepted] = next_tokens
+        path = torch.arange(sd.num_steps + 1, device=self.device).expand(len(cursors), -1)
+        features = self._features(out.hidden) if self.feature_layers else None
+        return emitted, num_accepted, path, target_logprobs, features
 
     def _chain_step(self, slots, lengths, logits, hidden, sd: SDConfig, sampling_args: tuple):
         drafts, draft_logprobs = [], []
@@ -462,6 +535,7 @@ class Engine:
         return emitted, num_accepted, path, target_logprobs, self._features(out.hidden)
 
     def _tree_step(self, slots, lengths, root_logits, root_hidden, sd: SDConfig, sampling_args: tuple):
+        """EAGLE-2 tree expansion by the drafter, then _verify_tree."""
         s, t = sd.num_steps, sd.top_k
         batch_size = len(slots)
         vocab_ids = self.drafter.draft_vocab_ids
@@ -502,14 +576,18 @@ class Engine:
             num_candidates += t * t
         tree = select_tree(self.tokens[slots, lengths], torch.cat(cand_tokens, 1), torch.cat(cand_parents, 1),
                            torch.cat(cand_depths, 1), torch.cat(cand_scores, 1), sd.num_draft_tokens)
+        return self._verify_tree(slots, lengths, tree, sampling_args, self.relaxed)
 
-        num_nodes = sd.num_draft_tokens + 1
+    def _verify_tree(self, slots, lengths, tree: DraftTree, sampling_args: tuple, relaxed: RelaxedAcceptance | None):
+        """One target forward over every row's tree (written at L..L+n), exact acceptance, and the
+        accepted path's K/V moved to L, L+1, ..."""
+        batch_size, num_nodes = tree.tokens.shape
         cache_positions = lengths[:, None] + torch.arange(num_nodes, device=self.device)
         mask = tree_attention_mask(tree, lengths, int(lengths.max()) + num_nodes)
         out = self.target(tree.tokens, lengths[:, None] + tree.depths, self.cache, slots, cache_positions, mask,
                           hidden_layers=self.feature_layers)
         target_logprobs = sampling_logprobs(out.logits, *sampling_args)
-        path, num_accepted, next_tokens = tree_accept(tree, target_logprobs, self.generator, self.relaxed)
+        path, num_accepted, next_tokens = tree_accept(tree, target_logprobs, self.generator, relaxed)
 
         # The accepted path's K/V sits at L + node index; move it to L, L+1, ... (past the path
         # end, copy each position onto itself).
@@ -522,8 +600,10 @@ class Engine:
 
         emitted = torch.cat([tree.tokens.gather(1, path[:, 1:].clamp(min=0)), next_tokens[:, None]], 1)
         emitted[torch.arange(batch_size, device=self.device), num_accepted] = next_tokens
-        features = self._features(out.hidden)
-        features = features.gather(1, path.clamp(min=0)[:, :, None].expand(-1, -1, features.shape[-1]))
+        features = None
+        if self.feature_layers:
+            features = self._features(out.hidden)
+            features = features.gather(1, path.clamp(min=0)[:, :, None].expand(-1, -1, features.shape[-1]))
         return emitted, num_accepted, path, target_logprobs, features
 
     # ---- bookkeeping ----------------------------------------------------------------------
@@ -541,7 +621,7 @@ class Engine:
                 sequence.num_decode_steps += 1
                 if sd is not None:
                     sequence.num_verify_steps += 1
-                    sequence.num_drafted += sd.num_draft_tokens
+                    sequence.num_drafted += self._step_draft[0][row] if self._step_draft else sd.num_draft_tokens
                     sequence.num_accepted += num_tokens[row] - 1
             new_tokens = tokens[row][:num_tokens[row]]
             num_new, reason = len(new_tokens), None
@@ -555,6 +635,8 @@ class Engine:
                 num_new, reason = budget, "length"
             sequence.output_ids += new_tokens[:num_new]
             sequence.logprobs += logprobs[row][:num_new]
+            if sequence.cursor is not None:
+                self.history.extend(sequence.cursor, new_tokens[:num_new])
             num_emitted += num_new
             if reason:
                 finished.append(self._finish(sequence, reason))
@@ -563,6 +645,8 @@ class Engine:
     def _finish(self, sequence: _Sequence, reason: str) -> Completion:
         del self.running[sequence.slot]
         self.free_slots.append(sequence.slot)
+        if sequence.cursor is not None:
+            self.history.close(sequence.cursor)
         request = sequence.request
         acceptance_length = ((sequence.num_accepted + sequence.num_verify_steps) / sequence.num_verify_steps
                              if sequence.num_verify_steps else 0.0)

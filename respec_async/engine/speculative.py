@@ -87,6 +87,33 @@ def chain_accept(draft_tokens: torch.Tensor, draft_logprobs: torch.Tensor, targe
     return num_accepted, sample_probs(residual, generator)
 
 
+def point_chain_accept(draft_tokens: torch.Tensor, num_drafts: torch.Tensor, target_logprobs: torch.Tensor,
+                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Verification of deterministic chains (a history draft: q is a point mass on each draft).
+
+    draft_tokens [B, k], of which the first num_drafts [B] are drafts (the rest padding, never
+    accepted); target_logprobs [B, k+1, V]. Accept d_i with probability p_i(d_i) (min(1, p/q)
+    with q = 1); on a rejection emit from p_i with d_i removed (norm(max(p - q, 0)) for a point
+    mass q), after the last draft from p. The tree rule with one child per node, in chain form.
+    Returns num_accepted [B] and next_tokens [B].
+    """
+    batch_size, k = draft_tokens.shape
+    device = draft_tokens.device
+    probs = target_logprobs.exp()
+    p_draft = probs[:, :k].gather(-1, draft_tokens[:, :, None])[:, :, 0]
+    coins = torch.rand(p_draft.shape, generator=generator, device=device)
+    accepted = (coins < p_draft) & (torch.arange(k, device=device) < num_drafts[:, None])
+    num_accepted = accepted.long().cumprod(-1).sum(-1)
+    rows = torch.arange(batch_size, device=device)
+    p_next = probs[rows, num_accepted]
+    rejected = draft_tokens[rows, num_accepted.clamp(max=k - 1)]
+    residual = p_next.scatter(-1, rejected[:, None], torch.where(
+        num_accepted < num_drafts, 0.0, p_next.gather(-1, rejected[:, None])[:, 0])[:, None])
+    # A draft holding all of p's mass was accepted unless the coin hit p = 1 - rounding.
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_next)
+    return num_accepted, sample_probs(residual, generator)
+
+
 @dataclass
 class DraftTree:
     """A batch of draft trees in topological order; node 0 of every tree is the root (the last
