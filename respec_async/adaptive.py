@@ -86,9 +86,11 @@ from typing import Any, Callable, Iterable, Sequence
 from respec_async.engine.engine import SDConfig, StepStats
 
 PROFILE_FORMAT_VERSION = 1
-# The grid `respec profile` and the adaptive generator use unless generator.sd_grid says
-# otherwise: chains of 1-6 drafts and three trees, about a minute to profile on the tiny zoo.
-DEFAULT_GRID = ("1,1,1", "2,1,2", "3,1,3", "4,1,4", "6,1,6", "3,2,4", "4,2,8", "5,4,16")
+# The grid `respec profile` and bench_adaptive use unless told otherwise (config.py's
+# generator.sd_grid default is the same list): EAGLE chains of 1-6 drafts and three trees, and
+# history chains of 4 and 8 drafts; about a minute and a half to profile on the tiny zoo.
+DEFAULT_GRID = ("1,1,1", "2,1,2", "3,1,3", "4,1,4", "6,1,6", "3,2,4", "4,2,8", "5,4,16",
+                "history:4,1,4", "history:8,1,8")
 PLAIN = "plain"
 
 Progress = Callable[[int, str], None]  # (units done since the last call, what is running)
@@ -96,19 +98,39 @@ Progress = Callable[[int, str], None]  # (units done since the last call, what i
 
 # ---- configs and clocks ---------------------------------------------------------------------
 
+HISTORY_PREFIX = "history:"
+
+
 def config_key(sd: SDConfig | None) -> str:
-    return PLAIN if sd is None else f"{sd.num_steps},{sd.top_k},{sd.num_draft_tokens}"
+    if sd is None:
+        return PLAIN
+    prefix = HISTORY_PREFIX if sd.source == "history" else ""
+    return f"{prefix}{sd.num_steps},{sd.top_k},{sd.num_draft_tokens}"
 
 
 def parse_config(text: str) -> SDConfig:
-    """'s,t,n' (or 's,t') -> SDConfig; ValueError naming the text when it is not a valid config."""
+    """'s,t,n' (or 's,t'; the EAGLE drafter) or 'history:s,t,n' (engine/history.py) -> SDConfig;
+    ValueError naming the text when it is not a valid config."""
+    source = "eagle"
+    body = text
+    if text.startswith(HISTORY_PREFIX):
+        source, body = "history", text[len(HISTORY_PREFIX):]
     try:
-        parts = [int(x) for x in text.split(",")]
+        parts = [int(x) for x in body.split(",")]
         if not 1 <= len(parts) <= 3:
-            raise ValueError("expected 's,t,n'")
-        return SDConfig(*parts)
+            raise ValueError("expected 's,t,n' or 'history:s,t,n'")
+        return SDConfig(*parts, source=source)
     except ValueError as exc:
         raise ValueError(f"SD config {text!r}: {exc}") from None
+
+
+def is_history(key: str) -> bool:
+    return key.startswith(HISTORY_PREFIX)
+
+
+def bucket_of(batch_size: int) -> int:
+    """Batch-size bucket of the online history-acceptance estimates: 0 for B = 1, 1 for 2-3, ..."""
+    return max(1, batch_size).bit_length() - 1
 
 
 def parse_grid(items: Iterable[str]) -> list[SDConfig]:
@@ -121,6 +143,20 @@ def parse_grid(items: Iterable[str]) -> list[SDConfig]:
 def engine_draft_budget(configs: Iterable[SDConfig]) -> int:
     """The Engine's max_draft_tokens that fits every config (its default 64 at least)."""
     return max([64] + [max(sd.num_draft_tokens, (sd.num_steps - 1) * sd.top_k) for sd in configs])
+
+
+def history_index_for(configs: Iterable[SDConfig], **kwargs):
+    """A fresh HistoryIndex when any config drafts from history, else None."""
+    if not any(sd.source == "history" for sd in configs):
+        return None
+    from respec_async.engine.history import HistoryIndex
+
+    return HistoryIndex(**kwargs)
+
+
+def shadow_length(configs: Iterable[SDConfig]) -> int:
+    """The shadow chain length that scores every history chain config (0: none)."""
+    return max([0] + [sd.num_steps for sd in configs if sd.source == "history" and sd.is_chain])
 
 
 def profile_batch_sizes(max_batch_size: int) -> list[int]:
@@ -230,7 +266,8 @@ def measure_step_costs(target, drafter, configs: Sequence[SDConfig], batch_sizes
 
     def fresh(batch_size: int) -> Engine:
         engine = Engine(target, drafter, max_batch_size=batch_size, max_seq_len=context_len + per_round + 2,
-                        seed=seed + 7919 * restarts[batch_size] + batch_size, max_draft_tokens=draft_budget)
+                        seed=seed + 7919 * restarts[batch_size] + batch_size, max_draft_tokens=draft_budget,
+                        history=history_index_for(configs))
         offset = restarts[batch_size] * batch_size
         for i in range(batch_size):
             engine.add_request(Request(i, list(prompts[(offset + i) % len(prompts)]), endless))
@@ -261,24 +298,34 @@ def measure_step_costs(target, drafter, configs: Sequence[SDConfig], batch_sizes
 
 
 def measure_acceptance(target, drafter, configs: Sequence[SDConfig], prompts: Sequence[list[int]], params, *,
-                       batch_size: int = 16, seed: int = 0, progress: Progress | None = None) -> dict[str, float]:
+                       batch_size: int = 16, seed: int = 0, group_size: int = 1,
+                       progress: Progress | None = None) -> dict[str, float]:
     """Mean tokens per verify step (accepted drafts + 1) of each config on rollouts of `prompts`
-    with the run's sampling params, each sequence until its stop token or max_new_tokens."""
+    with the run's sampling params, each sequence until its stop token or max_new_tokens. A
+    history config samples the same number of rollouts as RL groups (the first
+    len(prompts) // group_size prompts, group_size times each) from an empty index: its figure
+    is a first epoch's, which the scheduler re-estimates online."""
     from respec_async.engine.engine import Engine, Request
 
     max_seq_len = max(len(p) for p in prompts) + params.max_new_tokens + 1
+    singles = [Request(i, list(p), params) for i, p in enumerate(prompts)]
+    groups = [Request(f"{i}:{j}", list(p), params) for i, p in enumerate(prompts[:max(1, len(prompts) // group_size)])
+              for j in range(group_size)]
     out = {}
     lengths = []
     for sd in configs:
-        engine = Engine(target, drafter, max_batch_size=min(batch_size, len(prompts)), max_seq_len=max_seq_len,
-                        seed=seed, max_draft_tokens=engine_draft_budget([sd]))
-        completions = engine.generate([Request(i, list(p), params) for i, p in enumerate(prompts)], sd)
+        requests = groups if sd.source == "history" else singles
+        engine = Engine(target, drafter, max_batch_size=min(batch_size, len(requests)), max_seq_len=max_seq_len,
+                        seed=seed, max_draft_tokens=engine_draft_budget([sd]), history=history_index_for([sd]))
+        completions = engine.generate(requests, sd)
         verify = sum(c.num_verify_steps for c in completions)
         accepted = sum(c.num_accepted for c in completions)
         out[config_key(sd)] = (accepted + verify) / verify if verify else 1.0
-        lengths += [len(c.output_ids) for c in completions]
+        if sd.source != "history":
+            lengths += [len(c.output_ids) for c in completions]
         if progress is not None:
             progress(1, f"acceptance {config_key(sd)}")
+    lengths = lengths or [len(c.output_ids) for c in completions]
     out[PLAIN] = sum(lengths) / len(lengths)  # mean completion tokens, under the "plain" key
     return out
 
@@ -297,7 +344,7 @@ def measure_admission(target, drafter, configs: Sequence[SDConfig], prompts: Seq
     for rep in range(repeats + 1):
         for k in ks:
             engine = Engine(target, drafter, max_batch_size=max_batch_size, max_seq_len=max_seq_len, seed=seed,
-                            max_draft_tokens=engine_draft_budget(configs))
+                            max_draft_tokens=engine_draft_budget(configs), history=history_index_for(configs))
             for i in range(k):
                 engine.add_request(Request(i, list(prompts[(rep * k + i) % len(prompts)]), params))
             start = now()
@@ -318,7 +365,7 @@ def measure_admission(target, drafter, configs: Sequence[SDConfig], prompts: Seq
 def run_profile(target, drafter, configs: Sequence[SDConfig], batch_sizes: Sequence[int],
                 prompts: Sequence[list[int]], params, *, repeats: int = 10, num_acceptance_prompts: int = 64,
                 clock: str = "cpu", context_len: int = 96, seed: int = 0, progress: Progress | None = None,
-                meta: dict[str, Any] | None = None) -> Profile:
+                meta: dict[str, Any] | None = None, group_size: int = 1) -> Profile:
     """Measure everything the solver needs; see the module docstring."""
     started = time.perf_counter()
     configs = list(configs)
@@ -327,14 +374,15 @@ def run_profile(target, drafter, configs: Sequence[SDConfig], batch_sizes: Seque
                                    clock=clock, context_len=context_len, seed=seed, progress=progress)
     acceptance_prompts = [prompts[i % len(prompts)] for i in range(num_acceptance_prompts)]
     acceptance = measure_acceptance(target, drafter, configs, acceptance_prompts, params, seed=seed,
-                                    progress=progress)
+                                    group_size=group_size, progress=progress)
     completion_tokens = acceptance.pop(PLAIN)
     admission = measure_admission(target, drafter, configs, prompts, params, max_batch_size=max(batch_sizes),
                                   repeats=repeats, clock=clock, seed=seed)
     if progress is not None:
         progress(1, "admission cost")
     meta = dict(meta or {})
-    meta.update(repeats=repeats, num_acceptance_prompts=num_acceptance_prompts, context_len=context_len,
+    meta.update(repeats=repeats, num_acceptance_prompts=num_acceptance_prompts, group_size=group_size,
+                context_len=context_len,
                 temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
                 max_new_tokens=params.max_new_tokens, seconds=round(time.perf_counter() - started, 2),
                 created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
@@ -544,12 +592,22 @@ def format_profile(profile: Profile, model: SpeedupModel | None = None) -> str:
 # ---- the scheduler --------------------------------------------------------------------------
 
 class AdaptiveScheduler:
-    """Per-step SD choice from the fitted model, with acceptance re-estimated online."""
+    """Per-step SD choice from the fitted model, with acceptance re-estimated online.
+
+    EAGLE configs share one drafter, so an acceptance seen through one moves the other EAGLE
+    configs too (`coupling`). A history config's acceptance depends on how much history exists, which
+    changes with the batch size within a phase and between epochs: it is estimated per
+    batch-size bucket (`bucket_of`), from its own verify steps and, for chains, from the
+    engine's shadow chains (free samples of a chain's acceptance taken during plain steps,
+    StepStats.shadow_counts), and a history config may be probed at any batch size (it needs
+    no drafter catch-up)."""
 
     def __init__(self, model: SpeedupModel, max_batch_size: int, *, ema: float = 0.2, coupling: float = 0.5,
                  window_rows: int = 64, probe_interval: int = 64, probe_margin: float = 0.75,
-                 probe_max_plain_batch: int = 4, min_speedup: float = 1.0) -> None:
+                 probe_max_plain_batch: int = 4, min_speedup: float = 1.0, history_ema: float = 0.5) -> None:
         self.model = model
+        # History acceptance jumps (a new epoch brings a whole epoch of history): a faster EMA.
+        self.history_ema = history_ema
         self.max_batch_size = max_batch_size
         self.min_speedup = min_speedup
         self.ema, self.coupling, self.window_rows = ema, coupling, window_rows
@@ -558,7 +616,14 @@ class AdaptiveScheduler:
         self.clock = make_clock(model.profile.clock)
         self.profiled = dict(model.profile.acceptance)
         self.ratio = {key: 1.0 for key in self.profiled}
-        self._window: dict[str, list[int]] = {key: [0, 0] for key in self.profiled}  # [tokens, rows]
+        self.bucket_ratio: dict[tuple[str, int], float] = {}  # history keys: (key, bucket) -> ratio
+        # A bucket's estimate counts while at most bucket_memory updates of its config are newer.
+        self.bucket_memory = 16
+        self._updates: Counter[str] = Counter()
+        self._bucket_updated: dict[tuple[str, int], int] = {}
+        self.history_chains = {key: sd.num_steps for key, sd in model.configs.items()
+                               if sd.source == "history" and sd.is_chain}
+        self._window: dict[tuple[str, int], list[int]] = defaultdict(lambda: [0, 0])  # [tokens, rows]
         self._probe_turn = 0
         self._steps_since_probe = 0
         self.num_probes = 0
@@ -572,29 +637,51 @@ class AdaptiveScheduler:
     def acceptance(self) -> dict[str, float]:
         return {key: max(1.0, self.profiled[key] * self.ratio[key]) for key in self.profiled}
 
+    def acceptance_at(self, batch_size: int) -> dict[str, float]:
+        """The estimates at this batch size (history configs: their bucket's, where seen)."""
+        bucket = bucket_of(batch_size)
+        out = {}
+        for key in self.profiled:
+            ratio = self.ratio[key]
+            seen = self.bucket_ratio.get((key, bucket))
+            # A bucket's own estimate only while it is recent: the history behind an old one
+            # (an epoch ago, in a phase's tail) is not the history there is now.
+            if seen is not None and self._updates[key] - self._bucket_updated[key, bucket] <= self.bucket_memory:
+                ratio = seen
+            out[key] = max(1.0, self.profiled[key] * ratio)
+        return out
+
     def _resolve(self) -> None:
         self.estimates = self.acceptance
         # Solved lazily, per (batch size, refilling) when a step asks: a re-estimate only drops
         # the table (at B = 64 a window closes every SD step; solving all 2 x 64 entries each
         # time would cost more than the choice is worth).
         self._plan: dict[tuple[bool, int], tuple[SDConfig | None, float]] = {}
+        self._estimates_at: dict[int, dict[str, float]] = {}
         self.num_resolves += 1
+
+    def _estimates(self, batch_size: int) -> dict[str, float]:
+        estimates = self._estimates_at.get(batch_size)
+        if estimates is None:
+            estimates = self._estimates_at[batch_size] = self.acceptance_at(batch_size)
+        return estimates
 
     def planned(self, batch_size: int, refilling: bool = False) -> tuple[SDConfig | None, float]:
         """(the config, None = plain; its predicted speedup) the plan holds for this batch size."""
         entry = self._plan.get((refilling, batch_size))
         if entry is None:
-            key, value = self.model.best(batch_size, self.estimates, refilling, self.min_speedup)
+            key, value = self.model.best(batch_size, self._estimates(batch_size), refilling, self.min_speedup)
             entry = self._plan[refilling, batch_size] = (self.model.configs.get(key), value)
         return entry
 
     def reset_estimates(self) -> None:
         """Back to the profiled acceptance (e.g. after a drafter whose quality is unknown)."""
         self.ratio = {key: 1.0 for key in self.profiled}
+        self.bucket_ratio, self._bucket_updated = {}, {}
         self._resolve()
 
     def predicted_speedup(self, key: str, batch_size: int) -> float:
-        return self.model.speedup(key, batch_size, self.estimates)
+        return self.model.speedup(key, batch_size, self._estimates(batch_size))
 
     # per step
     def choose(self, batch_size: int, refilling: bool = False) -> SDConfig | None:
@@ -605,21 +692,26 @@ class AdaptiveScheduler:
         index = min(batch_size, self.max_batch_size) - 1
         choice, best = self.planned(index + 1, refilling)
         self._steps_since_probe += 1
-        if self.probe_interval and self._steps_since_probe >= self.probe_interval \
-                and (choice is not None or batch_size <= self.probe_max_plain_batch):
-            self._steps_since_probe = 0
-            probe = self._probe(batch_size, config_key(choice), best, refilling)
+        if self.probe_interval and self._steps_since_probe >= self.probe_interval:
+            # From plain decoding an EAGLE probe pays every row's drafter catch-up: only in small
+            # batches. A history probe costs its verification alone.
+            eagle_ok = choice is not None or batch_size <= self.probe_max_plain_batch
+            probe = self._probe(index + 1, config_key(choice), best, refilling, eagle_ok)
+            if probe is not None or eagle_ok:
+                self._steps_since_probe = 0
             if probe is not None:
                 self.num_probes += 1
                 return probe
         return choice
 
-    def _probe(self, batch_size: int, chosen: str, best: float, refilling: bool) -> SDConfig | None:
+    def _probe(self, batch_size: int, chosen: str, best: float, refilling: bool, eagle_ok: bool) -> SDConfig | None:
         keys = list(self.model.configs)
+        estimates = self._estimates(batch_size)
         for offset in range(len(keys)):
             key = keys[(self._probe_turn + offset) % len(keys)]
-            if key != chosen and self.model.speedup(key, batch_size, self.estimates, refilling) >= \
-                    self.probe_margin * best:
+            if key == chosen or not (eagle_ok or is_history(key)):
+                continue
+            if self.model.speedup(key, batch_size, estimates, refilling) >= self.probe_margin * best:
                 self._probe_turn = (self._probe_turn + offset + 1) % len(keys)
                 return self.model.configs[key]
         return None
@@ -630,15 +722,22 @@ class AdaptiveScheduler:
             return
         key = config_key(stats.sd)
         batch_size = stats.num_active
+        bucket = bucket_of(batch_size)
         self.total_steps[key] += 1
         self._steps[key] += 1
         if stats.sd is not None:
-            window = self._window[key]
-            window[0] += stats.num_accepted + batch_size
-            window[1] += batch_size
-            if window[1] >= self.window_rows:
-                self._update(key, window[0] / window[1])
-                window[0] = window[1] = 0
+            source = self._sources[stats.sd.source]
+            source["steps"] += 1
+            source["rows"] += batch_size
+            source["drafted"] += stats.num_drafted
+            source["accepted"] += stats.num_accepted
+            source["draft_s"] += stats.draft_s
+            self._add_window(key, bucket if is_history(key) else -1, stats.num_accepted + batch_size, batch_size)
+        if stats.shadow_counts:
+            rows = sum(stats.shadow_counts)
+            for chain_key, length in self.history_chains.items():
+                tokens = sum((1 + min(m, length)) * n for m, n in enumerate(stats.shadow_counts))
+                self._add_window(chain_key, bucket, tokens, rows)
         if seconds is not None and stats.num_admitted == 0:
             tokens_per_row = (stats.num_accepted + batch_size) / batch_size if stats.sd is not None else 1.0
             plain_s = tokens_per_row * self.model.plain(batch_size)
@@ -646,11 +745,32 @@ class AdaptiveScheduler:
             self._actual_s += seconds
             self._predicted_weighted += seconds * self.predicted_speedup(key, batch_size)
 
-    def _update(self, key: str, observed: float) -> None:
+    def _add_window(self, key: str, bucket: int, tokens: int, rows: int) -> None:
+        window = self._window[key, bucket]
+        window[0] += tokens
+        window[1] += rows
+        if window[1] >= self.window_rows:
+            self._update(key, bucket, window[0] / window[1])
+            window[0] = window[1] = 0
+
+    def _update(self, key: str, bucket: int, observed: float) -> None:
         x = observed / self.profiled[key]
-        for other in self.ratio:
-            alpha = self.ema if other == key else self.ema * self.coupling
-            self.ratio[other] = (1 - alpha) * self.ratio[other] + alpha * x
+        if is_history(key):
+            # Each history config is observed directly (chains through shadows too): no coupling,
+            # and the other source's acceptance says nothing about this one.
+            alpha = self.history_ema
+            current = self.bucket_ratio.get((key, bucket))
+            if current is None or self._updates[key] - self._bucket_updated[key, bucket] > self.bucket_memory:
+                current = self.ratio[key]
+            self.bucket_ratio[key, bucket] = (1 - alpha) * current + alpha * x
+            self.ratio[key] = (1 - alpha) * self.ratio[key] + alpha * x
+            self._updates[key] += 1
+            self._bucket_updated[key, bucket] = self._updates[key]
+        else:
+            for other in self.ratio:
+                if not is_history(other):
+                    alpha = self.ema if other == key else self.ema * self.coupling
+                    self.ratio[other] = (1 - alpha) * self.ratio[other] + alpha * x
         self._observed_acceptance[key].append(observed)
         self._resolve()
 
@@ -659,26 +779,52 @@ class AdaptiveScheduler:
         self._steps: Counter[str] = Counter()
         self._plain_equiv_s = self._actual_s = self._predicted_weighted = 0.0
         self._observed_acceptance: dict[str, list[float]] = defaultdict(list)
+        self._sources = {source: Counter() for source in ("eagle", "history")}
 
     def report(self, reset: bool = True) -> dict[str, Any]:
-        """Since the last report: decode steps, share per mode, predicted and observed speedup
-        over plain decoding; and the current acceptance estimates and plan."""
+        """Since the last report: decode steps, share per mode and per draft source (with its
+        acceptance length, drafted and accepted tokens and drafting seconds per step),
+        predicted and observed speedup over plain decoding; and the current acceptance
+        estimates and plan."""
         steps = sum(self._steps.values())
+        sources = {}
+        for name, counts in self._sources.items():
+            if counts["steps"]:
+                sources[name] = {"share": round(counts["steps"] / steps, 4),
+                                 "acceptance": round((counts["accepted"] + counts["rows"]) / counts["rows"], 3),
+                                 "drafted": counts["drafted"], "accepted": counts["accepted"],
+                                 "draft_s_per_step": round(counts["draft_s"] / counts["steps"], 6)}
         out = {
             "steps": steps,
             "share": {key: round(n / steps, 4) for key, n in sorted(self._steps.items())} if steps else {},
+            "sources": sources,
             "predicted_speedup": round(self._predicted_weighted / self._actual_s, 4) if self._actual_s else None,
             "observed_speedup": round(self._plain_equiv_s / self._actual_s, 4) if self._actual_s else None,
             "observed_acceptance": {k: round(sum(v) / len(v), 3) for k, v in self._observed_acceptance.items()},
             "acceptance_estimate": {k: round(v, 3) for k, v in self.estimates.items()},
-            "plan": self.model.plan_summary(self.max_batch_size, self.estimates, min_speedup=self.min_speedup),
-            "plan_refilling": self.model.plan_summary(self.max_batch_size, self.estimates, refilling=True,
-                                                      min_speedup=self.min_speedup),
+            "history_acceptance_by_bucket": {
+                f"{key}@B{2 ** b}": round(max(1.0, self.profiled[key] * r), 3)
+                for (key, b), r in sorted(self.bucket_ratio.items())
+                if self._updates[key] - self._bucket_updated[key, b] <= self.bucket_memory},
+            "plan": self._plan_summary(refilling=False),
+            "plan_refilling": self._plan_summary(refilling=True),
             "probes": self.num_probes,
         }
         if reset:
             self._reset_report()
         return out
+
+    def _plan_summary(self, refilling: bool) -> list[dict[str, Any]]:
+        """The current plan (each batch size with its own bucket's estimates) as runs."""
+        runs: list[dict[str, Any]] = []
+        for b in range(1, self.max_batch_size + 1):
+            sd, value = self.planned(b, refilling)
+            key = config_key(sd)
+            if runs and runs[-1]["choice"] == key:
+                runs[-1]["to"] = b
+            else:
+                runs.append({"from": b, "to": b, "choice": key, "speedup": round(value, 3)})
+        return runs
 
 
 # ---- glue for the CLI and the generator ------------------------------------------------------
@@ -715,7 +861,7 @@ def profile_for_config(config, target, drafter, tokenizer, *, repeats: int = 10,
     return run_profile(target, drafter, configs, profile_batch_sizes(g.max_batch_size), prompts,
                        sampling_params(config, tokenizer), repeats=repeats,
                        num_acceptance_prompts=num_acceptance_prompts, clock=clock, seed=config.run.seed,
-                       progress=progress, meta=meta)
+                       progress=progress, meta=meta, group_size=config.data.group_size)
 
 
 def load_or_profile(config, target, drafter, tokenizer, run_dir: Path, log: Callable[..., None]) -> Profile:

@@ -93,13 +93,25 @@ class GeneratorSection(Section):
     sd_num_steps: PosInt = 4  # static SD config: draft steps (s)
     sd_top_k: PosInt = 1  # static SD config: children per node (t); 1 = chain
     sd_num_draft_tokens: PosInt = 4  # static SD config: draft tokens verified (n)
+    # static SD config: where drafts come from: "eagle" (the drafter model) or "history" (earlier
+    # rollouts of the same prompt, engine/history.py: no drafter, no model call)
+    sd_source: Literal["eagle", "history"] = "eagle"
     # adaptive SD (respec_async.adaptive): the profile JSON written by `respec profile CONFIG`;
     # "" = profile at generator start (about 15 s on the tiny zoo, 5 repeats) into <run dir>/sd_profile.json,
     # which a restarted generator, another generator of the run or --resume reuses.
     sd_profile: str = ""
-    # adaptive: the SD configs "s,t,n" profiled and chosen from (with sd_profile set: the profile's own)
-    sd_grid: list[Annotated[str, msgspec.Meta(pattern=r"^\d+,\d+(,\d+)?$")]] = msgspec.field(default_factory=lambda: [
-        "1,1,1", "2,1,2", "3,1,3", "4,1,4", "6,1,6", "3,2,4", "4,2,8", "5,4,16"])
+    # adaptive: the SD configs profiled and chosen from (with sd_profile set: the profile's own):
+    # "s,t,n" drafts with the EAGLE drafter, "history:s,t,n" from the rollout history
+    sd_grid: list[Annotated[str, msgspec.Meta(pattern=r"^(history:)?\d+,\d+(,\d+)?$")]] = msgspec.field(
+        default_factory=lambda: ["1,1,1", "2,1,2", "3,1,3", "4,1,4", "6,1,6", "3,2,4", "4,2,8", "5,4,16",
+                                 "history:4,1,4", "history:8,1,8"])
+    # Rollout history (engine/history.py), kept when a history config can be chosen: every
+    # rollout this generator samples, per prompt, for history drafts. A restarted generator
+    # starts empty. history_max_bytes caps its memory (finished rollouts evicted, least
+    # recently used prompt first); history_max_rollouts_per_prompt caps one prompt's share.
+    history_max_bytes: NonNegInt = 256 * 2**20
+    history_max_rollouts_per_prompt: PosInt = 64
+    history_match_depth: PosInt = 12  # longest backward match compared when finding draft sources
     sd_acceptance_ema: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.2  # adaptive: weight of each new acceptance window
     sd_probe_interval: NonNegInt = 64  # adaptive: every N decode steps try an unplanned config once (0 = never)
     # adaptive: SD only where its predicted speedup exceeds this (1.0 = wherever it is predicted
@@ -283,6 +295,17 @@ def config_from_dict(raw: dict[str, Any], source: str = "<config>") -> Config:
     return config
 
 
+def generator_uses_drafter(config: Config) -> bool:
+    """Whether the generators draft with the EAGLE drafter: static SD from it, or an adaptive
+    grid with an EAGLE config (or a profile file, whose configs are read later)."""
+    g = config.generator
+    if g.sd == "static":
+        return g.sd_source == "eagle"
+    if g.sd == "adaptive":
+        return bool(g.sd_profile) or any(not entry.startswith("history:") for entry in g.sd_grid)
+    return False
+
+
 def check_config(config: Config, source: str) -> None:
     """Cross-field rules that a single field's type cannot express."""
     if config.data.task == "jsonl" and not config.data.path:
@@ -294,6 +317,11 @@ def check_config(config: Config, source: str) -> None:
     if g.sd != "off" and g.sd_num_draft_tokens < g.sd_num_steps and g.sd_top_k == 1:
         raise ConfigError(f"{source}: generator.sd_num_draft_tokens: a chain verifies all sd_num_steps drafts, "
                           f"so it must be >= sd_num_steps ({g.sd_num_draft_tokens} < {g.sd_num_steps})")
+    if config.roles.drafter_learner and config.generator.sd != "off" and config.roles.generator \
+            and not generator_uses_drafter(config):
+        raise ConfigError(f"{source}: roles.drafter_learner: the generators draft from history only "
+                          f"(generator.sd_source / generator.sd_grid name no EAGLE config), so no one uses the "
+                          f"drafter it trains; set roles.drafter_learner = 0")
     if config.roles.drafter_learner and config.generator.sd == "off" and config.roles.generator:
         raise ConfigError(f"{source}: roles.drafter_learner: the drafter learner trains the drafter the generators "
                           f"draft with; it needs generator.sd = \"static\" or \"adaptive\" (got \"off\")")

@@ -52,6 +52,9 @@ class StepRecord(msgspec.Struct, kw_only=True):
     # Mean (policy version - drafter version) of the batch's SD rollouts when they finished: how
     # many actor versions the drafter that drafted them lagged behind (-1: no SD).
     drafter_lag: float = -1.0
+    # Per draft source ("eagle", "history"), where it ran: acceptance_length, step_share (of
+    # decode steps), drafted and accepted tokens.
+    sd_sources: dict[str, dict[str, float]] = {}
 
     def console_fields(self) -> dict[str, Any]:
         return {
@@ -75,6 +78,17 @@ def step_metrics(*, step: int, version: int, batch: list[ScoredGroup], loss: Los
     decode_steps = sum(r.num_decode_steps for g in batch for r in g.rollouts)
     accepted = sum(r.num_accepted for g in batch for r in g.rollouts)
     lags = [r.max_policy_version - r.drafter_version for g in batch for r in g.rollouts if r.drafter_version >= 0]
+    history = [sum(getattr(r, f"num_history_{k}") for g in batch for r in g.rollouts)
+               for k in ("verify_steps", "drafted", "accepted")]
+    sd_sources = {}
+    for source, (steps, drafted, taken) in (("eagle", (verify_steps - history[0], None, accepted - history[2])),
+                                            ("history", history)):
+        if steps > 0:
+            if drafted is None:
+                drafted = sum(r.num_drafted for g in batch for r in g.rollouts) - history[1]
+            sd_sources[source] = {"acceptance_length": round((taken + steps) / steps, 3),
+                                  "step_share": round(steps / decode_steps, 4) if decode_steps else 0.0,
+                                  "drafted": drafted, "accepted": taken}
     return StepRecord(
         step=step, version=version, time=time.time(),
         reward_mean=sum(rewards) / max(len(rewards), 1),
@@ -96,6 +110,7 @@ def step_metrics(*, step: int, version: int, batch: list[ScoredGroup], loss: Los
         num_reissued=num_reissued, num_returned=num_returned, num_duplicates=num_duplicates,
         num_reward_errors=sum(g.num_reward_errors for g in batch),
         drafter_lag=sum(lags) / len(lags) if lags else -1.0,
+        sd_sources=sd_sources,
     )
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from respec_async.config import Config
+from respec_async.config import Config, generator_uses_drafter
 from respec_async.engine.checkpoint import load_pretrained
 from respec_async.engine.tokenizer import Tokenizer
 
@@ -20,7 +20,7 @@ def resolve_models(config: Config) -> Config:
     """Fill model.path (and model.drafter_path when SD is on) with the zoo's directories when the
     config leaves them empty, training the zoo first if it is not cached (the drafter only when
     the run uses one)."""
-    needs_drafter = config.generator.sd != "off" or config.roles.drafter_learner > 0
+    needs_drafter = generator_uses_drafter(config) or config.roles.drafter_learner > 0
     if config.model.path and (config.model.drafter_path or not needs_drafter):
         return config
     from respec_async.zoo import ensure_zoo

@@ -55,6 +55,13 @@ def write_report(run_dir: Path) -> list[Path]:
     ax.set(xlabel="step", ylabel="tokens per verify step", title="Speculative decoding")
     ax2 = ax.twinx()
     ax2.plot(steps, [r.sd_step_share for r in records], color="tab:orange", alpha=0.6, label="SD step share")
+    sources = sorted({source for r in records for source in r.sd_sources})
+    if len(sources) > 1:  # per draft source (EAGLE drafter, rollout history) where both ran
+        for source, style in zip(sources, (":", "--")):
+            ax.plot(steps, [r.sd_sources.get(source, {}).get("acceptance_length", float("nan")) for r in records],
+                    linestyle=style, label=f"acceptance, {source}")
+            ax2.plot(steps, [r.sd_sources.get(source, {}).get("step_share", 0.0) for r in records],
+                     color="tab:orange", linestyle=style, alpha=0.6, label=f"step share, {source}")
     ax2.set_ylabel("share of decode steps with SD")
     ax2.set_ylim(0, 1.05)
     ax.legend(loc="upper left")

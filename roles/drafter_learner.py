@@ -33,6 +33,7 @@ import msgspec
 import torch
 
 from respec_async.actor import Actor, handles
+from respec_async.config import generator_uses_drafter
 from respec_async.drafter_learning import DrafterLearner, drafter_checkpoints_dir, latest_drafter_checkpoint
 from respec_async.metrics import MetricsWriter
 from respec_async.models import load_drafter, load_target
@@ -83,7 +84,7 @@ class DrafterLearnerActor(Actor):
                               checkpoint=self.resumed_from.name)
         self.checkpointed_step = self.core.num_steps
         self.generators = sorted(n for n in self.ctx.endpoints.inboxes if n.startswith("generator-"))
-        members = self.generators if cfg.generator.sd != "off" else []
+        members = self.generators if generator_uses_drafter(cfg) else []
         timeout = cfg.trainer.weight_sync_timeout_s
         self.actor_weights = WeightMember(self, "actor", "trainer-0", timeout, cfg.model.device)
         self.drafter_weights = WeightOwner(self, "drafter", members, timeout, cfg.model.device)

@@ -49,24 +49,34 @@ class GeneratorActor(Actor):
     async def setup(self) -> None:
         cfg = self.ctx.config
         torch.set_num_threads(cfg.generator.num_threads)
-        self.target, self.tokenizer = await self.run_blocking(load_target, cfg)
-        self.drafter = await self.run_blocking(load_drafter, cfg, self.target) if cfg.generator.sd != "off" else None
         g = cfg.generator
-        relaxed = None
-        if g.sd != "off" and (g.sd_relaxed_threshold_single < 1.0 or g.sd_relaxed_threshold_acc < 1.0):
-            relaxed = RelaxedAcceptance(g.sd_relaxed_threshold_single, g.sd_relaxed_threshold_acc)
         # Adaptive SD: the scheduler is built in main() once the profile is there (read from
         # generator.sd_profile, or measured at start); the engine's draft buffers fit every config.
         self.sd_profile, sd_grid = adaptive.generator_profile(cfg) if g.sd == "adaptive" else (None, [])
+        self.static_sd = (SDConfig(g.sd_num_steps, g.sd_top_k, g.sd_num_draft_tokens, source=g.sd_source)
+                          if g.sd == "static" else None)
+        configs = sd_grid + ([self.static_sd] if self.static_sd is not None else [])
+        self.target, self.tokenizer = await self.run_blocking(load_target, cfg)
+        uses_drafter = any(sd.uses_drafter for sd in configs)
+        self.drafter = await self.run_blocking(load_drafter, cfg, self.target) if uses_drafter else None
+        relaxed = None
+        if g.sd != "off" and (g.sd_relaxed_threshold_single < 1.0 or g.sd_relaxed_threshold_acc < 1.0):
+            relaxed = RelaxedAcceptance(g.sd_relaxed_threshold_single, g.sd_relaxed_threshold_acc)
+        # The rollout history (engine/history.py) lives as long as this process: it outlasts
+        # weight updates (a past rollout stays a valid draft, only its acceptance changes) and
+        # a restarted generator starts with an empty one.
+        history = adaptive.history_index_for(configs, max_bytes=g.history_max_bytes,
+                                             max_rollouts_per_prompt=g.history_max_rollouts_per_prompt,
+                                             match_depth=g.history_match_depth)
         self.scheduler: adaptive.AdaptiveScheduler | None = None
         self.engine = Engine(self.target, self.drafter, max_batch_size=g.max_batch_size, max_seq_len=g.max_seq_len,
                              seed=cfg.run.seed * 1000 + self.ctx.index, relaxed=relaxed,
-                             max_draft_tokens=adaptive.engine_draft_budget(sd_grid))
+                             max_draft_tokens=adaptive.engine_draft_budget(configs), history=history,
+                             shadow_length=adaptive.shadow_length(sd_grid))
         s = cfg.sampling
         stop = (self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id is not None else ()
         self.params = SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
                                      max_new_tokens=s.max_new_tokens, stop_token_ids=stop)
-        self.static_sd = SDConfig(g.sd_num_steps, g.sd_top_k, g.sd_num_draft_tokens) if g.sd != "off" else None
         self.policy_version = -1  # nothing to generate with until the trainer's weights arrive
         self.actor_weights = WeightMember(self, "actor", "trainer-0", cfg.trainer.weight_sync_timeout_s,
                                           cfg.model.device)
@@ -207,6 +217,8 @@ class GeneratorActor(Actor):
             num_accepted=completion.num_accepted, num_verify_steps=completion.num_verify_steps,
             num_decode_steps=completion.num_decode_steps,
             drafter_version=self.drafter_version if self.drafter is not None else -1,
+            num_history_drafted=completion.num_history_drafted, num_history_accepted=completion.num_history_accepted,
+            num_history_verify_steps=completion.num_history_verify_steps,
         )
         return flight if len(flight.rollouts) == flight.group.num_samples else None
 

@@ -96,6 +96,10 @@ class Rollout(Struct, gc=False):
     num_verify_steps: int = 0
     num_decode_steps: int = 0
     drafter_version: int = -1  # actor version the drafter was distilled from, when it finished; -1 = no SD
+    # Of the SD counts above, those of steps that drafted from the rollout history (not the drafter).
+    num_history_drafted: int = 0
+    num_history_accepted: int = 0
+    num_history_verify_steps: int = 0
 
 
 class RolloutGroup(Struct):

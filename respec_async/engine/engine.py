@@ -124,6 +124,10 @@ class Completion:
     num_verify_steps: int = 0
     num_decode_steps: int = 0  # forwards after the prefill that emitted tokens for this sequence
     acceptance_length: float = 0.0  # mean (accepted + 1) per verify step; 0 without SD
+    # The share of the three counts above that history drafts made (the rest: EAGLE's).
+    num_history_drafted: int = 0
+    num_history_accepted: int = 0
+    num_history_verify_steps: int = 0
 
 
 @dataclass
@@ -137,6 +141,9 @@ class StepStats:
     num_accepted: int = 0  # drafts accepted in this step, summed over sequences (before any stop cut)
     num_drafted: int = 0  # draft tokens verified in this step, summed over sequences
     draft_s: float = 0.0  # seconds spent drafting from history (0 for EAGLE: its drafting is model calls)
+    # Shadow chains scored in this step: shadow_counts[m] rows matched exactly m drafts
+    # (HistoryIndex.shadow_chains; an unverified history chain's acceptance, sampled for free).
+    shadow_counts: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -149,6 +156,9 @@ class _Sequence:
     num_accepted: int = 0
     num_verify_steps: int = 0
     num_decode_steps: int = 0
+    num_history_drafted: int = 0
+    num_history_accepted: int = 0
+    num_history_verify_steps: int = 0
     cursor: Cursor | None = None  # its place in the history index, if the engine keeps one
 
 
@@ -159,7 +169,8 @@ class Engine:
     def __init__(self, target: Transformer, drafter: Eagle3Drafter | None = None, max_batch_size: int = 16,
                  max_seq_len: int = 512, seed: int = 0, relaxed: RelaxedAcceptance | None = None,
                  max_draft_tokens: int = 64, fused_inference: bool | None = None,
-                 lazy_drafter: bool | None = None, history: HistoryIndex | None = None):
+                 lazy_drafter: bool | None = None, history: HistoryIndex | None = None,
+                 shadow_length: int = 0, shadow_rows: int = 16):
         self.target = target.eval()
         self.drafter = None if drafter is None else drafter.eval()
         # engine/fused.py: the same math in fewer ops, for about twice the weight memory. On by
@@ -179,6 +190,11 @@ class Engine:
         # Rollout history (engine/history.py): every sequence is indexed as it is generated and
         # kept after it finishes, whatever the weights; history SD configs draft from it.
         self.history = history
+        # Shadow acceptance (HistoryIndex.shadow_chains): each plain step drafts a chain of
+        # shadow_length for up to shadow_rows rows without verifying it; StepStats.shadow_counts
+        # then tell how many drafts the rows' own tokens matched. 0 = off.
+        self.shadow_length, self.shadow_rows = (shadow_length, shadow_rows) if history is not None else (0, 0)
+        self._shadow_turn = 0
         param = next(target.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.generator = torch.Generator(self.device).manual_seed(seed)
@@ -282,6 +298,8 @@ class Engine:
             else:
                 tokens, logprobs, num_tokens = self._plain_step(slot_ids, sampling_args)
                 mode = "plain"
+                if self.shadow_length:
+                    self._start_shadows(slots)
             num_emitted = self._emit(slots, tokens, logprobs, num_tokens, sd if mode == "sd" else None, finished)
             if mode == "sd":
                 num_accepted = int(num_tokens.sum()) - len(slots)
@@ -292,9 +310,20 @@ class Engine:
             draft_s = self._step_draft[1] if self._step_draft else 0.0
         else:
             num_drafted, draft_s = 0, 0.0
+        shadow_counts = self.history.take_shadow_counts() if self.shadow_length else []
         self.step_stats.append(StepStats(mode, sd if mode == "sd" else None, len(slots), num_admitted, num_emitted,
-                                         time.perf_counter() - start_s, num_accepted, num_drafted, draft_s))
+                                         time.perf_counter() - start_s, num_accepted, num_drafted, draft_s,
+                                         shadow_counts))
         return finished
+
+    def _start_shadows(self, slots: list[int]) -> None:
+        """Shadow chains for up to shadow_rows rows, taken in turn (before this step's tokens
+        are emitted: they are the first the shadows are scored against)."""
+        count = min(self.shadow_rows, len(slots))
+        start = self._shadow_turn % len(slots)
+        chosen = [slots[(start + i) % len(slots)] for i in range(count)]
+        self._shadow_turn = start + count
+        self.history.shadow_chains([self.running[slot].cursor for slot in chosen], self.shadow_length)
 
     def _check_sd(self, sd: SDConfig) -> None:
         if sd.source == "history":
@@ -620,9 +649,14 @@ class Engine:
             if not prefill:
                 sequence.num_decode_steps += 1
                 if sd is not None:
+                    drafted = self._step_draft[0][row] if self._step_draft else sd.num_draft_tokens
                     sequence.num_verify_steps += 1
-                    sequence.num_drafted += self._step_draft[0][row] if self._step_draft else sd.num_draft_tokens
+                    sequence.num_drafted += drafted
                     sequence.num_accepted += num_tokens[row] - 1
+                    if sd.source == "history":
+                        sequence.num_history_verify_steps += 1
+                        sequence.num_history_drafted += drafted
+                        sequence.num_history_accepted += num_tokens[row] - 1
             new_tokens = tokens[row][:num_tokens[row]]
             num_new, reason = len(new_tokens), None
             if params.stop_token_ids:  # cut after the first stop token
@@ -652,4 +686,5 @@ class Engine:
                              if sequence.num_verify_steps else 0.0)
         return Completion(request.request_id, list(request.prompt_ids), sequence.output_ids, sequence.logprobs,
                           reason, sequence.num_drafted, sequence.num_accepted, sequence.num_verify_steps,
-                          sequence.num_decode_steps, acceptance_length)
+                          sequence.num_decode_steps, acceptance_length, sequence.num_history_drafted,
+                          sequence.num_history_accepted, sequence.num_history_verify_steps)

@@ -96,7 +96,7 @@ class _Group:
 class Cursor:
     """One live row: its document and the positions that currently predict its next token."""
 
-    __slots__ = ("group", "doc", "sources", "leader", "match_length")
+    __slots__ = ("group", "doc", "sources", "leader", "match_length", "shadow", "shadow_matched")
 
     def __init__(self, group: _Group, doc: _Doc):
         self.group, self.doc = group, doc
@@ -105,6 +105,8 @@ class Cursor:
         # when it was chosen; kept while it predicts the row's tokens.
         self.leader: list | None = None
         self.match_length = 0  # tokens the sources' backward match covers (grows as they advance)
+        self.shadow: list[int] | tuple | None = None  # a chain drafted but not verified (see shadow_chains)
+        self.shadow_matched = 0
 
 
 class HistoryIndex:
@@ -118,6 +120,7 @@ class HistoryIndex:
         self.max_bytes, self.min_match, self.match_depth = max_bytes, min_match, match_depth
         # Keys of both lengths share one table (tuples of different lengths never collide): a
         # long key's few entries are tried first, the short key's many only if none is usable.
+        long_match = min(long_match, match_depth)
         self.orders = (min_match,) if long_match <= min_match else (long_match, min_match)
         # Candidates scanned per key, newest first: a short key's list is long and mostly noise.
         self.max_sources, self.max_candidates = max_sources, max_candidates
@@ -126,6 +129,9 @@ class HistoryIndex:
         self.groups: OrderedDict[tuple[int, ...], _Group] = OrderedDict()  # least recently used first
         self.num_bytes = 0
         self.num_evicted_docs = 0
+        # Shadow acceptance: histogram of how many leading drafts of a shadow chain the row's
+        # own tokens matched (index = matched drafts), until the engine reads it.
+        self.shadow_counts: list[int] = []
 
     # ---- documents ------------------------------------------------------------------------
 
@@ -156,6 +162,8 @@ class HistoryIndex:
         doc.tokens.extend(tokens)
         self._index(group, doc, range(start + 1, start + len(tokens) + 1))
         self._charge(group, TOKEN_BYTES * len(tokens))
+        if cursor.shadow is not None:
+            self._score_shadow(cursor, tokens)
         sources = cursor.sources
         if sources:
             m = len(tokens)
@@ -173,6 +181,48 @@ class HistoryIndex:
         if self.num_bytes > self.max_bytes:
             self._evict()
 
+    def shadow_chains(self, cursors: list[Cursor], length: int) -> int:
+        """Draft a chain for each row that has none pending, without verifying it: the row's
+        next tokens (sampled by plain or speculative steps) say how many of its drafts a
+        history step would have accepted. A point-mass draft d is accepted with probability
+        p(d), the chance that a sample from p is d, so the count is an unbiased sample of a
+        chain's acceptance at no forward's cost. Results go to shadow_counts; returns the
+        number of shadows started."""
+        started = 0
+        for cursor in cursors:
+            if cursor.shadow is not None:
+                continue
+            chain = self._chain(cursor, length)
+            if not chain:
+                self._record_shadow(0)
+                continue
+            cursor.shadow, cursor.shadow_matched = chain, 0
+            started += 1
+        return started
+
+    def take_shadow_counts(self) -> list[int]:
+        counts, self.shadow_counts = self.shadow_counts, []
+        return counts
+
+    def _score_shadow(self, cursor: Cursor, tokens: list[int]) -> None:
+        shadow, matched = cursor.shadow, cursor.shadow_matched
+        for token in tokens:
+            if matched == len(shadow) or shadow[matched] != token:
+                break
+            matched += 1
+        else:
+            if matched < len(shadow):
+                cursor.shadow_matched = matched
+                return
+        cursor.shadow = None
+        self._record_shadow(matched)
+
+    def _record_shadow(self, matched: int) -> None:
+        counts = self.shadow_counts
+        while len(counts) <= matched:
+            counts.append(0)
+        counts[matched] += 1
+
     def close(self, cursor: Cursor) -> None:
         """The row finished: its document stays as a rollout of its prompt."""
         group = cursor.group
@@ -180,6 +230,9 @@ class HistoryIndex:
             return
         cursor.doc.live = False
         cursor.sources = cursor.leader = None
+        if cursor.shadow is not None:  # the row ended inside its shadow: what matched counts
+            self._record_shadow(cursor.shadow_matched)
+            cursor.shadow = None
         group.num_live -= 1
         finished = [d for d in group.docs.values() if not d.live and d.doc_id != 0]
         for doc in finished[:max(0, len(finished) - self.max_rollouts_per_prompt)]:
@@ -333,17 +386,20 @@ class HistoryIndex:
         return draft
 
 
+    def _chain(self, cursor: Cursor, length: int) -> list[int] | tuple:
+        if cursor.sources is None:
+            self._match(cursor)
+        leader = cursor.leader
+        if leader is None and cursor.sources:
+            leader = cursor.leader = _leader(cursor.sources, length)
+        return leader[0].tokens[leader[1]:leader[1] + length] if leader is not None else ()
+
     def draft_chains(self, cursors: list[Cursor], length: int) -> tuple[array, list[int]]:
         """One chain per row, the continuation most sources share: int64 [B * length] (padded
         with 0) and the number of real drafts per row."""
         chains, num_drafted = array("q"), []
         for cursor in cursors:
-            if cursor.sources is None:
-                self._match(cursor)
-            leader = cursor.leader
-            if leader is None and cursor.sources:
-                leader = cursor.leader = _leader(cursor.sources, length)
-            chain = leader[0].tokens[leader[1]:leader[1] + length] if leader is not None else ()
+            chain = self._chain(cursor, length)
             chains.extend(chain)
             chains.extend(_ZEROS[:length - len(chain)])
             num_drafted.append(len(chain))

@@ -257,3 +257,86 @@ def test_profile_warnings_name_what_does_not_match_the_run():
     config.generator.max_batch_size, config.model.path = 128, "/models/b"
     warnings = profile_warnings(config, profile)
     assert len(warnings) == 2 and "generator.max_batch_size 128" in warnings[0] and "model.path" in warnings[1]
+
+
+def history_profile(history_acceptance: float = 1.2) -> Profile:
+    """The synthetic profile plus a history chain whose step costs about a third more than
+    plain and whose profiled (first-epoch) acceptance is low."""
+    profile = synthetic_profile()
+    profile.sd_s["history:8,1,8"] = [PLAIN_COST(b) * 1.35e-3 for b in SIZES]
+    profile.acceptance["history:8,1,8"] = history_acceptance
+    return profile
+
+
+def test_history_configs_parse_key_and_validate():
+    sd = parse_grid(["history:8,1,8"])[0]
+    assert sd == SDConfig(8, 1, 8, "history") and config_key(sd) == "history:8,1,8" and not sd.uses_drafter
+    assert config_key(SDConfig(3, 1, 3)) == "3,1,3"
+    assert engine_draft_budget([SDConfig(64, 1, 64, "history")]) == 64
+    with pytest.raises(ValueError, match="history:0,1,1"):
+        parse_grid(["history:0,1,1"])
+    config = config_from_dict({"generator": {"sd": "adaptive", "sd_grid": ["3,1,3", "history:8,1,8"]}})
+    assert config.generator.sd_grid == ["3,1,3", "history:8,1,8"]
+    with pytest.raises(ConfigError, match=r"generator\.sd_grid"):
+        config_from_dict({"generator": {"sd_grid": ["histroy:8,1,8"]}})
+    with pytest.raises(ConfigError, match=r"generator\.sd_source"):
+        config_from_dict({"generator": {"sd": "static", "sd_source": "ngram"}})
+    with pytest.raises(ConfigError, match="roles.drafter_learner.*history only"):
+        config_from_dict({"roles": {"drafter_learner": 1},
+                          "generator": {"sd": "static", "sd_source": "history"}})
+
+
+def test_history_acceptance_is_estimated_per_batch_size_bucket_apart_from_eagle():
+    scheduler = AdaptiveScheduler(SpeedupModel(history_profile()), 64, ema=0.5, window_rows=8, probe_interval=0)
+    chain = SDConfig(8, 1, 8, "history")
+    assert scheduler.choose(2) != chain  # at the profiled 1.2 history loses everywhere
+    eagle_before = {k: v for k, v in scheduler.acceptance.items() if not k.startswith("history")}
+    for _ in range(40):  # at B = 2 history now accepts 5 drafts a step (a second epoch)
+        scheduler.observe(step(chain, 2, accepted_per_row=5.0), 0.01)
+    assert scheduler.acceptance_at(2)["history:8,1,8"] == pytest.approx(6.0, rel=0.01)
+    assert scheduler.choose(2) == chain
+    # History says nothing about the drafter: EAGLE's estimates did not move.
+    assert {k: v for k, v in scheduler.acceptance.items() if not k.startswith("history")} == eagle_before
+    # A bucket that then sees history fail goes back to plain or EAGLE there, the others keep it.
+    for _ in range(6):
+        scheduler.observe(step(chain, 40, accepted_per_row=0.0), 0.01)
+    assert scheduler.acceptance_at(40)["history:8,1,8"] < 1.1 and scheduler.choose(2) == chain
+    assert "history:8,1,8@B2" in scheduler.report(reset=False)["history_acceptance_by_bucket"]
+    # Until the B = 2 estimate is too old (bucket_memory newer updates): then the overall one counts.
+    for _ in range(scheduler.bucket_memory):
+        scheduler.observe(step(chain, 40, accepted_per_row=0.0), 0.01)
+    assert scheduler.acceptance_at(2)["history:8,1,8"] == pytest.approx(scheduler.acceptance["history:8,1,8"])
+    assert scheduler.choose(2) != chain
+    assert "history:8,1,8@B2" not in scheduler.report()["history_acceptance_by_bucket"]
+
+
+def test_shadow_chains_of_plain_steps_estimate_history_acceptance():
+    """A plain step's shadow counts (rows whose own tokens matched m shadow drafts) update every
+    history chain's estimate, capped at its length: the plan moves to history without a probe."""
+    profile = history_profile()
+    profile.sd_s["history:4,1,4"] = [PLAIN_COST(b) * 1.2e-3 for b in SIZES]
+    profile.acceptance["history:4,1,4"] = 1.2
+    scheduler = AdaptiveScheduler(SpeedupModel(profile), 64, ema=0.5, window_rows=8, probe_interval=0)
+    assert scheduler.choose(4) is None or not scheduler.choose(4).source == "history"
+    shadow = [0] * 9
+    shadow[8] = 4  # 4 rows matched all 8 shadow drafts
+    for _ in range(20):
+        stats = step(None, 4)
+        stats.shadow_counts = shadow
+        scheduler.observe(stats, 0.01)
+    estimates = scheduler.acceptance_at(4)
+    assert estimates["history:8,1,8"] == pytest.approx(9.0, rel=0.01)
+    assert estimates["history:4,1,4"] == pytest.approx(5.0, rel=0.01)  # min(8, 4) + 1
+    assert scheduler.choose(4) == SDConfig(8, 1, 8, "history")
+    assert scheduler.num_probes == 0
+
+
+def test_a_history_probe_runs_from_plain_decoding_at_any_batch_size():
+    """A history probe needs no drafter catch-up, so unlike an EAGLE one it does not wait for a
+    small batch."""
+    scheduler = AdaptiveScheduler(SpeedupModel(history_profile()), 64, probe_interval=5,
+                                  probe_margin=0.1, probe_max_plain_batch=4)
+    assert scheduler.planned(64)[0] is None
+    choices = [scheduler.choose(64) for _ in range(10)]
+    probes = [c for c in choices if c is not None]
+    assert probes and all(c.source == "history" for c in probes) and scheduler.num_probes == len(probes)
