@@ -12,12 +12,17 @@ own data.groups_per_step x data.group_size, sampling.max_new_tokens and trainer.
   no-sd:     generator.sd = "off", roles.drafter_learner = 0 (plain decoding)
   naive-sd:  generator.sd = "static" with the config's (sd_num_steps, sd_top_k,
              sd_num_draft_tokens), roles.drafter_learner = 0 (the offline zoo drafter, frozen)
+  history:   generator.sd = "static" drafting chains of 8 from the rollout history
+             (generator.sd_source = "history": no drafter model, no learner)
   respec:    generator.sd = "adaptive", roles.drafter_learner = 1, drafter.weighting = "reward"
-             (the config as is). Its SD profile (step costs per config and batch size on this
+             (the config as is: its grid holds EAGLE and history configs). Its SD profile (step costs per config and batch size on this
              hardware, acceptance lengths) is, with --profile offline (the default, and the
              paper's way: once per hardware and model pair), measured by `respec profile` before
              the runs, timed and reported beside the arm's times but not in them; with
              --profile in-run the generator measures it at start, inside the timed run.
+The training set is --train-size arithmetic problems (data.train_size; default 240, so a
+step of 16 groups runs 15 steps an epoch, as a GSM8K-sized set does at batch 512: prompts
+come back every epoch, which the history drafter exploits); 0 = an endless stream.
 The zoo target and drafter (respec_async.zoo.ensure_zoo, made sure of before the first run, so
 no arm pays for training it; --quick: the micro zoo with 4 x 4 x 64-token steps unless given,
 a smoke test whose numbers mean nothing).
@@ -27,7 +32,9 @@ profiling. Reported per arm:
   wall:    launch -> the last step's record (the N-step time); also startup (launch -> step 0),
            the steady seconds per step (step 0 -> last step), completion tokens per second over
            that span, the trainer's share of time waiting for rollouts, the SD step share and
-           acceptance length, and the SD profiling seconds (the generator's sd.profiled event)
+           acceptance length (per draft source), the generator's busy seconds per RL step (its
+           generator.utilization events: time stepping the engine), and the SD profiling
+           seconds (the generator's sd.profiled event)
   reward:  the per-step reward_mean smoothed by a trailing `--window`-step moving average;
            "time to reward X" = the time of the first step at which that average (over a full
            window; over all steps so far in runs shorter than a window) is >= X:
@@ -64,6 +71,8 @@ from rl_bench import (  # noqa: E402
 ARMS = {
     "no-sd": ['generator.sd="off"', "roles.drafter_learner=0"],
     "naive-sd": ['generator.sd="static"', "roles.drafter_learner=0"],
+    "history": ['generator.sd="static"', 'generator.sd_source="history"', "generator.sd_num_steps=8",
+                "generator.sd_num_draft_tokens=8", "roles.drafter_learner=0"],
     "respec": ['generator.sd="adaptive"', "roles.drafter_learner=1", 'drafter.weighting="reward"'],
 }
 SPEEDUP_TARGET = 1.5  # respec vs no-sd, time to the fixed reward
@@ -81,6 +90,8 @@ def main() -> None:
                         help="respec's SD profile: measured by `respec profile` before the runs (default) or by "
                              "the generator inside the timed run")
     parser.add_argument("--from-json", type=Path, help="re-report this recorded result (no runs)")
+    parser.add_argument("--train-size", type=int, default=240,
+                        help="data.train_size: problems in the training set (0 = an endless stream)")
     args = parser.parse_args()
     if args.from_json:
         recorded = json.loads(args.from_json.read_text())
@@ -100,7 +111,7 @@ def main() -> None:
                 setattr(args, key, value)
     else:
         paths = zoo.ensure_zoo(log=print) if not load_config(args.config, args.overrides).model.path else None
-    common = [f"trainer.num_steps={args.steps}", f"run.seed={args.seed}"]
+    common = [f"trainer.num_steps={args.steps}", f"run.seed={args.seed}", f"data.train_size={args.train_size}"]
     if paths is not None:
         common += [f'model.path="{paths.target_dir}"', f'model.drafter_path="{paths.drafter_dir}"']
     for key, value in (("data.groups_per_step", args.groups_per_step), ("data.group_size", args.group_size),
@@ -132,7 +143,8 @@ def main() -> None:
         results["respec"]["sd_profile_s"] = offline_profile_s  # instead of the generator's (none)
     report(args, results, {
         "benchmark": "bench_e2e", "command": " ".join(sys.argv), "quick_zoo": args.quick,
-        "settings": {"config": str(args.config), "steps": args.steps, "groups_per_step": config.data.groups_per_step,
+        "settings": {"config": str(args.config), "steps": args.steps, "train_size": config.data.train_size,
+                     "groups_per_step": config.data.groups_per_step,
                      "group_size": config.data.group_size, "max_new_tokens": config.sampling.max_new_tokens,
                      "lr": config.trainer.lr, "window": args.window, "seed": args.seed,
                      "static_sd": [g.sd_num_steps, g.sd_top_k, g.sd_num_draft_tokens],
@@ -161,6 +173,13 @@ def arm_result(run_dir: Path, launched: float, exited: float, window: int) -> di
     busy = sum(r.wait_s + r.train_s + r.sync_s for r in records)
     profiled = events(run_dir, "generator-0", "sd.profiled")
     learner = [x for x in learner_records(run_dir) if x["kind"] == "step"]
+    utilization = events(run_dir, "generator-0", "generator.utilization")
+    sources = {}
+    for source in sorted({s for r in records for s in r.sd_sources}):
+        rows = [r.sd_sources[source] for r in records if source in r.sd_sources]
+        steps = sum(x["step_share"] for x in rows)
+        sources[source] = {"step_share_mean": steps / len(records),
+                           "acceptance_length_mean": statistics.mean(x["acceptance_length"] for x in rows)}
     return {
         "run_dir": str(run_dir),
         "reward": reward,
@@ -180,6 +199,8 @@ def arm_result(run_dir: Path, launched: float, exited: float, window: int) -> di
         "drafter_lag_mean": (statistics.mean(r.drafter_lag for r in records if r.drafter_lag >= 0)
                              if any(r.drafter_lag >= 0 for r in records) else None),
         "sd_profile_s": profiled[0].get("seconds") if profiled else None,
+        "sd_sources": sources,
+        "generator_busy_s_per_step": utilization[-1]["busy_s"] / len(records) if utilization else None,
         "learner_steps": len(learner),
         "reward_start": statistics.mean(reward[:window]),
         "reward_end": statistics.mean(reward[-window:]),
@@ -237,14 +258,23 @@ def report(args, results: dict, recorded: dict) -> None:
               f"| {reached['relative']:>12} | {fmt(speedup(name, 'time_to_relative_s'), '.2f'):>6}x "
               f"| {r['reward_end']:12.3f}")
     print("(t to r>=X: seconds @ step; speedup '-': an arm did not reach it)")
-    print(f"\n{'arm':<9} | {'startup s':>9} | {'s/step':>6} | {'tok/s':>6} | {'trainer waits':>13} "
-          f"| {'SD steps':>8} | {'accept len':>10} | {'SD profile s':>12} | {'learner steps':>13}")
+    print(f"\n{'arm':<9} | {'startup s':>9} | {'s/step':>6} | {'gen busy s/step':>15} | {'tok/s':>6} "
+          f"| {'trainer waits':>13} | {'SD steps':>8} | {'accept len':>10} | {'by source (steps, accept)':>26} "
+          f"| {'SD profile s':>12} | {'learner steps':>13}")
     for name in arms:
         r = results[name]
+        by_source = ", ".join(f"{k} {v['step_share_mean']:.0%} {v['acceptance_length_mean']:.2f}"
+                              for k, v in r.get("sd_sources", {}).items()) or "-"
         print(f"{name:<9} | {r['startup_s']:9.1f} | {fmt(r['steady_s_per_step'], '.2f'):>6} "
+              f"| {fmt(r.get('generator_busy_s_per_step'), '.3f'):>15} "
               f"| {fmt(r['tokens_per_s'], '.0f'):>6} | {fmt(r['trainer_wait_share'], '.0%'):>13} "
               f"| {r['sd_step_share_mean']:8.0%} | {fmt(r['acceptance_length_mean'], '.2f'):>10} "
-              f"| {fmt(r['sd_profile_s']):>12} | {r['learner_steps']:>13}")
+              f"| {by_source:>26} | {fmt(r['sd_profile_s']):>12} | {r['learner_steps']:>13}")
+    if "no-sd" in results and results["no-sd"].get("generator_busy_s_per_step"):
+        base_busy = results["no-sd"]["generator_busy_s_per_step"]
+        print("generator busy seconds per step, no-sd / arm: " + ", ".join(
+            f"{name} {base_busy / results[name]['generator_busy_s_per_step']:.2f}x" for name in arms
+            if results[name].get("generator_busy_s_per_step")))
     print("(startup: launch -> step 0's record; s/step and tok/s: step 0 -> the last step; trainer waits: "
           "its share of wait + train + sync spent waiting for rollouts)")
     offline = results["respec"]["sd_profile_s"] if recorded["settings"].get("profile") == "offline" \

@@ -12,9 +12,9 @@ rollouts are stored). Three tables:
    RL phase's CPU seconds against plain decoding (the history engine's index carries over from
    epoch 1 to 2; plain runs the same requests).
 2. Drafting cost: at active batch size B (slots fed from a queue of epoch-2 requests, index
-   holding epoch 1), before every plain step the index drafts for the live batch as a history
-   step would (HistoryIndex.draft and the tree tensors); the median drafting seconds over the
-   median plain step (steps that admit left out), wall clock.
+   holding epoch 1), an engine running history steps and one stepping plainly, interleaved;
+   the median drafting seconds of a history step (matching, drafting, the draft tensors) over
+   the median plain step (steps that admit left out), wall clock, for a chain and a tree.
 3. B = 1: epoch-2 groups decoded one sequence at a time, tokens per CPU second of plain,
    EAGLE-3 (3,1,3) and each history config, best of --repeats.
 
@@ -41,13 +41,14 @@ from bench_engine import make_prompts  # noqa: E402
 from respec_async.engine.checkpoint import load_pretrained  # noqa: E402
 from respec_async.engine.drafter import Eagle3Drafter  # noqa: E402
 from respec_async.engine.engine import Engine, Request, SDConfig  # noqa: E402
-from respec_async.engine.history import HistoryIndex, draft_tensors  # noqa: E402
+from respec_async.engine.history import HistoryIndex  # noqa: E402
 from respec_async.engine.sampling import SamplingParams  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_history.json"
 HISTORY = {"h 4,1,4": SDConfig(4, 1, 4, "history"), "h 8,1,8": SDConfig(8, 1, 8, "history"),
            "h 16,1,16": SDConfig(16, 1, 16, "history"), "h 8,2,12": SDConfig(8, 2, 12, "history")}
 EAGLE = {"eagle 3,1,3": SDConfig(3, 1, 3)}
+COST_CONFIGS = ("h 8,1,8", "h 8,2,12")
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 
 
@@ -66,6 +67,39 @@ def acceptance(completions) -> float:
     return (sum(c.num_accepted for c in completions) + verify) / verify if verify else 0.0
 
 
+def drafting_cost(target, stored: HistoryIndex, prompts, args, params, batch_size: int, sd: SDConfig) -> dict:
+    """B slots fed from a queue of epoch-2 requests, one engine stepping plainly and one with
+    `sd`, interleaved step by step: the history steps' drafting seconds (StepStats.draft_s:
+    matching, drafting and the draft tensors) against the plain engine's step seconds."""
+    engines = {}
+    for mode in ("plain", "history"):
+        engine = Engine(target, None, seed=batch_size, history=copy.deepcopy(stored), max_batch_size=batch_size,
+                        max_seq_len=256, max_draft_tokens=64)
+        # Enough requests that B stays B (a row that finishes is refilled from the queue).
+        rounds = 1 + (4 * batch_size + 4 * args.cost_steps) // (len(prompts) * args.samples)
+        for r in range(rounds):
+            for request in group_requests(prompts, args.samples, params, f"c{r}-"):
+                engine.add_request(request)
+        engines[mode] = engine
+    plain_s, draft_s = [], []
+    for step in range(args.cost_steps):
+        for mode, engine in engines.items():
+            if not engine.waiting:
+                continue
+            engine.step(sd if mode == "history" else None)
+            stats = engine.step_stats[-1]
+            if step < 2 or stats.num_active != batch_size:
+                continue
+            if mode == "history":
+                draft_s.append(stats.draft_s)
+            elif not stats.num_admitted:  # a prefill would inflate the step
+                plain_s.append(stats.duration_s)
+    row = {"plain_step_s": statistics.median(plain_s), "draft_s": statistics.median(draft_s),
+           "steps": [len(plain_s), len(draft_s)]}
+    row["draft_share"] = row["draft_s"] / row["plain_step_s"]
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--prompts", type=int, default=64)
@@ -73,7 +107,7 @@ def main() -> None:
     parser.add_argument("--slots", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--b1-prompts", type=int, default=8, help="prompts (x samples) decoded at B = 1")
-    parser.add_argument("--cost-steps", type=int, default=120, help="plain steps for each drafting-cost cell")
+    parser.add_argument("--cost-steps", type=int, default=150, help="steps for each drafting-cost cell")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -120,47 +154,19 @@ def main() -> None:
 
     # 2. Drafting cost per step against a plain step, at fixed active batch sizes.
     cost_rows = []
-    sd = HISTORY["h 8,2,12"]
     for batch_size in BATCH_SIZES:
-        index = copy.deepcopy(stored)
-        engine = Engine(target, None, seed=batch_size, history=index, max_batch_size=batch_size, max_seq_len=256,
-                        max_draft_tokens=64)
-        # Enough requests that B stays B (a row that finishes is refilled from the queue).
-        rounds = 1 + (4 * batch_size + 4 * args.cost_steps) // (len(prompts) * args.samples)
-        for r in range(rounds):
-            for request in group_requests(prompts, args.samples, params, f"c{r}-"):
-                engine.add_request(request)
-        plain_s, draft_s = [], []
-        for step in range(args.cost_steps):
-            if len(engine.waiting) == 0:
-                break
-            # Draft for the live batch exactly as a history step would, then step plainly.
-            slots = sorted(engine.running)
-            started = time.perf_counter()
-            if slots:
-                slot_ids = torch.tensor(slots)
-                draft = index.draft([engine.running[s].cursor for s in slots], sd.num_steps, sd.top_k,
-                                    sd.num_draft_tokens)
-                draft_tensors(draft, engine.tokens[slot_ids, engine.lengths[slot_ids]])
-            elapsed = time.perf_counter() - started
-            engine.step(None)
-            stats = engine.step_stats[-1]
-            if step < 2 or len(slots) != batch_size:
-                continue
-            draft_s.append(elapsed)
-            if not stats.num_admitted:  # a prefill would inflate the step
-                plain_s.append(stats.duration_s)
-        row = {"batch_size": batch_size, "plain_step_s": statistics.median(plain_s),
-               "draft_s": statistics.median(draft_s), "steps": [len(plain_s), len(draft_s)]}
-        row["draft_share"] = row["draft_s"] / row["plain_step_s"]
+        row = {"batch_size": batch_size}
+        for name in COST_CONFIGS:
+            row[name] = drafting_cost(target, stored, prompts, args, params, batch_size, HISTORY[name])
         cost_rows.append(row)
     result["drafting_cost"] = cost_rows
-    print(f"\ndrafting cost of {sd.num_steps},{sd.top_k},{sd.num_draft_tokens} history trees (index: one epoch "
-          f"stored), medians, wall clock")
-    print(f"{'B':>3} | {'plain step ms':>13} | {'draft ms':>8} | {'share':>6} | {'steps':>7}")
+    print("\ndrafting cost in history SD steps (index: one epoch stored), medians over the steps, wall clock: "
+          "drafting seconds / a plain step's at the same B (steps that admit left out)")
+    print(f"{'B':>3} | {'plain step ms':>13} | " + " | ".join(f"{name + ' draft ms':>18} | {'share':>6}"
+                                                           for name in COST_CONFIGS))
     for row in cost_rows:
-        print(f"{row['batch_size']:3d} | {row['plain_step_s'] * 1e3:13.3f} | {row['draft_s'] * 1e3:8.3f} | "
-              f"{row['draft_share']:6.1%} | {row['steps'][0]:3d}/{row['steps'][1]:3d}")
+        cells = [f"{row[name]['draft_s'] * 1e3:18.3f} | {row[name]['draft_share']:6.1%}" for name in COST_CONFIGS]
+        print(f"{row['batch_size']:3d} | {row[COST_CONFIGS[0]]['plain_step_s'] * 1e3:13.3f} | " + " | ".join(cells))
 
     # 3. B = 1, second epoch.
     b1_prompts = prompts[:args.b1_prompts]

@@ -8,6 +8,7 @@ exact match) are supported.
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,7 @@ class PromptSource:
         self.config = config
         self.tokenizer = Tokenizer.from_dir(Path(config.model.path))
         self.dataset = JsonlDataset(config.data.path, seed=config.run.seed) if config.data.task == "jsonl" else None
+        self._order_epoch, self._order = -1, []
 
     def _example(self, prompt: str, answer: str, data_source: str) -> Example:
         ids = self.tokenizer.encode(prompt)
@@ -41,8 +43,21 @@ class PromptSource:
         if self.dataset is not None:
             record = self.dataset.record_at(position)
             return self._example(record.prompt, record.answer, "math")
-        p = arithmetic.problem(position, seed=self.config.run.seed, split="train")
+        p = arithmetic.problem(self._train_index(position), seed=self.config.run.seed, split="train")
         return self._example(p.prompt, p.answer, "arithmetic")
+
+    def _train_index(self, position: int) -> int:
+        """The arithmetic problem at this stream position: itself, or with data.train_size = N
+        the epoch's permutation of problems 0..N-1."""
+        size = self.config.data.train_size
+        if not size:
+            return position
+        epoch, offset = divmod(position, size)
+        if self._order_epoch != epoch:
+            self._order = list(range(size))
+            random.Random(f"train-order:{self.config.run.seed}:{epoch}").shuffle(self._order)
+            self._order_epoch = epoch
+        return self._order[offset]
 
     def eval_example(self, index: int) -> Example:
         if self.dataset is not None:

@@ -96,7 +96,7 @@ class _Group:
 class Cursor:
     """One live row: its document and the positions that currently predict its next token."""
 
-    __slots__ = ("group", "doc", "sources", "leader", "match_length", "shadow", "shadow_matched")
+    __slots__ = ("group", "doc", "sources", "leader", "match_length", "shadow", "shadow_matched", "realigned")
 
     def __init__(self, group: _Group, doc: _Doc):
         self.group, self.doc = group, doc
@@ -107,12 +107,13 @@ class Cursor:
         self.match_length = 0  # tokens the sources' backward match covers (grows as they advance)
         self.shadow: list[int] | tuple | None = None  # a chain drafted but not verified (see shadow_chains)
         self.shadow_matched = 0
+        self.realigned = False  # the sources were kept past a substitution (at most one in a row)
 
 
 class HistoryIndex:
     def __init__(self, *, max_bytes: int = 64 * 2**20, min_match: int = 2, long_match: int = 5, match_depth: int = 12,
                  max_sources: int = 4, max_candidates: int = 16, max_short_candidates: int = 8,
-                 max_rollouts_per_prompt: int = 64):
+                 max_rollouts_per_prompt: int = 64, realign: bool = True):
         if min_match < 1 or match_depth < min_match or max_sources < 1 or max_candidates < 1 \
                 or max_rollouts_per_prompt < 1 or max_bytes < 0:
             raise ValueError("HistoryIndex needs 1 <= min_match <= match_depth, max_sources, max_candidates, "
@@ -126,6 +127,7 @@ class HistoryIndex:
         self.max_sources, self.max_candidates = max_sources, max_candidates
         self.max_short_candidates = max_short_candidates
         self.max_rollouts_per_prompt = max_rollouts_per_prompt
+        self.realign = realign
         self.groups: OrderedDict[tuple[int, ...], _Group] = OrderedDict()  # least recently used first
         self.num_bytes = 0
         self.num_evicted_docs = 0
@@ -170,7 +172,26 @@ class HistoryIndex:
             survivors = [source for source in sources if source[0].tokens[source[1]:source[1] + m] == tokens]
             for source in survivors:
                 source[1] += m
-            if len(survivors) < len(sources):
+            if not survivors and self.realign:
+                # Every source failed. Where one failed only at the last token (a row whose draft
+                # was rejected emits a token the draft did not have there), take the row to have
+                # substituted that token and keep following the source past it; the next tokens
+                # confirm it or drop it, and a failed one is matched afresh from the table.
+                last = m - 1
+                survivors = [source for source in sources
+                             if source[0].tokens[source[1]:source[1] + last] == tokens[:last]
+                             and len(source[0].tokens) > source[1] + m]
+                for source in survivors:
+                    source[1] += m
+                if survivors and not cursor.realigned:
+                    cursor.sources, cursor.leader, cursor.realigned = survivors, None, True
+                    cursor.match_length = 0
+                    survivors = None
+                else:
+                    survivors = []
+            else:
+                cursor.realigned = False
+            if survivors is not None and len(survivors) < len(sources):
                 cursor.sources = survivors or None
                 leader = cursor.leader
                 if leader is not None and not any(source is leader for source in survivors):

@@ -232,3 +232,16 @@ def test_a_wrong_point_mass_residual_is_detected(models, monkeypatch):
         [Request(i, PROMPT, params) for i in range(64)], None)
     counts, _ = sample_triples(target, index, params, CHAIN, seed=50)
     assert chi_square_pvalue(counts, exact_law(target, params)) < 1e-6
+
+
+def test_a_row_that_substitutes_one_token_keeps_following_its_source():
+    index = HistoryIndex()
+    ahead = index.open([7, 8])
+    index.extend(ahead, [1, 2, 3, 4, 5, 6, 7, 8])
+    row = index.open([7, 8])
+    index.extend(row, [1, 2])
+    assert list(index.draft_chains([row], 3)[0]) == [3, 4, 5]
+    index.extend(row, [3, 9])  # accepted 3, then sampled 9 where the source has 4
+    assert list(index.draft_chains([row], 3)[0]) == [5, 6, 7]  # past the substitution
+    index.extend(row, [1])  # the source said 5: dropped, and no other position follows (9, 1)
+    assert index.draft_chains([row], 3)[1] == [0]

@@ -7,6 +7,7 @@ import statistics
 import pytest
 
 from respec_async.tasks import arithmetic
+from tests.roles.conftest import random_actor_dir  # noqa: F401  (fixture)
 
 
 def test_problems_are_a_pure_function_of_index_seed_and_split():
@@ -72,3 +73,19 @@ def test_accuracy_counts_exact_answers():
 def test_bad_split_is_rejected():
     with pytest.raises(ValueError, match="split"):
         arithmetic.problem(0, split="test")  # type: ignore[arg-type]
+
+
+def test_a_finite_training_set_is_seen_once_per_epoch_in_a_new_order(random_actor_dir):
+    from respec_async.config import ConfigError, config_from_dict
+    from respec_async.prompts import PromptSource
+
+    config = config_from_dict({"model": {"path": str(random_actor_dir)}, "data": {"train_size": 6}})
+    source = PromptSource(config)
+    prompts = [source.train_example(position).prompt_text for position in range(18)]
+    epochs = [prompts[i:i + 6] for i in range(0, 18, 6)]
+    assert all(sorted(epoch) == sorted(epochs[0]) and len(set(epoch)) == 6 for epoch in epochs)
+    assert len({tuple(epoch) for epoch in epochs}) > 1  # reshuffled between epochs
+    endless = PromptSource(config_from_dict({"model": {"path": str(random_actor_dir)}}))
+    assert len({endless.train_example(position).prompt_text for position in range(18)}) > 6
+    with pytest.raises(ConfigError, match=r"data\.train_size"):
+        config_from_dict({"data": {"task": "jsonl", "path": "x.jsonl", "train_size": 6}})
