@@ -10,7 +10,8 @@ rollouts are stored). Three tables:
 
 1. Acceptance length (tokens per verify step) of each history config in both epochs, and the
    RL phase's CPU seconds against plain decoding (the history engine's index carries over from
-   epoch 1 to 2; plain runs the same requests).
+   epoch 1 to 2; plain runs the same requests, and "plain+index" too with an index kept up,
+   what the index costs a plain step).
 2. Drafting cost: at active batch size B (slots fed from a queue of epoch-2 requests, index
    holding epoch 1), an engine running history steps and one stepping plainly, interleaved;
    the median drafting seconds of a history step (matching, drafting, the draft tensors) over
@@ -125,9 +126,15 @@ def main() -> None:
     phases: dict[str, dict] = {}
     plain_engine = Engine(target, None, seed=0, **engine_args)
     plain_engine.generate(group_requests(prompts[:8], 2, params, "warm-"), None)  # first calls are slower
-    plain = [run_phase(plain_engine, group_requests(prompts, args.samples, params, f"e{e}-"), None) for e in (1, 2)]
+    indexed_engine = Engine(target, None, seed=0, history=HistoryIndex(), **engine_args)
+    plain, indexed = [], []
+    for e in (1, 2):  # plain decoding without and with an index kept up (every token indexed)
+        plain.append(run_phase(plain_engine, group_requests(prompts, args.samples, params, f"e{e}-"), None))
+        indexed.append(run_phase(indexed_engine, group_requests(prompts, args.samples, params, f"e{e}-"), None))
     lengths = sorted(len(c.output_ids) for c in plain[0][1])
     phases["plain"] = {"seconds": [p[0] for p in plain], "tokens": [sum(len(c.output_ids) for c in p[1]) for p in plain]}
+    phases["plain + index"] = {"seconds": [p[0] for p in indexed],
+                               "speedup": [p[0] / q[0] for p, q in zip(plain, indexed)]}
     stored: HistoryIndex | None = None
     for name, sd in HISTORY.items():
         index = HistoryIndex()
@@ -147,6 +154,9 @@ def main() -> None:
           f"(completions p50 {result['completion_lengths']['p50']}, max {lengths[-1]} tokens)")
     print(f"{'mode':<11} | {'epoch 1 s':>9} | {'speedup':>7} | {'accept':>6} | {'epoch 2 s':>9} | {'speedup':>7} | {'accept':>6}")
     print(f"{'plain':<11} | {plain[0][0]:9.2f} | {1.0:6.2f}x | {'-':>6} | {plain[1][0]:9.2f} | {1.0:6.2f}x | {'-':>6}")
+    r = phases["plain + index"]
+    print(f"{'plain+index':<11} | {r['seconds'][0]:9.2f} | {r['speedup'][0]:6.2f}x | {'-':>6} | {r['seconds'][1]:9.2f} | "
+          f"{r['speedup'][1]:6.2f}x | {'-':>6}")
     for name in HISTORY:
         r = phases[name]
         print(f"{name:<11} | {r['seconds'][0]:9.2f} | {r['speedup'][0]:6.2f}x | {r['acceptance'][0]:6.2f} | "

@@ -564,12 +564,12 @@ def format_profile(profile: Profile, model: SpeedupModel | None = None) -> str:
     model = model or SpeedupModel(profile)
     sizes = profile.batch_sizes
     lines = [f"step cost ({profile.clock} clock, ms) and speedup over plain: measured (fitted); acceptance length L",
-             f"{'mode':>9} {'L':>5} | " + " | ".join(f"B={b:<16d}" for b in sizes)]
-    lines.append(f"{PLAIN:>9} {1.0:5.2f} | " + " | ".join(f"{t * 1e3:6.2f}ms{'':10}" for t in profile.plain_s))
+             f"{'mode':>13} {'L':>5} | " + " | ".join(f"B={b:<16d}" for b in sizes)]
+    lines.append(f"{PLAIN:>13} {1.0:5.2f} | " + " | ".join(f"{t * 1e3:6.2f}ms{'':10}" for t in profile.plain_s))
     for key, seconds in profile.sd_s.items():
         cells = [f"{t * 1e3:6.2f}ms {model.measured_speedup(key, i):4.2f}({model.speedup(key, b):4.2f})"
                  for i, (b, t) in enumerate(zip(sizes, seconds))]
-        lines.append(f"{key:>9} {profile.acceptance[key]:5.2f} | " + " | ".join(cells))
+        lines.append(f"{key:>13} {profile.acceptance[key]:5.2f} | " + " | ".join(cells))
     error = model.fit_error()
     lines.append(f"fit error (relative): step time mean {error['step_time']['mean']:.1%} max "
                  f"{error['step_time']['max']:.1%}; speedup mean {error['speedup']['mean']:.1%} max "
@@ -595,16 +595,17 @@ class AdaptiveScheduler:
     """Per-step SD choice from the fitted model, with acceptance re-estimated online.
 
     EAGLE configs share one drafter, so an acceptance seen through one moves the other EAGLE
-    configs too (`coupling`). A history config's acceptance depends on how much history exists, which
-    changes with the batch size within a phase and between epochs: it is estimated per
-    batch-size bucket (`bucket_of`), from its own verify steps and, for chains, from the
-    engine's shadow chains (free samples of a chain's acceptance taken during plain steps,
-    StepStats.shadow_counts), and a history config may be probed at any batch size (it needs
-    no drafter catch-up)."""
+    configs too (`coupling`). A history config's acceptance depends on how much history exists,
+    which changes with the batch size within a phase and between epochs: it is estimated per
+    batch-size bucket (`bucket_of`) with a faster EMA (`history_ema`), from its own verify steps
+    and, for chains, from the engine's shadow chains (StepStats.shadow_counts: free samples of
+    a chain's acceptance, taken in every step whatever its mode), and a history config may be
+    probed at any batch size (it needs no drafter catch-up)."""
 
     def __init__(self, model: SpeedupModel, max_batch_size: int, *, ema: float = 0.2, coupling: float = 0.5,
                  window_rows: int = 64, probe_interval: int = 64, probe_margin: float = 0.75,
-                 probe_max_plain_batch: int = 4, min_speedup: float = 1.0, history_ema: float = 0.5) -> None:
+                 probe_max_plain_batch: int = 4, min_speedup: float = 1.0, history_ema: float = 0.5,
+                 shadow_window_rows: int = 16) -> None:
         self.model = model
         # History acceptance jumps (a new epoch brings a whole epoch of history): a faster EMA.
         self.history_ema = history_ema
@@ -623,7 +624,8 @@ class AdaptiveScheduler:
         self._bucket_updated: dict[tuple[str, int], int] = {}
         self.history_chains = {key: sd.num_steps for key, sd in model.configs.items()
                                if sd.source == "history" and sd.is_chain}
-        self._window: dict[tuple[str, int], list[int]] = defaultdict(lambda: [0, 0])  # [tokens, rows]
+        self._window: dict[tuple[str, int, bool], list[int]] = defaultdict(lambda: [0, 0])  # [tokens, rows]
+        self.shadow_window_rows = shadow_window_rows
         self._probe_turn = 0
         self._steps_since_probe = 0
         self.num_probes = 0
@@ -737,7 +739,7 @@ class AdaptiveScheduler:
             rows = sum(stats.shadow_counts)
             for chain_key, length in self.history_chains.items():
                 tokens = sum((1 + min(m, length)) * n for m, n in enumerate(stats.shadow_counts))
-                self._add_window(chain_key, bucket, tokens, rows)
+                self._add_window(chain_key, bucket, tokens, rows, shadow=True)
         if seconds is not None and stats.num_admitted == 0:
             tokens_per_row = (stats.num_accepted + batch_size) / batch_size if stats.sd is not None else 1.0
             plain_s = tokens_per_row * self.model.plain(batch_size)
@@ -745,11 +747,13 @@ class AdaptiveScheduler:
             self._actual_s += seconds
             self._predicted_weighted += seconds * self.predicted_speedup(key, batch_size)
 
-    def _add_window(self, key: str, bucket: int, tokens: int, rows: int) -> None:
-        window = self._window[key, bucket]
+    def _add_window(self, key: str, bucket: int, tokens: int, rows: int, shadow: bool = False) -> None:
+        # Shadows come a few rows a step: their windows are smaller, so an epoch's worth of new
+        # history shows within a few dozen steps.
+        window = self._window[key, bucket, shadow]
         window[0] += tokens
         window[1] += rows
-        if window[1] >= self.window_rows:
+        if window[1] >= (self.shadow_window_rows if shadow else self.window_rows):
             self._update(key, bucket, window[0] / window[1])
             window[0] = window[1] = 0
 

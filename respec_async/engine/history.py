@@ -33,6 +33,11 @@ The drafts are deterministic (point-mass) proposals, verified exactly by the eng
 distributed as the target's sampling distribution whatever the history holds; history only
 moves acceptance. A past rollout stays a valid draft whatever the policy's weights.
 
+In a run each generator keeps its own index of the rollouts it sampled: a group's samples all
+go to one generator, so siblings are always there; a prompt's earlier epochs are there when
+they went to the same generator (with N generators, about 1 in N). A restarted generator
+starts empty.
+
 Memory: `num_bytes` is an upper bound on what the index holds (checked against tracemalloc in
 the tests), kept under `max_bytes` by evicting finished rollouts, least recently used prompt
 first, and at most `max_rollouts_per_prompt` per prompt; live rows are never evicted. Table

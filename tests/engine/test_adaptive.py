@@ -316,7 +316,8 @@ def test_shadow_chains_of_plain_steps_estimate_history_acceptance():
     profile = history_profile()
     profile.sd_s["history:4,1,4"] = [PLAIN_COST(b) * 1.2e-3 for b in SIZES]
     profile.acceptance["history:4,1,4"] = 1.2
-    scheduler = AdaptiveScheduler(SpeedupModel(profile), 64, ema=0.5, window_rows=8, probe_interval=0)
+    scheduler = AdaptiveScheduler(SpeedupModel(profile), 64, ema=0.5, window_rows=8, probe_interval=0,
+                                  shadow_window_rows=8)
     assert scheduler.choose(4) is None or not scheduler.choose(4).source == "history"
     shadow = [0] * 9
     shadow[8] = 4  # 4 rows matched all 8 shadow drafts
