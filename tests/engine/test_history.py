@@ -19,7 +19,7 @@ from respec_async.engine import fused
 from respec_async.engine.engine import Engine, Request, SDConfig
 from respec_async.engine.history import DOC_BYTES, HistoryIndex
 from respec_async.engine.sampling import SamplingParams, sampling_logprobs
-from tests.engine.test_engine import PROMPTS, tiny_models
+from tests.engine.test_engine import PROMPTS, V as ENGINE_V, tiny_models
 from tests.engine.test_engine_exactness import NUM_SAMPLES, PROMPT, V, exact_law
 from tests.engine.test_speculative import chi_square_pvalue
 
@@ -245,3 +245,22 @@ def test_a_row_that_substitutes_one_token_keeps_following_its_source():
     assert list(index.draft_chains([row], 3)[0]) == [5, 6, 7]  # past the substitution
     index.extend(row, [1])  # the source said 5: dropped, and no other position follows (9, 1)
     assert index.draft_chains([row], 3)[1] == [0]
+
+
+def test_greedy_equality_holds_at_the_sequence_length_limit_under_eviction_and_shadows():
+    """Drafts that would run past max_seq_len, stop tokens inside drafts, an index evicting
+    under a 2 kB cap and shadow chains every step: greedy output is still plain's."""
+    target, drafter = tiny_models()
+    rng = random.Random(0)
+    for trial in range(4):
+        prompts = [[rng.randrange(ENGINE_V) for _ in range(rng.randint(1, 12))] for _ in range(6)] * 3
+        params = SamplingParams(temperature=0.0, max_new_tokens=rng.randint(1, 20), stop_token_ids=(3,))
+        requests = [Request(i, p, params) for i, p in enumerate(prompts)]
+        plain = Engine(target, None, max_batch_size=3, max_seq_len=16).generate(requests, None)
+        configs = [SDConfig(8, 1, 8, "history"), None, SDConfig(3, 1, 3), SDConfig(6, 2, 9, "history")]
+        turn = iter(range(10 ** 6))
+        engine = Engine(target, drafter, max_batch_size=3, max_seq_len=16, history=HistoryIndex(max_bytes=2000),
+                        shadow_length=8)
+        mixed = engine.generate(requests, lambda batch: configs[next(turn) % len(configs)])
+        assert [c.output_ids for c in mixed] == [c.output_ids for c in plain], trial
+        assert engine.history.num_bytes <= 2000 and engine.history.num_evicted_docs > 0
