@@ -264,3 +264,16 @@ def test_greedy_equality_holds_at_the_sequence_length_limit_under_eviction_and_s
         mixed = engine.generate(requests, lambda batch: configs[next(turn) % len(configs)])
         assert [c.output_ids for c in mixed] == [c.output_ids for c in plain], trial
         assert engine.history.num_bytes <= 2000 and engine.history.num_evicted_docs > 0
+
+
+def test_the_chain_follows_the_next_token_most_sources_predict():
+    index = HistoryIndex()
+    level = index.open([5])
+    index.extend(level, [1, 2])  # a sibling exactly as far as the row: no next token yet
+    for tail in ([3, 7], [4, 8], [3, 9]):
+        sibling = index.open([5])
+        index.extend(sibling, [1, 2, *tail])
+    row = index.open([5])
+    index.extend(row, [1, 2])
+    chain, _ = index.draft_chains([row], 2)
+    assert list(chain) == [3, 9]  # two sources say 3: the newer of them leads
