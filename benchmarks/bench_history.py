@@ -14,8 +14,9 @@ rollouts are stored). Three tables:
    what the index costs a plain step).
 2. Drafting cost: at active batch size B (slots fed from a queue of epoch-2 requests, index
    holding epoch 1), an engine running history steps and one stepping plainly, interleaved;
-   the median drafting seconds of a history step (matching, drafting, the draft tensors) over
-   the median plain step (steps that admit left out), wall clock, for a chain and a tree.
+   the median drafting seconds of a history step (finding sources, drafting, the draft
+   tensors) over the median plain step (steps that admit left out), CPU clock, for a chain and
+   a tree.
 3. B = 1: epoch-2 groups decoded one sequence at a time, tokens per CPU second of plain,
    EAGLE-3 (3,1,3) and each history config, best of --repeats.
 
@@ -42,7 +43,7 @@ from bench_engine import make_prompts  # noqa: E402
 from respec_async.engine.checkpoint import load_pretrained  # noqa: E402
 from respec_async.engine.drafter import Eagle3Drafter  # noqa: E402
 from respec_async.engine.engine import Engine, Request, SDConfig  # noqa: E402
-from respec_async.engine.history import HistoryIndex  # noqa: E402
+from respec_async.engine.history import HistoryIndex, draft_tensors  # noqa: E402
 from respec_async.engine.sampling import SamplingParams  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_history.json"
@@ -70,8 +71,11 @@ def acceptance(completions) -> float:
 
 def drafting_cost(target, stored: HistoryIndex, prompts, args, params, batch_size: int, sd: SDConfig) -> dict:
     """B slots fed from a queue of epoch-2 requests, one engine stepping plainly and one with
-    `sd`, interleaved step by step: the history steps' drafting seconds (StepStats.draft_s:
-    matching, drafting and the draft tensors) against the plain engine's step seconds."""
+    `sd`, interleaved step by step. Before each history step the benchmark drafts for its rows
+    as the step would (finding sources, the chain or tree, the draft tensors), timed; the step
+    then finds the same drafts ready (rows a step admits are drafted inside it: they are counted
+    at the others' per-row rate). CPU time of this thread (one torch thread): on this VM the
+    wall clock also measures the neighbours. Plain steps that admit new rows are left out."""
     engines = {}
     for mode in ("plain", "history"):
         engine = Engine(target, None, seed=batch_size, history=copy.deepcopy(stored), max_batch_size=batch_size,
@@ -87,14 +91,28 @@ def drafting_cost(target, stored: HistoryIndex, prompts, args, params, batch_siz
         for mode, engine in engines.items():
             if not engine.waiting:
                 continue
+            refill = bool(engine.free_slots)  # this step admits (and prefills) new rows
+            drafted = 0.0
+            cursors = [engine.running[slot].cursor for slot in sorted(engine.running)]
+            if mode == "history" and cursors:
+                started = time.thread_time()
+                if sd.is_chain:  # the chain and its tensors, as Engine._history_step makes them
+                    chains, num_drafted = engine.history.draft_chains(cursors, sd.num_steps)
+                    torch.frombuffer(chains, dtype=torch.int64).view(len(cursors), sd.num_steps)
+                    torch.tensor(num_drafted)
+                else:
+                    draft_tensors(engine.history.draft(cursors, sd.num_steps, sd.top_k, sd.num_draft_tokens))
+                # Rows this step admits are drafted inside it: count them at the others' rate.
+                drafted = (time.thread_time() - started) * batch_size / len(cursors)
+            started = time.thread_time()
             engine.step(sd if mode == "history" else None)
-            stats = engine.step_stats[-1]
-            if step < 2 or stats.num_active != batch_size:
+            elapsed = time.thread_time() - started
+            if step < 2 or engine.step_stats[-1].num_active != batch_size:
                 continue
             if mode == "history":
-                draft_s.append(stats.draft_s)
-            elif not stats.num_admitted:  # a prefill would inflate the step
-                plain_s.append(stats.duration_s)
+                draft_s.append(drafted)
+            elif not refill:  # a prefill would inflate the plain step
+                plain_s.append(elapsed)
     row = {"plain_step_s": statistics.median(plain_s), "draft_s": statistics.median(draft_s),
            "steps": [len(plain_s), len(draft_s)]}
     row["draft_share"] = row["draft_s"] / row["plain_step_s"]
@@ -170,7 +188,7 @@ def main() -> None:
             row[name] = drafting_cost(target, stored, prompts, args, params, batch_size, HISTORY[name])
         cost_rows.append(row)
     result["drafting_cost"] = cost_rows
-    print("\ndrafting cost in history SD steps (index: one epoch stored), medians over the steps, wall clock: "
+    print("\ndrafting cost in history SD steps (index: one epoch stored), medians over the steps, CPU clock: "
           "drafting seconds / a plain step's at the same B (steps that admit left out)")
     print(f"{'B':>3} | {'plain step ms':>13} | " + " | ".join(f"{name + ' draft ms':>18} | {'share':>6}"
                                                            for name in COST_CONFIGS))
