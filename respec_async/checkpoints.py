@@ -47,7 +47,11 @@ def latest_step_dir(directory: Path, marker: str) -> Path | None:
 
 
 def prune_step_dirs(directory: Path, marker: str, keep: int) -> None:
-    """Delete all but the newest `keep` complete checkpoints."""
+    """Delete all but the newest `keep` complete checkpoints, and the staging directories a
+    writer killed mid-write left behind (called by the directory's one writer, after its own
+    write: any other staging directory is a dead one's)."""
     found = step_dirs(directory, marker)
     for _, path in found[:max(len(found) - keep, 0)]:
+        shutil.rmtree(path, ignore_errors=True)
+    for path in directory.glob(".staging-*"):
         shutil.rmtree(path, ignore_errors=True)
