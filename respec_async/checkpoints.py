@@ -47,11 +47,15 @@ def latest_step_dir(directory: Path, marker: str) -> Path | None:
 
 
 def prune_step_dirs(directory: Path, marker: str, keep: int) -> None:
-    """Delete all but the newest `keep` complete checkpoints, and the staging directories a
-    writer killed mid-write left behind (called by the directory's one writer, after its own
-    write: any other staging directory is a dead one's)."""
+    """Delete all but the newest `keep` complete checkpoints, and dead writers' staging."""
     found = step_dirs(directory, marker)
     for _, path in found[:max(len(found) - keep, 0)]:
         shutil.rmtree(path, ignore_errors=True)
+    clear_dead_staging(directory)
+
+
+def clear_dead_staging(directory: Path) -> None:
+    """Delete the staging directories a writer killed inside replace_dir left behind. Only for a
+    directory with one writer, after its own write: any other staging directory is a dead one's."""
     for path in directory.glob(".staging-*"):
         shutil.rmtree(path, ignore_errors=True)

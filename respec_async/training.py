@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from respec_async.algorithms.grpo import LossStats, completion_logprobs, group_advantages, grpo_loss
-from respec_async.checkpoints import latest_step_dir, replace_dir
+from respec_async.checkpoints import clear_dead_staging, latest_step_dir, replace_dir
 from respec_async.config import Config
 from respec_async.engine.checkpoint import load_pretrained, save_pretrained
 from respec_async.prompts import Example, PromptSource
@@ -114,7 +114,9 @@ class ActorTrainer:
             torch.save(self.optimizer.state_dict(), staging / "optimizer.pt")
             (staging / "trainer.json").write_text(json.dumps({"version": self.version}))
 
-        return replace_dir(checkpoints_dir(self.run_dir) / f"step-{self.version}", fill)
+        path = replace_dir(checkpoints_dir(self.run_dir) / f"step-{self.version}", fill)
+        clear_dead_staging(path.parent)  # a trainer killed mid-checkpoint left its stage there
+        return path
 
     def load_checkpoint(self, path: Path) -> None:
         loaded = load_pretrained(path / "actor", dtype=torch.float32, device=self.config.model.device)

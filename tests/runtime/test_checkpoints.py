@@ -22,3 +22,13 @@ def test_pruning_keeps_the_newest_and_clears_a_dead_writers_staging_directory(tm
     prune_step_dirs(tmp_path, MARKER, keep=2)
     assert [step for step, _ in step_dirs(tmp_path, MARKER)] == [3, 5]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-3", "step-5"]
+
+
+def test_a_writer_clears_only_staging_directories(tmp_path):
+    from respec_async.checkpoints import clear_dead_staging
+
+    write(tmp_path, 1)
+    (tmp_path / ".staging-step-2-dead").mkdir()
+    (tmp_path / "notes.txt").write_text("kept")
+    clear_dead_staging(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "step-1"]
