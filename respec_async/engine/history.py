@@ -101,7 +101,7 @@ class _Group:
 class Cursor:
     """One live row: its document and the positions that currently predict its next token."""
 
-    __slots__ = ("group", "doc", "sources", "leader", "match_length", "shadow", "shadow_matched", "realigned")
+    __slots__ = ("group", "doc", "sources", "leader", "shadow", "shadow_matched", "realigned")
 
     def __init__(self, group: _Group, doc: _Doc):
         self.group, self.doc = group, doc
@@ -109,7 +109,6 @@ class Cursor:
         # The source a chain drafts from: the one whose continuation the most sources shared
         # when it was chosen; kept while it predicts the row's tokens.
         self.leader: list | None = None
-        self.match_length = 0  # tokens the sources' backward match covers (grows as they advance)
         self.shadow: list[int] | tuple | None = None  # a chain drafted but not verified (see shadow_chains)
         self.shadow_matched = 0
         self.realigned = False  # the sources were kept past a substitution (at most one in a row)
@@ -190,7 +189,6 @@ class HistoryIndex:
                     source[1] += m
                 if survivors and not cursor.realigned:
                     cursor.sources, cursor.leader, cursor.realigned = survivors, None, True
-                    cursor.match_length = 0
                     survivors = None
                 else:
                     survivors = []
@@ -201,7 +199,6 @@ class HistoryIndex:
                 leader = cursor.leader
                 if leader is not None and not any(source is leader for source in survivors):
                     cursor.leader = None  # a leader that keeps predicting stays
-            cursor.match_length += m
         else:
             cursor.sources = None
         if self.num_bytes > self.max_bytes:
@@ -339,7 +336,7 @@ class HistoryIndex:
             entries = group.table.get(tuple(context[length - k:length])) if length >= k else None
             if entries and self._match_entries(cursor, entries, k):
                 return
-        cursor.sources, cursor.match_length, cursor.leader = [], 0, None
+        cursor.sources, cursor.leader = [], None
 
     def _match_entries(self, cursor: Cursor, entries: array, k: int) -> bool:
         """Sources from one key's entries (k tokens already match); False if none is usable."""
@@ -378,7 +375,6 @@ class HistoryIndex:
         chosen = scored[:self.max_sources]
         cursor.sources = [[doc, p] for _, _, p, doc in chosen]
         cursor.leader = None
-        cursor.match_length = -chosen[0][0]
         return True
 
     def draft(self, cursors: list[Cursor], num_steps: int, top_k: int, num_draft_tokens: int) -> HistoryDraft:
@@ -396,10 +392,7 @@ class HistoryIndex:
             sources = cursor.sources
             tokens.append(cursor.doc.tokens[-1])  # the root
             if top_k == 1 or len(sources) <= 1:
-                leader = cursor.leader
-                if leader is None and sources:
-                    leader = cursor.leader = _leader(sources, length)
-                chain = leader[0].tokens[leader[1]:leader[1] + length] if leader is not None else ()
+                chain = self._chain(cursor, length)
                 k = len(chain)
                 tokens.extend(chain)
                 tokens.extend(_ZEROS[:n - k])

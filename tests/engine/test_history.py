@@ -65,7 +65,7 @@ class AdversarialIndex(HistoryIndex):
         for rank in range(2):
             doc = self._add_doc(cursor.group, context + self._worst(context, rank), live=False)
             docs.append([doc, len(context)])
-        cursor.sources, cursor.leader, cursor.match_length = docs, None, len(context)
+        cursor.sources, cursor.leader = docs, None
 
 
 def sample_triples(target, index, params, sd, seed):
