@@ -537,16 +537,8 @@ class Engine:
         drafts = torch.frombuffer(chains, dtype=torch.int64).view(len(cursors), sd.num_steps).to(self.device)
         num_drafts = torch.tensor(num_drafted, device=self.device)
         self._step_draft = (num_drafted, time.perf_counter() - started)
-        positions = lengths[:, None] + torch.arange(sd.num_steps + 1, device=self.device)
-        ids = torch.cat([self.tokens[slots, lengths][:, None], drafts], 1)
-        out = self.target(ids, positions, self.cache, slots, positions, None, hidden_layers=self.feature_layers)
-        target_logprobs = sampling_logprobs(out.logits, *sampling_args)
-        num_accepted, next_tokens = point_chain_accept(drafts, num_drafts, target_logprobs, self.generator)
-        emitted = torch.cat([drafts, next_tokens[:, None]], 1)
-        emitted[torch.arange(len(cursors), device=self.device), num_accepted] = next_tokens
-        path = torch.arange(sd.num_steps + 1, device=self.device).expand(len(cursors), -1)
-        features = self._features(out.hidden) if self.feature_layers else None
-        return emitted, num_accepted, path, target_logprobs, features
+        return self._verify_chain(slots, lengths, drafts, sampling_args, lambda target_logprobs: point_chain_accept(
+            drafts, num_drafts, target_logprobs, self.generator))
 
     def _chain_step(self, slots, lengths, logits, hidden, sd: SDConfig, sampling_args: tuple):
         drafts, draft_logprobs = [], []
@@ -561,17 +553,23 @@ class Engine:
                                               slots, position)
                 logits, hidden = logits[:, 0], hidden[:, 0]
         drafts = torch.stack(drafts, 1)
-        positions = lengths[:, None] + torch.arange(sd.num_steps + 1, device=self.device)
+        return self._verify_chain(slots, lengths, drafts, sampling_args, lambda target_logprobs: chain_accept(
+            drafts, torch.stack(draft_logprobs, 1), target_logprobs, self.generator, self.relaxed))
+
+    def _verify_chain(self, slots, lengths, drafts: torch.Tensor, sampling_args: tuple, accept):
+        """One target forward over root + drafts [B, k] at L..L+k; accept(target_logprobs) gives
+        (num_accepted, next_tokens) by the rule the drafts were made for."""
+        num_steps = drafts.shape[1]
+        positions = lengths[:, None] + torch.arange(num_steps + 1, device=self.device)
         ids = torch.cat([self.tokens[slots, lengths][:, None], drafts], 1)
         out = self.target(ids, positions, self.cache, slots, positions, None, hidden_layers=self.feature_layers)
         target_logprobs = sampling_logprobs(out.logits, *sampling_args)
-        num_accepted, next_tokens = chain_accept(drafts, torch.stack(draft_logprobs, 1), target_logprobs,
-                                                 self.generator, self.relaxed)
+        num_accepted, next_tokens = accept(target_logprobs)
         emitted = torch.cat([drafts, next_tokens[:, None]], 1)
-        rows = torch.arange(len(slots), device=self.device)
-        emitted[rows, num_accepted] = next_tokens
-        path = torch.arange(sd.num_steps + 1, device=self.device).expand(len(slots), -1)
-        return emitted, num_accepted, path, target_logprobs, self._features(out.hidden)
+        emitted[torch.arange(len(slots), device=self.device), num_accepted] = next_tokens
+        path = torch.arange(num_steps + 1, device=self.device).expand(len(slots), -1)
+        features = self._features(out.hidden) if self.feature_layers else None
+        return emitted, num_accepted, path, target_logprobs, features
 
     def _tree_step(self, slots, lengths, root_logits, root_hidden, sd: SDConfig, sampling_args: tuple):
         """EAGLE-2 tree expansion by the drafter, then _verify_tree."""
