@@ -74,6 +74,19 @@ def resolve_paths(args) -> tuple[Path, Path | None, Path | None]:
     return paths.target_dir, Path(args.drafter) if args.drafter else paths.drafter_dir, paths.tokenizer_path
 
 
+def load_zoo(num_prompts: int):
+    """The zoo's target and drafter (trained first if not cached), num_prompts held-out prompts
+    and the EOS id, for the benchmarks that run on the zoo alone."""
+    from respec_async.engine.checkpoint import load_pretrained
+    from respec_async.engine.drafter import Eagle3Drafter
+    from respec_async.zoo import ensure_zoo
+    paths = ensure_zoo(log=print)
+    target = load_pretrained(paths.target_dir).eval()
+    drafter = Eagle3Drafter.load_pretrained(paths.drafter_dir, target.embed_tokens).eval()
+    prompts, eos_id = make_prompts(paths.tokenizer_path, target.config.vocab_size, num_prompts)
+    return target, drafter, prompts, eos_id
+
+
 def make_prompts(tokenizer_path: Path | None, vocab_size: int, num_prompts: int) -> tuple[list[list[int]], int | None]:
     """Held-out arithmetic prompts in the zoo's format and its EOS id, or random ids (no EOS)."""
     if tokenizer_path is not None:

@@ -38,10 +38,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_engine import make_prompts  # noqa: E402
+from bench_engine import load_zoo  # noqa: E402
 
-from respec_async.engine.checkpoint import load_pretrained  # noqa: E402
-from respec_async.engine.drafter import Eagle3Drafter  # noqa: E402
 from respec_async.engine.engine import Engine, Request, SDConfig  # noqa: E402
 from respec_async.engine.history import HistoryIndex, draft_tensors  # noqa: E402
 from respec_async.engine.sampling import SamplingParams  # noqa: E402
@@ -130,11 +128,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     torch.set_num_threads(1)
-    from respec_async.zoo import ensure_zoo
-    paths = ensure_zoo(log=print)
-    target = load_pretrained(paths.target_dir).eval()
-    drafter = Eagle3Drafter.load_pretrained(paths.drafter_dir, target.embed_tokens).eval()
-    prompts, eos_id = make_prompts(paths.tokenizer_path, target.config.vocab_size, args.prompts)
+    target, drafter, prompts, eos_id = load_zoo(args.prompts)
     params = SamplingParams(temperature=1.0, max_new_tokens=192, stop_token_ids=(eos_id,))
     engine_args = dict(max_batch_size=args.slots, max_seq_len=256, max_draft_tokens=64)
     result: dict = {"benchmark": "bench_history", "command": " ".join(sys.argv), "torch": torch.__version__,
