@@ -178,7 +178,7 @@ class Engine:
                  max_seq_len: int = 512, seed: int = 0, relaxed: RelaxedAcceptance | None = None,
                  max_draft_tokens: int = 64, fused_inference: bool | None = None,
                  lazy_drafter: bool | None = None, history: HistoryIndex | None = None,
-                 shadow_length: int = 0, shadow_rows: int = 4):
+                 shadow_length: int = 0, shadow_rows: int = 4, min_packed_saving: int = 32):
         self.target = target.eval()
         self.drafter = None if drafter is None else drafter.eval()
         # engine/fused.py: the same math in fewer ops, for about twice the weight memory. On by
@@ -195,6 +195,10 @@ class Engine:
         self.max_seq_len = max_seq_len
         self.max_draft_tokens = max_draft_tokens
         self.relaxed = relaxed
+        # A ragged chain verification (history rows draft 0..k tokens) is packed, skipping the
+        # padding's projections and MLPs, when it saves at least this many tokens: packing
+        # costs a few ops a layer, which only a large padded share pays back.
+        self.min_packed_saving = min_packed_saving
         # Rollout history (engine/history.py): every sequence is indexed as it is generated and
         # kept after it finishes, whatever the weights; history SD configs draft from it.
         self.history = history
@@ -538,7 +542,7 @@ class Engine:
         num_drafts = torch.tensor(num_drafted, device=self.device)
         self._step_draft = (num_drafted, time.perf_counter() - started)
         return self._verify_chain(slots, lengths, drafts, sampling_args, lambda target_logprobs: point_chain_accept(
-            drafts, num_drafts, target_logprobs, self.generator))
+            drafts, num_drafts, target_logprobs, self.generator), num_drafted)
 
     def _chain_step(self, slots, lengths, logits, hidden, sd: SDConfig, sampling_args: tuple):
         drafts, draft_logprobs = [], []
@@ -556,13 +560,19 @@ class Engine:
         return self._verify_chain(slots, lengths, drafts, sampling_args, lambda target_logprobs: chain_accept(
             drafts, torch.stack(draft_logprobs, 1), target_logprobs, self.generator, self.relaxed))
 
-    def _verify_chain(self, slots, lengths, drafts: torch.Tensor, sampling_args: tuple, accept):
+    def _verify_chain(self, slots, lengths, drafts: torch.Tensor, sampling_args: tuple, accept,
+                      num_drafted: list[int] | None = None):
         """One target forward over root + drafts [B, k] at L..L+k; accept(target_logprobs) gives
-        (num_accepted, next_tokens) by the rule the drafts were made for."""
+        (num_accepted, next_tokens) by the rule the drafts were made for. num_drafted (real
+        drafts per row, the rest padding): a ragged batch, verified packed where that saves."""
         num_steps = drafts.shape[1]
         positions = lengths[:, None] + torch.arange(num_steps + 1, device=self.device)
         ids = torch.cat([self.tokens[slots, lengths][:, None], drafts], 1)
-        out = self.target(ids, positions, self.cache, slots, positions, None, hidden_layers=self.feature_layers)
+        num_real = None
+        if num_drafted is not None and len(num_drafted) * num_steps - sum(num_drafted) >= self.min_packed_saving:
+            num_real = torch.tensor(num_drafted, device=self.device) + 1
+        out = self.target(ids, positions, self.cache, slots, positions, None, hidden_layers=self.feature_layers,
+                          num_real=num_real)
         target_logprobs = sampling_logprobs(out.logits, *sampling_args)
         num_accepted, next_tokens = accept(target_logprobs)
         emitted = torch.cat([drafts, next_tokens[:, None]], 1)

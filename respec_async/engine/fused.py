@@ -190,13 +190,18 @@ def additive_mask(attn_mask: Tensor | None) -> Tensor | None:
 
 def attention(w: AttentionWeights, x: Tensor, batch_size: int, seq_len: int, cos: Tensor, sin: Tensor, cache,
               layer: int, slots: Tensor | None, rows: tuple[int, int] | None, cache_positions: Tensor | None,
-              attn_mask: Tensor | None, num_keys: int | None, empty_rows: Tensor | None) -> Tensor:
+              attn_mask: Tensor | None, num_keys: int | None, empty_rows: Tensor | None,
+              packed: Tensor | None = None) -> Tensor:
     """Attention of normalised-but-unweighted inputs x [B*T, in] -> [B*T, h*d] (before o_proj).
     Cache semantics are model.Attention's, over the first num_keys cache entries; attn_mask
     is additive_mask's, or None: with a cache, every query sees all num_keys keys; without
-    one, causal attention over the T tokens."""
+    one, causal attention over the T tokens. packed: x holds only the rows of the [B*T] grid
+    listed there (ragged batches: the projections skip the padding, attention runs on the
+    grid with zeros in the holes), and so does the result."""
     h, kv, d = w.num_heads, w.num_kv_heads, w.head_dim
     proj = torch.addmm(w.qkv_bias, x, w.qkv) if w.qkv_bias is not None else torch.mm(x, w.qkv)
+    if packed is not None:
+        proj = proj.new_zeros(batch_size * seq_len, proj.shape[1]).index_copy_(0, packed, proj)
     proj = proj.view(batch_size, seq_len, 2 * h + 3 * kv, d)
     qk = torch.addcmul(proj[:, :, :h + kv] * cos, proj[:, :, h + 2 * kv:], sin)
     q = qk[:, :, :h].transpose(1, 2)
@@ -216,7 +221,18 @@ def attention(w: AttentionWeights, x: Tensor, batch_size: int, seq_len: int, cos
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=kv != h)
     if empty_rows is not None:
         out = out.masked_fill(empty_rows[:, None, :, None], 0.0)
-    return out.transpose(1, 2).reshape(batch_size * seq_len, h * d)
+    out = out.transpose(1, 2).reshape(batch_size * seq_len, h * d)
+    return out if packed is None else out.index_select(0, packed)
+
+
+def pack_index(num_real: Tensor, seq_len: int) -> Tensor:
+    """Flat indices into a [B*T] grid of the first num_real[b] tokens of each row b."""
+    return (torch.arange(seq_len, device=num_real.device) < num_real[:, None]).flatten().nonzero().squeeze(1)
+
+
+def unpack(x: Tensor, packed: Tensor, batch_size: int, seq_len: int) -> Tensor:
+    """Packed rows [N, C] back on the [B, T, C] grid, zeros at the padding."""
+    return x.new_zeros(batch_size * seq_len, x.shape[-1]).index_copy_(0, packed, x).view(batch_size, seq_len, -1)
 
 
 def residual_linear(x: Tensor, inputs: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

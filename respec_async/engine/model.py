@@ -276,13 +276,13 @@ class DecoderLayer(nn.Module):
                 fused.mlp_weights(self.mlp, self.post_attention_layernorm.weight))
 
     def forward_fused(self, weights, x: Tensor, batch_size: int, seq_len: int, cos, sin, cache, slots, rows,
-                      cache_positions, attn_mask, num_keys, empty_rows) -> Tensor:
+                      cache_positions, attn_mask, num_keys, empty_rows, packed=None) -> Tensor:
         """forward() on x [B*T, H] through fused.py with this layer's fused_weights() (inference only)."""
         attn_weights, mlp_weights = weights
         eps = self.input_layernorm.eps
         out = fused.attention(attn_weights, fused.rms_scale(x, eps), batch_size, seq_len, cos, sin, cache,
                               self.self_attn.layer_index, slots, rows, cache_positions, attn_mask, num_keys,
-                              empty_rows)
+                              empty_rows, packed)
         x = fused.residual_linear(x, out, attn_weights.o, attn_weights.o_bias)
         return fused.mlp(mlp_weights, x, self.post_attention_layernorm.eps)
 
@@ -350,12 +350,15 @@ class Transformer(nn.Module):
     def forward(self, input_ids: Tensor, positions: Tensor | None = None, cache: KVCache | None = None,
                 slots: Tensor | None = None, cache_positions: Tensor | None = None,
                 attn_mask: Tensor | None = None, hidden_layers: Sequence[int] = (),
-                logits_positions: Tensor | None = None) -> ModelOutput:
+                logits_positions: Tensor | None = None, num_real: Tensor | None = None) -> ModelOutput:
         """input_ids, positions (RoPE, default arange), cache_positions (default positions):
         [B, T]; slots: [B] (default arange); attn_mask: bool [B, T, S], True = may attend,
         default causal by cache index (with a cache) or plain causal (without one; a mask given
         without a cache applies to the T tokens themselves); hidden_layers: decoder layers whose
-        outputs to return; logits_positions: [B, K] token indices to compute logits at."""
+        outputs to return; logits_positions: [B, K] token indices to compute logits at; num_real:
+        [B], the rows are ragged: only the first num_real[b] tokens of row b are real, the rest
+        padding whose outputs are unspecified (the fused path skips their projections and
+        MLPs, a ragged verification's saving)."""
         batch_size, seq_len = input_ids.shape
         device = input_ids.device
         if positions is None:
@@ -387,11 +390,22 @@ class Transformer(nn.Module):
             attn_mask = fused.additive_mask(attn_mask)
             layer_weights, lm_head = self.fused_weights()
             x = x.view(batch_size * seq_len, -1)
+            packed = None
+            if num_real is not None:
+                if logits_positions is not None:
+                    raise ValueError("num_real and logits_positions cannot be combined")
+                packed = fused.pack_index(num_real, seq_len)
+                x = x.index_select(0, packed)
             for i, layer in enumerate(self.layers):
                 x = layer.forward_fused(layer_weights[i], x, batch_size, seq_len, cos, sin, cache, slots, rows,
-                                        cache_positions, attn_mask, num_keys, empty_rows)
+                                        cache_positions, attn_mask, num_keys, empty_rows, packed)
                 if i in wanted:
-                    hidden[i] = x.view(batch_size, seq_len, -1)
+                    hidden[i] = (x.view(batch_size, seq_len, -1) if packed is None
+                                 else fused.unpack(x, packed, batch_size, seq_len))
+            if packed is not None:
+                flat = fused.rms_scale(x, self.norm.eps)
+                logits = fused.unpack(torch.mm(flat, lm_head), packed, batch_size, seq_len)
+                return ModelOutput(logits, [hidden[i] for i in hidden_layers])
             x = x.view(batch_size, seq_len, -1)
         else:
             for i, layer in enumerate(self.layers):

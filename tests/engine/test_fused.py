@@ -157,3 +157,33 @@ def test_a_drafter_whose_own_weights_are_inference_tensors_takes_the_module_path
     with torch.no_grad():
         drafter(ids, torch.randn(1, 3, 3 * drafter.config.hidden_size))  # no version-counter error
     assert "_fused_cache" not in drafter.__dict__
+
+
+def test_packed_ragged_forward_equals_the_padded_one_at_real_tokens():
+    """num_real: the fused path computes only each row's first num_real tokens; logits, hidden
+    states and the K/V written for those equal the padded forward's."""
+    target, _ = tiny_models()
+    target.fused_inference = True
+    batch_size, seq_len, prefix = 4, 5, 3
+    num_real = torch.tensor([5, 1, 3, 2])
+    torch.manual_seed(1)
+    prompt = torch.randint(0, target.config.vocab_size, (batch_size, prefix))
+    ids = torch.randint(0, target.config.vocab_size, (batch_size, seq_len))
+    positions = prefix + torch.arange(seq_len).expand(batch_size, -1)
+    outs, caches = [], []
+    for packed in (None, num_real):
+        cache = KVCache(target.config, batch_size, 16)
+        with torch.no_grad():
+            target(prompt, None, cache)
+            outs.append(target(ids, positions, cache, None, None, None, hidden_layers=(0, 1), num_real=packed))
+        caches.append(cache)
+    real = torch.arange(seq_len) < num_real[:, None]
+    torch.testing.assert_close(outs[1].logits[real], outs[0].logits[real], atol=TOL, rtol=0)
+    for dense, packed in zip(outs[0].hidden, outs[1].hidden):
+        torch.testing.assert_close(packed[real], dense[real], atol=TOL, rtol=0)
+    for row in range(batch_size):
+        end = prefix + int(num_real[row])
+        torch.testing.assert_close(caches[1].k[:, row, :, :end], caches[0].k[:, row, :, :end], atol=TOL, rtol=0)
+        torch.testing.assert_close(caches[1].v[:, row, :, :end], caches[0].v[:, row, :, :end], atol=TOL, rtol=0)
+    assert not torch.equal(outs[1].logits[~real], outs[0].logits[~real])  # the padding really was skipped
+    target.fused_inference = False

@@ -115,10 +115,12 @@ def test_greedy_history_decoding_equals_plain(lazy):
     for a, b in zip(mixed, plain):
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=0)
     assert sum(c.num_accepted for c in mixed) > 0
-    # Without a drafter, history alone.
-    alone = Engine(target, None, max_batch_size=4, max_seq_len=64, history=HistoryIndex()).generate(
-        requests, SDConfig(6, 1, 6, "history"))
+    # Without a drafter, history alone; ragged verifications packed whenever a row has padding.
+    alone = Engine(target, None, max_batch_size=4, max_seq_len=64, history=HistoryIndex(),
+                   min_packed_saving=1).generate(requests, SDConfig(6, 1, 6, "history"))
     assert [c.output_ids for c in alone] == [c.output_ids for c in plain]
+    for a, b in zip(alone, plain):
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=0)
     later = alone[len(PROMPTS):]  # the second and later samples of each prompt find the first
     assert sum(c.num_accepted for c in later) / sum(len(c.output_ids) for c in later) > 0.5
 
