@@ -343,13 +343,29 @@ class HistoryIndex:
         context, group = cursor.doc.tokens, cursor.group
         length = len(context)
         depth, docs, own = self.match_depth, group.docs, cursor.doc
-        tail = context[length - depth:] if length >= depth else None
-        scored = []
-        num_full = 0
         get_doc = docs.get
         budget = self.max_candidates if k > self.min_match or len(self.orders) == 1 else self.max_short_candidates
         # Each live row's end is one entry with nothing after it yet: those do not count.
-        for i in range(len(entries) - 1, max(-1, len(entries) - 1 - budget - group.num_live), -1):
+        stop = max(-1, len(entries) - 1 - budget - group.num_live)
+        if k >= depth:  # every entry of the key is a full-depth match: the newest usable ones rank first
+            sources = []
+            for i in range(len(entries) - 1, stop, -1):
+                code = entries[i]
+                doc = get_doc(code >> _POSITION_BITS)
+                p = code & _POSITION_MASK
+                if doc is None or p >= len(doc.tokens) or (doc is own and p >= length):
+                    continue
+                sources.append([doc, p])
+                if len(sources) == self.max_sources:
+                    break
+            if not sources:
+                return False
+            cursor.sources, cursor.leader = sources, None
+            return True
+        tail = context[length - depth:] if length >= depth else None
+        scored = []
+        num_full = 0
+        for i in range(len(entries) - 1, stop, -1):
             code = entries[i]
             doc = get_doc(code >> _POSITION_BITS)
             p = code & _POSITION_MASK
