@@ -12,7 +12,8 @@ from respec_async.adaptive import (
     PLAIN, AdaptiveScheduler, CostFit, Profile, SpeedupModel, config_key, engine_draft_budget, fit_cost,
     parse_grid, profile_batch_sizes, profile_units, profile_warnings, run_profile)
 from respec_async.config import ConfigError, config_from_dict
-from respec_async.engine.engine import Engine, SDConfig, StepStats
+from respec_async.engine.engine import Engine, Request, SDConfig, StepStats
+from respec_async.engine.history import HistoryIndex
 from respec_async.engine.sampling import SamplingParams
 from tests.engine.test_engine import tiny_models
 
@@ -341,3 +342,32 @@ def test_a_history_probe_runs_from_plain_decoding_at_any_batch_size():
     choices = [scheduler.choose(64) for _ in range(10)]
     probes = [c for c in choices if c is not None]
     assert probes and all(c.source == "history" for c in probes) and scheduler.num_probes == len(probes)
+
+
+def test_profiled_history_steps_are_verified_at_full_width(monkeypatch):
+    """A packed history step costs what its rows drafted; the profile's rows draft little, so it
+    must price every history step at full width (num_real never passed), or online steps whose
+    rows draft whole chains would cost more than the plan assumed."""
+    from respec_async.adaptive import measure_step_costs
+    from respec_async.engine.model import Transformer
+    target, _ = tiny_models()
+    widths = []
+    forward = Transformer.forward
+
+    def spy(self, input_ids, *args, num_real=None, **kwargs):
+        widths.append(num_real)
+        return forward(self, input_ids, *args, num_real=num_real, **kwargs)
+
+    monkeypatch.setattr(Transformer, "forward", spy)
+    params = SamplingParams(temperature=1.0, max_new_tokens=12)
+    plain, sd = measure_step_costs(target, None, [SDConfig(8, 1, 8, "history")], [16], [[1, 2, 3], [4, 5, 6, 7]],
+                                   params, repeats=2, context_len=40)
+    assert len(widths) > 3 and all(w is None for w in widths) and sd["history:8,1,8"][0] > 0
+    # The same engine unprofiled does pack such a step: the check above can fail.
+    engine = Engine(target, None, max_batch_size=16, max_seq_len=40, history=HistoryIndex())
+    for i in range(16):
+        engine.add_request(Request(i, [1 + i % 5, 2, 3], params))
+    widths.clear()
+    engine.step(None)
+    engine.step(SDConfig(8, 1, 8, "history"))
+    assert any(w is not None for w in widths)
