@@ -2,13 +2,17 @@
 tokenizer for the tiny CPU models.
 
 Special token ids come from tokenizer_config.json beside tokenizer.json when there is one (the
-Hugging Face layout), else from well-known token names (<eos>, </s>, <|endoftext|>, ...).
+Hugging Face layout), else from well-known token names (<eos>, </s>, <|endoftext|>, ...). A chat
+template comes from there too (its "chat_template", or a chat_template.jinja beside it, the
+layout transformers 5 writes) and renders as transformers renders it: Jinja2, sandboxed,
+trim_blocks and lstrip_blocks.
 `save` writes both files, so transformers' AutoTokenizer / PreTrainedTokenizerFast load the
 directory too.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -17,6 +21,7 @@ from tokenizers import Regex, decoders, models, pre_tokenizers
 
 TOKENIZER_NAME = "tokenizer.json"
 TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
+CHAT_TEMPLATE_NAME = "chat_template.jinja"
 SPECIAL_NAMES = {
     "bos_token": ("<bos>", "<s>", "<|begin_of_text|>"),
     "eos_token": ("<eos>", "</s>", "<|endoftext|>", "<|end_of_text|>"),
@@ -26,9 +31,10 @@ SPECIAL_NAMES = {
 
 class Tokenizer:
     def __init__(self, tokenizer: tokenizers.Tokenizer, bos_token: str | None = None,
-                 eos_token: str | None = None, pad_token: str | None = None):
+                 eos_token: str | None = None, pad_token: str | None = None, chat_template: str | None = None):
         self.tokenizer = tokenizer
         self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
+        self.chat_template = chat_template
         for token in (bos_token, eos_token, pad_token):
             if token is not None and tokenizer.token_to_id(token) is None:
                 raise ValueError(f"special token {token!r} is not in the vocabulary")
@@ -40,16 +46,24 @@ class Tokenizer:
         tokenizer = tokenizers.Tokenizer.from_file(str(path))
         specials = {}
         config_file = path.parent / TOKENIZER_CONFIG_NAME
+        chat_template = None
         if config_file.exists():
             config = json.loads(config_file.read_text())
             for key in SPECIAL_NAMES:
                 token = config.get(key)
                 specials[key] = token.get("content") if isinstance(token, dict) else token
+            chat_template = config.get("chat_template")
         else:
             vocab = tokenizer.get_vocab(with_added_tokens=True)
             for key, names in SPECIAL_NAMES.items():
                 specials[key] = next((name for name in names if name in vocab), None)
-        return cls(tokenizer, **specials)
+        template_file = path.parent / CHAT_TEMPLATE_NAME
+        if chat_template is None and template_file.exists():
+            chat_template = template_file.read_text()
+        if chat_template is not None and not isinstance(chat_template, str):
+            raise ValueError(f"{config_file}: chat_template must be one template string (named templates are "
+                             f"not supported)")
+        return cls(tokenizer, **specials, chat_template=chat_template)
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> "Tokenizer":
@@ -73,6 +87,16 @@ class Tokenizer:
         except Exception as error:  # tokenizers raises a bare Exception for an unknown character
             raise ValueError(f"cannot encode {text!r}: {error}") from error
 
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """The prompt text for a conversation ([{"role": ..., "content": ...}, ...]); encode() it
+        (special tokens in the text are matched as such)."""
+        if self.chat_template is None:
+            raise ValueError("this tokenizer has no chat template (tokenizer_config.json's chat_template or "
+                             f"{CHAT_TEMPLATE_NAME} beside tokenizer.json)")
+        return _compile_template(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt, bos_token=self.bos_token or "",
+            eos_token=self.eos_token or "", pad_token=self.pad_token or "")
+
     def decode(self, ids) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
@@ -94,6 +118,21 @@ class Tokenizer:
     @property
     def pad_token_id(self) -> int | None:
         return self._id(self.pad_token)
+
+
+@functools.lru_cache(maxsize=8)
+def _compile_template(source: str):
+    from jinja2 import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                extensions=["jinja2.ext.loopcontrols"])
+    environment.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
+    environment.globals["raise_exception"] = raise_exception
+    return environment.from_string(source)
 
 
 def build_char_tokenizer(alphabet: str, special_tokens=("<pad>", "<bos>", "<eos>")) -> Tokenizer:

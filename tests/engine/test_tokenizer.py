@@ -51,3 +51,39 @@ def test_from_file_without_config_finds_specials_by_name(tmp_path):
     build_char_tokenizer("ab", special_tokens=("</s>", "<pad>")).tokenizer.save(str(tmp_path / "tokenizer.json"))
     loaded = Tokenizer.from_file(tmp_path / "tokenizer.json")
     assert (loaded.eos_token_id, loaded.pad_token_id, loaded.bos_token_id) == (0, 1, None)
+
+
+TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}<bos>{{ m['content'] }}{% else %}"
+            "{{ m['content'] }}<eos>{% endif %}{% endfor %}{% if add_generation_prompt %}={% endif %}")
+
+
+@pytest.mark.parametrize("layout", ["tokenizer_config", "jinja_file"])
+def test_chat_template_renders_as_transformers_renders_it(tmp_path, layout):
+    import json
+    build_char_tokenizer(ALPHABET).save(tmp_path / "tokenizer.json")
+    config_path = tmp_path / "tokenizer_config.json"
+    if layout == "tokenizer_config":
+        config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "chat_template": TEMPLATE}))
+    else:
+        (tmp_path / "chat_template.jinja").write_text(TEMPLATE)
+    tokenizer = Tokenizer.from_dir(tmp_path)
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    hf.chat_template = TEMPLATE
+    messages = [{"role": "user", "content": "1+2"}, {"role": "assistant", "content": "3"},
+                {"role": "user", "content": "4+5"}]
+    for add in (True, False):
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=add)
+        assert text == hf.apply_chat_template(messages, add_generation_prompt=add, tokenize=False)
+    assert text == "<bos>1+23<eos><bos>4+5"
+    assert tokenizer.encode(text)[0] == tokenizer.bos_token_id  # special tokens in the text encode as such
+
+
+def test_chat_template_missing_or_raising_is_a_clear_error(tmp_path):
+    import jinja2
+    build_char_tokenizer(ALPHABET).save(tmp_path / "tokenizer.json")
+    tokenizer = Tokenizer.from_dir(tmp_path)
+    with pytest.raises(ValueError, match="no chat template"):
+        tokenizer.apply_chat_template([{"role": "user", "content": "1"}])
+    tokenizer.chat_template = "{{ raise_exception('only user turns') }}"
+    with pytest.raises(jinja2.TemplateError, match="only user turns"):
+        tokenizer.apply_chat_template([{"role": "user", "content": "1"}])
