@@ -1,20 +1,29 @@
 """Admission control for bounded staleness: which prompt groups the trainer may hand out, and
 which batch each group belongs to.
 
-Group g (in data order) belongs to step s = g // groups_per_step, and step s trains at policy
-version s. The trainer may issue group g only while its version v satisfies v >= s - k
-(k = max_staleness). A group issued at version u >= s - k and trained at version s is therefore
-at most k versions stale, by construction rather than by dropping late work. k = 0 is
-synchronous on-policy RL: the groups of step s go out only once version s exists.
+Groups are numbered by data position and assigned to steps when they are issued: each step s
+takes groups_per_step of them, and step s trains at policy version s. The trainer may issue a
+group for step s only while its version v satisfies v >= s - k (k = max_staleness). A group
+issued at version u >= s - k and trained at version s is therefore at most k versions stale,
+by construction rather than by dropping late work. k = 0 is synchronous on-policy RL: the
+groups of step s go out only once version s exists. Without dropped groups (below), group g
+belongs to step g // groups_per_step.
 
 A group lost with a generator, or returned by the reward role, is re-issued (a new attempt,
 at the current version, which only lowers its staleness). The first complete result of a
 group is kept; later results (a lost attempt that turned up after all, or a duplicate) are
 counted and ignored, so no group is trained twice.
+
+Dynamic sampling (DAPO): a completed group can be *dropped* (its rewards are all equal, so it
+carries no GRPO signal). It counts as consumed, never as lost: its data position is not issued
+again, its step gets one more group in its place (the next data position, under the same
+staleness bound, since its step is already admissible), and it is reported with the step's
+batch (`take_dropped`).
 """
 
 from __future__ import annotations
 
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,19 +48,36 @@ class Admission:
     num_reissued: int = 0
     num_duplicates: int = 0
     num_stale_results: int = 0
+    num_dropped: int = 0
+    # group_id -> step, from issue until trained or dropped; steps' groups counted in `assigned`
+    # (outstanding or completed, not dropped) and `ready` (completed).
+    step_assignment: dict[int, int] = field(default_factory=dict)
+    assigned: Counter = field(default_factory=Counter)
+    ready: Counter = field(default_factory=Counter)
+    dropped: dict[int, list[int]] = field(default_factory=lambda: defaultdict(list))
+    fill_step: int = 0  # the lowest step that still lacks groups: where the next issue goes
+    skip: set[int] = field(default_factory=set)  # data positions already consumed (after a resume)
 
     def step_of(self, group_id: int) -> int:
-        return group_id // self.groups_per_step
+        """The step an issued group belongs to."""
+        return self.step_assignment[group_id]
 
     def can_issue(self, version: int) -> bool:
-        return version >= self.step_of(self.next_group_id) - self.max_staleness
+        return version >= self.fill_step - self.max_staleness
 
     def issue(self, version: int, generator: str) -> IssuedGroup:
         if not self.can_issue(version):
-            raise RuntimeError(f"group {self.next_group_id} is not admissible at version {version}")
+            raise RuntimeError(f"step {self.fill_step}'s groups are not admissible at version {version}")
+        while self.next_group_id in self.skip:
+            self.skip.discard(self.next_group_id)
+            self.next_group_id += 1
         issued = IssuedGroup(self.next_group_id, self.first_attempt, version, generator)
         self.outstanding[issued.group_id] = issued
+        self.step_assignment[issued.group_id] = self.fill_step
+        self.assigned[self.fill_step] += 1
         self.next_group_id += 1
+        while self.assigned[self.fill_step] >= self.groups_per_step:
+            self.fill_step += 1
         return issued
 
     def reissue(self, group_id: int, version: int, generator: str) -> IssuedGroup:
@@ -75,25 +101,67 @@ class Admission:
             return False
         del self.outstanding[group_id]
         self.completed[group_id] = result
+        self.ready[self.step_assignment[group_id]] += 1
         return True
 
+    def drop(self, group_id: int) -> None:
+        """A completed group leaves its step without being trained; the step takes one more."""
+        if group_id not in self.completed:
+            raise KeyError(f"group {group_id} is not a completed, untrained group")
+        del self.completed[group_id]
+        step = self.step_assignment.pop(group_id)
+        self.assigned[step] -= 1
+        self.ready[step] -= 1
+        self.dropped[step].append(group_id)
+        self.num_dropped += 1
+        self.fill_step = min(self.fill_step, step)
+
+    def num_drawn(self, step: int) -> int:
+        """Groups assigned to a step so far, dropped ones included."""
+        return self.assigned[step] + len(self.dropped.get(step, ()))
+
     def batch_ready(self, step: int) -> bool:
-        first = step * self.groups_per_step
-        return all(g in self.completed for g in range(first, first + self.groups_per_step))
+        return self.ready[step] >= self.groups_per_step
 
     def take_batch(self, step: int) -> list[Any]:
-        first = step * self.groups_per_step
-        ids = range(first, first + self.groups_per_step)
+        ids = sorted(g for g in self.completed if self.step_assignment[g] == step)
+        if len(ids) != self.groups_per_step:
+            raise RuntimeError(f"step {step} has {len(ids)} of {self.groups_per_step} groups")
         batch = [self.completed.pop(g) for g in ids]
         overlap = self.trained_group_ids.intersection(ids)
         if overlap:
             raise AssertionError(f"groups {sorted(overlap)} would be trained twice")
         self.trained_group_ids.update(ids)
+        for g in ids:
+            del self.step_assignment[g]
+        del self.assigned[step], self.ready[step]
         return batch
 
-    def reset_to_step(self, step: int) -> None:
+    def take_dropped(self, step: int) -> list[int]:
+        """The groups dropped from a step (once, with its batch)."""
+        return self.dropped.pop(step, [])
+
+    def resume_position(self) -> tuple[int, list[int]]:
+        """Where a trainer resumed at the current step restarts the data stream: the lowest data
+        position whose fate is not yet recorded (trained, or dropped and taken with its step's
+        batch), and the positions above it whose fate is (a replacement for a dropped group can
+        come after the next step's groups). Groups dropped from steps not yet trained are
+        issued again: their drop was never recorded."""
+        pending = set(self.step_assignment).union(*self.dropped.values())
+        start = min(pending, default=self.next_group_id)
+        consumed = sorted(g for g in range(start, self.next_group_id) if g not in pending)
+        return start, consumed
+
+    def reset_to_step(self, step: int, data_position: int | None = None, consumed: list[int] = ()) -> None:
         """After resuming from a checkpoint at version `step`: everything from that step on is
-        issued afresh; nothing is outstanding."""
-        self.next_group_id = step * self.groups_per_step
+        issued afresh from data_position (default step * groups_per_step), skipping the
+        positions in `consumed`; nothing is outstanding."""
+        self.next_group_id = step * self.groups_per_step if data_position is None else data_position
+        self.skip = set(consumed)
+        self.fill_step = step
         self.outstanding.clear()
         self.completed.clear()
+        self.step_assignment.clear()
+        self.assigned.clear()
+        self.ready.clear()
+        self.dropped.clear()

@@ -168,6 +168,12 @@ class TrainerSection(Section):
     normalize_std: bool = True  # divide group advantages by the group's std
     micro_batch_size: PosInt = 16  # sequences per forward/backward
     checkpoint_every: NonNegInt = 20  # steps between checkpoints (0 = only at the end)
+    # DAPO dynamic sampling: a group whose rewards are all equal carries no GRPO signal; drop it
+    # and draw another prompt for its step (same staleness bound), until the step has
+    # data.groups_per_step informative groups or has drawn dynamic_sampling_max_factor times
+    # that many (then it trains on what it has: uninformative groups get zero advantages).
+    dynamic_sampling: bool = False
+    dynamic_sampling_max_factor: Annotated[float, msgspec.Meta(ge=1)] = 4.0
     weight_sync_timeout_s: PosFloat = 120.0
     num_threads: PosInt = 1  # torch intra-op threads in this role
 

@@ -55,6 +55,13 @@ class StepRecord(msgspec.Struct, kw_only=True):
     # Per draft source ("eagle", "history"), where it ran: acceptance_length, step_share (of
     # decode steps), drafted and accepted tokens.
     sd_sources: dict[str, dict[str, float]] = {}
+    # Groups of the batch whose rewards are all equal (no GRPO signal), and with dynamic
+    # sampling (trainer.dynamic_sampling) the groups drawn for this step and dropped for that
+    # reason: consumed, never trained, never issued again. filtered_share = dropped / drawn.
+    num_uninformative: int = 0
+    num_filtered: int = 0
+    filtered_share: float = 0.0
+    filtered_group_ids: list[int] = []
 
     def console_fields(self) -> dict[str, Any]:
         return {
@@ -62,12 +69,13 @@ class StepRecord(msgspec.Struct, kw_only=True):
             "len": round(self.response_len_mean, 1), "tok_s": round(self.tokens_per_s),
             "stale_max": self.staleness_max, "accept_len": round(self.acceptance_length, 2),
             "wait_s": round(self.wait_s, 2), "train_s": round(self.train_s, 2),
+            **({"filtered": round(self.filtered_share, 2)} if self.num_filtered else {}),
         }
 
 
 def step_metrics(*, step: int, version: int, batch: list[ScoredGroup], loss: LossStats, wait_s: float,
                  train_s: float, sync_s: float, num_reissued: int = 0, num_returned: int = 0,
-                 num_duplicates: int = 0) -> StepRecord:
+                 num_duplicates: int = 0, filtered_group_ids: list[int] = ()) -> StepRecord:
     rewards = [r for g in batch for r in g.rewards]
     correct = [c for g in batch for c in g.correct]
     lengths = [len(r.completion_ids) for g in batch for r in g.rollouts]
@@ -111,7 +119,16 @@ def step_metrics(*, step: int, version: int, batch: list[ScoredGroup], loss: Los
         num_reward_errors=sum(g.num_reward_errors for g in batch),
         drafter_lag=sum(lags) / len(lags) if lags else -1.0,
         sd_sources=sd_sources,
+        num_uninformative=sum(not informative(g.rewards) for g in batch),
+        num_filtered=len(filtered_group_ids),
+        filtered_share=len(filtered_group_ids) / (len(filtered_group_ids) + len(batch)) if batch else 0.0,
+        filtered_group_ids=sorted(filtered_group_ids),
     )
+
+
+def informative(rewards: list[float]) -> bool:
+    """A group carries GRPO signal when its rewards are not all equal."""
+    return bool(rewards) and max(rewards) - min(rewards) > 1e-9
 
 
 class MetricsWriter:

@@ -53,6 +53,7 @@ class ActorTrainer:
                                            betas=(0.9, 0.99))
         self.prompts = PromptSource(config)
         self.version = 0
+        self.data_position: tuple[int, list[int]] | None = None  # from a loaded checkpoint
 
     def train_example(self, group_id: int) -> Example:
         return self.prompts.train_example(group_id)
@@ -108,11 +109,16 @@ class ActorTrainer:
         self.version += 1
         return TrainStats(num_tokens=total_tokens, grad_norm=float(grad_norm), **totals)
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self, data_position: tuple[int, list[int]] | None = None) -> Path:
+        """data_position: Admission.resume_position(), where the data stream restarts."""
+        state = {"version": self.version}
+        if data_position is not None:
+            state["data_position"], state["consumed_positions"] = data_position[0], list(data_position[1])
+
         def fill(staging: Path) -> None:
             save_pretrained(self.model, staging / "actor")
             torch.save(self.optimizer.state_dict(), staging / "optimizer.pt")
-            (staging / "trainer.json").write_text(json.dumps({"version": self.version}))
+            (staging / "trainer.json").write_text(json.dumps(state))
 
         path = replace_dir(checkpoints_dir(self.run_dir) / f"step-{self.version}", fill)
         clear_dead_staging(path.parent)  # a trainer killed mid-checkpoint left its stage there
@@ -122,4 +128,8 @@ class ActorTrainer:
         loaded = load_pretrained(path / "actor", dtype=torch.float32, device=self.config.model.device)
         self.model.load_state_dict(loaded.state_dict())
         self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-        self.version = json.loads((path / "trainer.json").read_text())["version"]
+        state = json.loads((path / "trainer.json").read_text())
+        self.version = state["version"]
+        # (position, consumed positions above it); None: the step's first group, step * groups
+        self.data_position = ((state["data_position"], state.get("consumed_positions", []))
+                              if "data_position" in state else None)

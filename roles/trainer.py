@@ -22,7 +22,7 @@ import torch
 
 from respec_async.actor import Actor, handles
 from respec_async.admission import Admission
-from respec_async.metrics import MetricsWriter, step_metrics
+from respec_async.metrics import MetricsWriter, informative, step_metrics
 from respec_async.training import ActorTrainer, latest_checkpoint
 from respec_async.weight_sync import WeightOwner
 from transport.schema import (
@@ -49,7 +49,8 @@ class TrainerActor(Actor):
             await self.run_blocking(self.core.load_checkpoint, checkpoint)
             self.log.info("trainer.resumed", checkpoint=str(checkpoint), version=self.core.version)
             await self.notify("trainer.resumed", version=self.core.version, checkpoint=checkpoint.name)
-        self.admission.reset_to_step(self.core.version)
+        position, consumed = self.core.data_position or (None, [])
+        self.admission.reset_to_step(self.core.version, position, consumed)
         self.weights = WeightOwner(self, "actor", receivers, cfg.trainer.weight_sync_timeout_s, cfg.model.device)
         self.batch_arrived = asyncio.Event()
         self.issue_wanted = asyncio.Event()
@@ -79,10 +80,23 @@ class TrainerActor(Actor):
 
     @handles
     async def on_scored(self, message: ScoredGroup) -> None:
-        if self.admission.complete(message.group.group_id, message.group.attempt, message):
-            self.batch_arrived.set()
+        group_id = message.group.group_id
+        if not self.admission.complete(group_id, message.group.attempt, message):
+            self.log.info("trainer.ignored_result", group_id=group_id, attempt=message.group.attempt)
+            return
+        if self._drops(message):
+            self.admission.drop(group_id)  # consumed: reported with its step; a new prompt takes its place
+            await self._issue_admissible()
         else:
-            self.log.info("trainer.ignored_result", group_id=message.group.group_id, attempt=message.group.attempt)
+            self.batch_arrived.set()
+
+    def _drops(self, message: ScoredGroup) -> bool:
+        """Dynamic sampling: an uninformative group leaves its step while the step may draw more."""
+        cfg = self.ctx.config
+        if not cfg.trainer.dynamic_sampling or informative(message.rewards):
+            return False
+        step = self.admission.step_of(message.group.group_id)
+        return self.admission.num_drawn(step) < int(cfg.trainer.dynamic_sampling_max_factor * cfg.data.groups_per_step)
 
     @handles
     async def on_returned(self, message: ReturnedGroup) -> None:
@@ -120,7 +134,7 @@ class TrainerActor(Actor):
 
     async def _issue_admissible(self) -> None:
         while self.admission.can_issue(self.core.version) and \
-                self.admission.step_of(self.admission.next_group_id) < self.ctx.config.trainer.num_steps:
+                self.admission.fill_step < self.ctx.config.trainer.num_steps:
             await self._send_group(self.admission.next_group_id)
 
     async def main(self) -> None:
@@ -140,6 +154,7 @@ class TrainerActor(Actor):
                 await self.batch_arrived.wait()
             wait_s = time.perf_counter() - waited
             batch: list[ScoredGroup] = self.admission.take_batch(step)
+            dropped = self.admission.take_dropped(step)
             train_started = time.perf_counter()
             stats = await self.run_blocking(self.core.train_step, batch)
             train_s = time.perf_counter() - train_started
@@ -147,12 +162,13 @@ class TrainerActor(Actor):
             record = step_metrics(step=step, version=self.core.version, batch=batch, loss=stats, wait_s=wait_s,
                                   train_s=train_s, sync_s=sync.seconds if sync else 0.0,
                                   num_reissued=self.admission.num_reissued, num_returned=self.num_returned,
-                                  num_duplicates=self.admission.num_duplicates + self.admission.num_stale_results)
+                                  num_duplicates=self.admission.num_duplicates + self.admission.num_stale_results,
+                                  filtered_group_ids=dropped)
             self.metrics.write(record)
             await self.notify("train.step", **record.console_fields())
             every = cfg.trainer.checkpoint_every
             if (every and self.core.version % every == 0) or self.core.version == cfg.trainer.num_steps:
-                path = await self.run_blocking(self.core.save_checkpoint)
+                path = await self.run_blocking(self.core.save_checkpoint, self.admission.resume_position())
                 self.log.info("trainer.checkpoint", path=str(path), version=self.core.version)
         await self.notify("trainer.finished", version=self.core.version)
 

@@ -53,3 +53,72 @@ def test_duplicates_and_superseded_attempts_are_ignored_and_counted():
     assert not adm.complete(again.group_id, again.attempt, "dup")
     assert adm.take_batch(0) == ["new"]
     assert (adm.num_reissued, adm.num_stale_results, adm.num_duplicates) == (1, 1, 1)
+
+
+@pytest.mark.parametrize("k", [0, 1, 3])
+def test_dropped_groups_are_replaced_within_the_staleness_bound_and_never_reissued(k):
+    """Dynamic sampling: a random third of completed groups are dropped. Every step still trains
+    exactly groups_per_step groups, each within k versions, every data position is trained or
+    dropped exactly once, and the positions are consumed in order with no gap."""
+    rng = random.Random(100 + k)
+    adm = Admission(groups_per_step=3, max_staleness=k)
+    version, in_flight, fates = 0, [], {}
+    while version < 15:
+        while adm.can_issue(version) and rng.random() < 0.8:
+            in_flight.append(adm.issue(version, "generator-0"))
+        rng.shuffle(in_flight)
+        if in_flight and rng.random() < 0.7:
+            issued = in_flight.pop()
+            assert adm.complete(issued.group_id, issued.attempt, issued)
+            if rng.random() < 0.33:
+                step = adm.step_of(issued.group_id)
+                adm.drop(issued.group_id)
+                assert adm.can_issue(version) and adm.fill_step == min(adm.fill_step, step)
+        if adm.batch_ready(version):
+            batch = adm.take_batch(version)
+            assert len(batch) == 3 and all(version - g.issued_version <= k for g in batch)
+            for g in batch:
+                assert fates.setdefault(g.group_id, ("trained", version)) == ("trained", version)
+            for group_id in adm.take_dropped(version):
+                assert group_id not in fates
+                fates[group_id] = ("dropped", version)
+            version += 1
+        elif not in_flight and not adm.can_issue(version):
+            raise AssertionError("deadlock")
+    dropped = [g for g, (fate, _) in fates.items() if fate == "dropped"]
+    assert adm.num_dropped >= len(dropped) > 5
+    pending = set(adm.step_assignment).union(*adm.dropped.values())  # later steps' groups, in flight
+    assert not pending & set(fates)
+    assert sorted([*fates, *pending]) == list(range(adm.next_group_id))  # no position lost or repeated
+
+
+def test_resume_position_skips_recorded_fates_and_reissues_unrecorded_drops():
+    adm = Admission(groups_per_step=2, max_staleness=1)
+    groups = [adm.issue(0, "g") for _ in range(4)]  # 0, 1 -> step 0; 2, 3 -> step 1
+    for g in groups:
+        adm.complete(g.group_id, g.attempt, g.group_id)
+    adm.drop(1)  # step 0 needs another: position 4
+    adm.drop(3)  # step 1 too: position 5 (its drop is not recorded before step 1 trains)
+    g4, g5 = adm.issue(1, "g"), adm.issue(1, "g")
+    assert (adm.step_of(g4.group_id), adm.step_of(g5.group_id)) == (0, 1)
+    adm.complete(4, g4.attempt, 4)
+    assert adm.take_batch(0) == [0, 4] and adm.take_dropped(0) == [1]
+    # Checkpoint at version 1: 2 (completed), 3 (dropped, unrecorded) and 5 (outstanding) go
+    # again; 4 (trained) is skipped.
+    start, consumed = adm.resume_position()
+    assert (start, consumed) == (2, [4])
+    fresh = Admission(groups_per_step=2, max_staleness=1)
+    fresh.reset_to_step(1, start, consumed)
+    assert [fresh.issue(1, "g").group_id for _ in range(4)] == [2, 3, 5, 6]
+    assert [fresh.step_of(g) for g in (2, 3, 5, 6)] == [1, 1, 2, 2]
+    # Without drops, the old rule: a step starts at step * groups_per_step.
+    plain = Admission(groups_per_step=2, max_staleness=0)
+    plain.reset_to_step(3)
+    assert plain.issue(3, "g").group_id == 6
+
+
+def test_dropping_an_unknown_or_untrained_group_is_an_error():
+    adm = Admission(groups_per_step=1, max_staleness=0)
+    issued = adm.issue(0, "g")
+    with pytest.raises(KeyError, match="not a completed"):
+        adm.drop(issued.group_id)  # still outstanding
