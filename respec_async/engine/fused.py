@@ -55,6 +55,11 @@ class AttentionWeights:
     num_heads: int
     num_kv_heads: int
     head_dim: int
+    # Qwen3's per-head RMSNorm of q and k: weights for q | k [h + kv, d], the same for rot(q) |
+    # rot(k) (rotate_half(y * w) = rotate_half(y) * swap_halves(w)), and its eps.
+    qk_norm: Tensor | None = None
+    qk_norm_rot: Tensor | None = None
+    qk_norm_eps: float = 0.0
 
 
 @dataclass
@@ -73,8 +78,14 @@ def attention_weights(attn, norm_weight: Tensor, num_heads: int, num_kv_heads: i
     if q.bias is not None:
         bias = torch.cat([q.bias, k.bias, attn.v_proj.bias, rotate_half_rows(q.bias, num_heads, head_dim),
                           rotate_half_rows(k.bias, num_kv_heads, head_dim)])
+    norms = {}
+    if getattr(attn, "q_norm", None) is not None:
+        w = torch.cat([attn.q_norm.weight.expand(num_heads, -1), attn.k_norm.weight.expand(num_kv_heads, -1)])
+        half = head_dim // 2
+        norms = dict(qk_norm=w.contiguous(), qk_norm_rot=torch.cat([w[:, half:], w[:, :half]], 1).contiguous(),
+                     qk_norm_eps=attn.q_norm.eps)
     return AttentionWeights(weight.t().contiguous(), bias, attn.o_proj.weight.t().contiguous(), attn.o_proj.bias,
-                            num_heads, num_kv_heads, head_dim)
+                            num_heads, num_kv_heads, head_dim, **norms)
 
 
 def mlp_weights(mlp, norm_weight: Tensor) -> MLPWeights:
@@ -136,9 +147,13 @@ def drop_cache(module: torch.nn.Module) -> None:
 def rms_scale(x: Tensor, eps: float) -> Tensor:
     """x / sqrt(mean(x^2) + eps) over the last dim (RMSNorm without its weight), x: [N, H].
     Four ops, none with a Python scalar operand (each of those costs a tensor wrap)."""
-    size = x.shape[-1]
+    return x * rms_inverse(x, eps)
+
+
+def rms_inverse(x: Tensor, eps: float) -> Tensor:
+    """1 / sqrt(mean(x^2) + eps) over the last dim, keepdim."""
     norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    return x * torch.addcmul(_scalar(eps, x), norm, norm, value=1.0 / size).rsqrt_()
+    return torch.addcmul(_scalar(eps, x), norm, norm, value=1.0 / x.shape[-1]).rsqrt_()
 
 
 _scalars: dict = {}
@@ -203,7 +218,12 @@ def attention(w: AttentionWeights, x: Tensor, batch_size: int, seq_len: int, cos
     if packed is not None:
         proj = proj.new_zeros(batch_size * seq_len, proj.shape[1]).index_copy_(0, packed, proj)
     proj = proj.view(batch_size, seq_len, 2 * h + 3 * kv, d)
-    qk = torch.addcmul(proj[:, :, :h + kv] * cos, proj[:, :, h + 2 * kv:], sin)
+    if w.qk_norm is None:
+        qk = torch.addcmul(proj[:, :, :h + kv] * cos, proj[:, :, h + 2 * kv:], sin)
+    else:  # one RMS statistic per head serves q and rot(q) alike (rotate_half keeps the norm)
+        raw = proj[:, :, :h + kv]
+        scale = rms_inverse(raw, w.qk_norm_eps)  # [B, T, h + kv, 1]
+        qk = torch.addcmul(raw * scale * w.qk_norm * cos, proj[:, :, h + 2 * kv:] * scale * w.qk_norm_rot, sin)
     q = qk[:, :, :h].transpose(1, 2)
     k, v = qk[:, :, h:], proj[:, :, h + kv:h + 2 * kv]  # [B, T, kv, d]
     if cache is None:

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from respec_async.engine import fused
 
-MODEL_TYPES = ("llama", "qwen2")
+MODEL_TYPES = ("llama", "qwen2", "qwen3")
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -42,7 +42,7 @@ class ModelConfig:
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # q/k/v bias (and o_proj bias for llama); qwen2 always has q/k/v bias
-    model_type: str = "llama"  # "llama" | "qwen2"
+    model_type: str = "llama"  # "llama" | "qwen2" | "qwen3" (qwen3: RMSNorm of each head's q and k)
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
@@ -110,12 +110,21 @@ class ModelConfig:
             "tie_word_embeddings": self.tie_word_embeddings,
             "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id,
         }
-        if self.model_type == "qwen2":
+        if self.model_type in ("qwen2", "qwen3"):
             d["use_sliding_window"] = False
-        else:
+        if self.model_type == "qwen3":
+            d["attention_bias"] = self.attention_bias
+        elif self.model_type == "llama":
             d["attention_bias"] = self.attention_bias
             d["mlp_bias"] = False
+        if self.model_type == "qwen3":
+            d["architectures"] = ["Qwen3ForCausalLM"]
         return d
+
+    @property
+    def qk_norm(self) -> bool:
+        """Qwen3: each head's q and k go through an RMSNorm (over head_dim) before RoPE."""
+        return self.model_type == "qwen3"
 
 
 def rope_scaling_type(rope_scaling: dict | None) -> str:
@@ -208,16 +217,22 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(config.hidden_size, heads * head_dim, bias=config.attention_bias)
         self.k_proj = nn.Linear(config.hidden_size, kv_heads * head_dim, bias=config.attention_bias)
         self.v_proj = nn.Linear(config.hidden_size, kv_heads * head_dim, bias=config.attention_bias)
-        # Llama's attention_bias covers o_proj too; Qwen2's q/k/v bias does not.
+        # Llama's attention_bias covers o_proj too; Qwen2's and Qwen3's q/k/v bias do not.
         self.o_proj = nn.Linear(heads * head_dim, config.hidden_size,
                                 bias=config.attention_bias and config.model_type == "llama")
         self.enable_gqa = kv_heads != heads
+        if config.qk_norm:
+            self.q_norm = RMSNorm(head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(head_dim, config.rms_norm_eps)
 
     def forward(self, x, cos, sin, cache, slots, cache_positions, attn_mask, empty_rows=None):
         batch_size, seq_len, _ = x.shape
         head_dim = self.config.head_dim
-        q = self.q_proj(x).view(batch_size, seq_len, -1, head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch_size, seq_len, -1, head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(batch_size, seq_len, -1, head_dim)
+        k = self.k_proj(x).view(batch_size, seq_len, -1, head_dim)
+        if self.config.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(batch_size, seq_len, -1, head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
@@ -267,7 +282,8 @@ class DecoderLayer(nn.Module):
                    attn.k_proj.weight, attn.v_proj.weight, attn.o_proj.weight, mlp.gate_proj.weight,
                    mlp.up_proj.weight, mlp.down_proj.weight)
         biases = (attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias, attn.o_proj.bias)
-        return tensors + tuple(bias for bias in biases if bias is not None)
+        norms = (attn.q_norm.weight, attn.k_norm.weight) if attn.config.qk_norm else ()
+        return tensors + tuple(bias for bias in biases if bias is not None) + norms
 
     def fused_weights(self) -> tuple[fused.AttentionWeights, fused.MLPWeights]:
         config = self.self_attn.config

@@ -1,4 +1,4 @@
-"""The target model against transformers on random tiny Llama and Qwen2 configs: full-sequence
+"""The target model against transformers on random tiny Llama, Qwen2 and Qwen3 configs: full-sequence
 logits, hidden states, KV-cache decoding (prefill, single steps, chunks, mixed slots), bf16;
 each through the module path and the fused inference path."""
 
@@ -18,6 +18,10 @@ FAMILIES = {
     "qwen2": dict(model_type="qwen2", vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1e6,
                   max_position_embeddings=128),
+    # Qwen3: per-head q/k RMSNorm, no bias, an explicit head_dim unlike hidden / heads, tied.
+    "qwen3": dict(model_type="qwen3", vocab_size=59, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=12, tie_word_embeddings=True,
+                  rope_theta=1e6, max_position_embeddings=128, rms_norm_eps=1e-6),
     # Llama: GQA 4/2, untied embeddings.
     "llama": dict(model_type="llama", vocab_size=67, hidden_size=32, intermediate_size=40, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, rope_theta=500.0,
