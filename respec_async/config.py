@@ -79,12 +79,14 @@ class SamplingSection(Section):
 
 
 class DataSection(Section):
-    task: Literal["arithmetic", "jsonl"] = "arithmetic"  # the zoo task, or a JSONL file of prompt/answer
+    # the zoo task, its long-tail variant (up to 44-digit additions, solutions ~20-450 tokens;
+    # its own zoo target and drafter), or a JSONL file of prompt/answer
+    task: Literal["arithmetic", "longtail", "jsonl"] = "arithmetic"
     path: str = ""  # jsonl only: file with {"prompt": ..., "answer": ...} per line
     group_size: PosInt = 8  # samples per prompt (G of GRPO)
     groups_per_step: PosInt = 8  # prompts per optimizer step
     eval_size: PosInt = 200  # held-out prompts for `respec eval` and the demo's before/after accuracy
-    # arithmetic: 0 = an endless stream of new problems; N = a training set of N problems, each
+    # arithmetic, longtail: 0 = an endless stream of new problems; N = a training set of N problems, each
     # seen once per epoch, in a new order every epoch (as a JSONL file's records are)
     train_size: NonNegInt = 0
 
@@ -318,7 +320,7 @@ def generator_uses_drafter(config: Config) -> bool:
 def check_config(config: Config, source: str) -> None:
     """Cross-field rules that a single field's type cannot express."""
     if config.data.task == "jsonl" and config.data.train_size:
-        raise ConfigError(f"{source}: data.train_size: only for data.task = \"arithmetic\" (a JSONL file's records "
+        raise ConfigError(f"{source}: data.train_size: only for the arithmetic tasks (a JSONL file's records "
                           f"are its training set)")
     if config.data.task == "jsonl" and not config.data.path:
         raise ConfigError(f"{source}: data.path: required when data.task = \"jsonl\"")

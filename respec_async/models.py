@@ -17,15 +17,15 @@ from respec_async.engine.tokenizer import Tokenizer
 
 
 def resolve_models(config: Config) -> Config:
-    """Fill model.path (and model.drafter_path when SD is on) with the zoo's directories when the
-    config leaves them empty, training the zoo first if it is not cached (the drafter only when
-    the run uses one)."""
+    """Fill model.path (and model.drafter_path when SD is on) with the zoo's directories (the
+    data.task's zoo) when the config leaves them empty, training the zoo first if it is not
+    cached (the drafter only when the run uses one)."""
     needs_drafter = generator_uses_drafter(config) or config.roles.drafter_learner > 0
     if config.model.path and (config.model.drafter_path or not needs_drafter):
         return config
-    from respec_async.zoo import ensure_zoo
+    from respec_async.zoo import ensure_zoo, spec_for_task
 
-    zoo = ensure_zoo(with_drafter=needs_drafter)
+    zoo = ensure_zoo(spec=spec_for_task(config.data.task), with_drafter=needs_drafter)
     if not config.model.path:
         config.model.path = str(zoo.target_dir)
     if needs_drafter and not config.model.drafter_path:

@@ -2,7 +2,7 @@
 
 A `PromptSource` maps a position in the data stream to an `Example` deterministically, so the
 trainer's data position is a single integer (group_id) and a resumed run sees the same prompts.
-The zoo's arithmetic task and JSONL prompt/answer files (GSM8K-style, scored by final-answer
+The zoo's arithmetic task (and its long-tail variant) and JSONL prompt/answer files (GSM8K-style, scored by final-answer
 exact match) are supported.
 """
 
@@ -43,8 +43,13 @@ class PromptSource:
         if self.dataset is not None:
             record = self.dataset.record_at(position)
             return self._example(record.prompt, record.answer, "math")
-        p = arithmetic.problem(self._train_index(position), seed=self.config.run.seed, split="train")
+        p = arithmetic.problem(self._train_index(position), seed=self.config.run.seed, split="train",
+                               **self._digits())
         return self._example(p.prompt, p.answer, "arithmetic")
+
+    def _digits(self) -> dict:
+        max_digits, decay = arithmetic.TASKS[self.config.data.task]
+        return {"max_digits": max_digits, "digits_decay": decay}
 
     def _train_index(self, position: int) -> int:
         """The arithmetic problem at this stream position: itself, or with data.train_size = N
@@ -62,7 +67,7 @@ class PromptSource:
     def eval_example(self, index: int) -> Example:
         if self.dataset is not None:
             raise ValueError("data.task = \"jsonl\": held-out evaluation needs the arithmetic task")
-        p = arithmetic.problem(index, seed=self.config.run.seed, split="heldout")
+        p = arithmetic.problem(index, seed=self.config.run.seed, split="heldout", **self._digits())
         return self._example(p.prompt, p.answer, "arithmetic")
 
 

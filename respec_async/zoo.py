@@ -64,6 +64,7 @@ class ZooSpec:
 
     seed: int = 0
     max_digits: int = arithmetic.MAX_DIGITS
+    digits_decay: float = arithmetic.DIGITS_DECAY
     # Target: a Llama-style decoder, ~0.74M parameters with these sizes.
     hidden_size: int = 128
     num_hidden_layers: int = 4
@@ -94,14 +95,20 @@ class ZooSpec:
     # Each batch runs as this many length-sorted parts (same gradient, far less padding).
     num_length_groups: int = 4
 
+    def _fields(self) -> dict:
+        fields = dataclasses.asdict(self)
+        if fields["digits_decay"] == arithmetic.DIGITS_DECAY:
+            del fields["digits_decay"]  # a field added later: the default keeps the older keys
+        return fields
+
     def key(self) -> str:
         """Names the whole zoo (target and drafter)."""
-        return _hash({"format_version": ZOO_FORMAT_VERSION, **dataclasses.asdict(self)})
+        return _hash({"format_version": ZOO_FORMAT_VERSION, **self._fields()})
 
     def target_key(self) -> str:
         """Names the target stage: only the fields the target depends on, so changing a drafter
         hyperparameter reuses the cached target."""
-        fields = {k: v for k, v in dataclasses.asdict(self).items() if not k.startswith("drafter_")}
+        fields = {k: v for k, v in self._fields().items() if not k.startswith("drafter_")}
         return _hash({"format_version": ZOO_FORMAT_VERSION, **fields})
 
 
@@ -114,6 +121,20 @@ QUICK_SPEC = ZooSpec(max_digits=3, hidden_size=32, num_hidden_layers=4, num_atte
                      num_key_value_heads=1, intermediate_size=64, max_position_embeddings=64,
                      target_batch_size=16, target_max_steps=12, target_stop_accuracy=1.01, eval_every=6,
                      num_eval_problems=16, drafter_batch_size=8, drafter_steps=6, drafter_unroll_steps=3, num_length_groups=2)
+
+
+# The long-tail task's zoo (data.task = "longtail"): solutions up to ~450 tokens, so longer
+# positions and two more layers to carry 44-digit columns.
+LONGTAIL_SPEC = ZooSpec(max_digits=arithmetic.LONGTAIL_MAX_DIGITS, digits_decay=arithmetic.LONGTAIL_DIGITS_DECAY,
+                        num_hidden_layers=6, max_position_embeddings=640, target_max_steps=2500,
+                        target_batch_size=16, drafter_batch_size=16, num_eval_problems=128)
+SPECS = {"arithmetic": ZooSpec(), "longtail": LONGTAIL_SPEC}
+
+
+def spec_for_task(task: str) -> ZooSpec:
+    """The zoo a data.task trains on (the arithmetic one for a JSONL task: its models are
+    given by model.path)."""
+    return SPECS.get(task, SPECS["arithmetic"])
 
 
 @dataclass(frozen=True)
@@ -305,7 +326,7 @@ class TrainBatches:
 
     def next(self) -> TokenBatch:
         problems = arithmetic.problems(self.batch_size, seed=self.seed, split="train", start=self.next_index,
-                                       max_digits=self.spec.max_digits)
+                                       max_digits=self.spec.max_digits, digits_decay=self.spec.digits_decay)
         problems = [unanswered(p) if _is_unanswered(self.seed, self.next_index + i, self.spec.unanswered_fraction)
                     else p for i, p in enumerate(problems)]
         self.next_index += self.batch_size
@@ -323,7 +344,7 @@ def unanswered(problem: arithmetic.Problem) -> arithmetic.Problem:
 
 def heldout_batches(tokenizer, spec: ZooSpec, batch_size: int = 64) -> list[TokenBatch]:
     problems = arithmetic.problems(spec.num_eval_problems, seed=spec.seed, split="heldout",
-                                   max_digits=spec.max_digits)
+                                   max_digits=spec.max_digits, digits_decay=spec.digits_decay)
     problems.sort(key=lambda p: len(p.prompt) + len(p.completion))
     return [encode_problems(tokenizer, problems[i: i + batch_size]) for i in range(0, len(problems), batch_size)]
 
@@ -496,7 +517,8 @@ def evaluate_generation(target, tokenizer, spec: ZooSpec, drafter=None, num_prob
     from respec_async.engine.engine import Engine, Request, SDConfig
     from respec_async.engine.sampling import SamplingParams
 
-    problems = arithmetic.problems(num_problems, seed=spec.seed + 7, split="heldout", max_digits=spec.max_digits)
+    problems = arithmetic.problems(num_problems, seed=spec.seed + 7, split="heldout", max_digits=spec.max_digits,
+                                   digits_decay=spec.digits_decay)
     max_new_tokens = max(len(p.completion) for p in problems) + 16
     max_seq_len = max(len(encode_prompt(tokenizer, p.prompt)) for p in problems) + max_new_tokens + 1
     results = {}
@@ -607,12 +629,13 @@ def train_drafter_stage(target_dir: Path, drafter_dir: Path, spec: ZooSpec, log:
 
 
 def ship(paths: ZooPaths, shipped_dir: Path | None = None) -> None:
-    """Replace the shipped copies with these two stages (target and drafter) and their stamps."""
+    """Replace the shipped copies of this zoo's two stages (target and drafter) and their stamps;
+    other stages shipped (another task's zoo) stay."""
     shipped_dir = shipped_dir or SHIPPED_DIR
-    if shipped_dir.exists():
-        shutil.rmtree(shipped_dir)
-    shipped_dir.mkdir(parents=True)
+    shipped_dir.mkdir(parents=True, exist_ok=True)
     for stage in (paths.target_dir, paths.drafter_dir.parent):
+        if (shipped_dir / stage.name).exists():
+            shutil.rmtree(shipped_dir / stage.name)
         shutil.copytree(stage, shipped_dir / stage.name, ignore=shutil.ignore_patterns(".*"))
     print(f"shipped: {shipped_dir}")
 
@@ -622,11 +645,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="cache directory (default: $RESPEC_ZOO_DIR or ~/.cache/respec_async/zoo)")
     parser.add_argument("--force", action="store_true", help="retrain even when a matching zoo is cached")
     parser.add_argument("--quick", action="store_true", help="a micro zoo in seconds (tests; not a useful model)")
+    parser.add_argument("--task", choices=sorted(SPECS), default="arithmetic",
+                        help="the task's zoo (data.task; default arithmetic)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for training (default 1)")
     parser.add_argument("--ship", action="store_true",
                         help=f"also copy the trained stages into {SHIPPED_DIR} (the copies shipped with the package)")
     args = parser.parse_args(argv)
-    spec = QUICK_SPEC if args.quick else ZooSpec()
+    spec = QUICK_SPEC if args.quick else SPECS[args.task]
     start_s = time.perf_counter()
     paths = ensure_zoo(args.out, spec=spec, force=args.force, log=lambda message: print(message, flush=True),
                        num_threads=args.threads)

@@ -11,6 +11,10 @@ short (17 characters for one digit) and a few are long (about 150 for fourteen):
 of lengths that makes batched generation, and speculative decoding's batch-size dependence,
 interesting. Every answer is checkable, so `reward` is an exact rule.
 
+The long-tail variant (`data.task = "longtail"`, `TASKS`) draws up to 44 digits with a slower
+decay: completions from 17 characters to about 450, a median near 70, the long tail of
+reasoning lengths that makes generation dominate an RL step.
+
 Problems are a pure function of (index, seed, split): a trainer resumes by remembering an
 index, and the train and held-out splits never share a problem because membership is decided
 by a hash of the operands, not by the seed.
@@ -32,6 +36,12 @@ MAX_DIGITS = 14
 # P(num_digits = n) is proportional to DIGITS_DECAY ** (n - 1): about a quarter of the problems
 # have one digit, 3% have ten or more.
 DIGITS_DECAY = 0.75
+# The long-tail task: P(n) proportional to 0.9 ** (n - 1) up to 44 digits.
+LONGTAIL_MAX_DIGITS = 44
+LONGTAIL_DIGITS_DECAY = 0.9
+DIGITS_LIMIT = 64
+# data.task -> (max_digits, digits_decay)
+TASKS = {"arithmetic": (MAX_DIGITS, DIGITS_DECAY), "longtail": (LONGTAIL_MAX_DIGITS, LONGTAIL_DIGITS_DECAY)}
 # One problem in HELDOUT_MODULUS is held out; the rest can be trained on.
 HELDOUT_MODULUS = 10
 
@@ -67,8 +77,8 @@ def solve(a: int, b: int) -> str:
     return "".join(columns) + ANSWER_PREFIX + str(a + b)
 
 
-def _draw_num_digits(rng: random.Random, max_digits: int) -> int:
-    weights = [DIGITS_DECAY ** (n - 1) for n in range(1, max_digits + 1)]
+def _draw_num_digits(rng: random.Random, max_digits: int, decay: float) -> int:
+    weights = [decay ** (n - 1) for n in range(1, max_digits + 1)]
     return rng.choices(range(1, max_digits + 1), weights=weights)[0]
 
 
@@ -77,17 +87,23 @@ def _draw_operand(rng: random.Random, num_digits: int) -> int:
     return rng.randrange(low, 10 ** num_digits)
 
 
-def problem(index: int, seed: int = 0, split: Split = "train", max_digits: int = MAX_DIGITS) -> Problem:
-    """The index-th problem of a split: deterministic in (index, seed, split, max_digits)."""
+def problem(index: int, seed: int = 0, split: Split = "train", max_digits: int = MAX_DIGITS,
+            digits_decay: float = DIGITS_DECAY) -> Problem:
+    """The index-th problem of a split: deterministic in (index, seed, split, max_digits,
+    digits_decay)."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
-    if not 1 <= max_digits <= MAX_DIGITS:
-        raise ValueError(f"max_digits must be in [1, {MAX_DIGITS}], got {max_digits}")
-    # A string seed goes through SHA-512 in `random`, so this is stable across processes and runs.
-    rng = random.Random(f"arithmetic:{seed}:{split}:{max_digits}:{index}")
+    if not 1 <= max_digits <= DIGITS_LIMIT:
+        raise ValueError(f"max_digits must be in [1, {DIGITS_LIMIT}], got {max_digits}")
+    if not 0 < digits_decay <= 1:
+        raise ValueError(f"digits_decay must be in (0, 1], got {digits_decay}")
+    # A string seed goes through SHA-512 in `random`, so this is stable across processes and runs
+    # (the default decay leaves the key as it was: the same problems as before it existed).
+    decay_key = "" if digits_decay == DIGITS_DECAY else f"{digits_decay}:"
+    rng = random.Random(f"arithmetic:{seed}:{split}:{max_digits}:{decay_key}{index}")
     want_heldout = split == "heldout"
     while True:
-        num_digits = _draw_num_digits(rng, max_digits)
+        num_digits = _draw_num_digits(rng, max_digits, digits_decay)
         a = _draw_operand(rng, num_digits)
         b = _draw_operand(rng, rng.randint(1, num_digits))
         if rng.random() < 0.5:
@@ -97,8 +113,8 @@ def problem(index: int, seed: int = 0, split: Split = "train", max_digits: int =
 
 
 def problems(num_problems: int, seed: int = 0, split: Split = "train", start: int = 0,
-             max_digits: int = MAX_DIGITS) -> list[Problem]:
-    return [problem(i, seed, split, max_digits) for i in range(start, start + num_problems)]
+             max_digits: int = MAX_DIGITS, digits_decay: float = DIGITS_DECAY) -> list[Problem]:
+    return [problem(i, seed, split, max_digits, digits_decay) for i in range(start, start + num_problems)]
 
 
 def parse_answer(completion_text: str) -> str | None:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from respec_async import zoo
+from respec_async.tasks import arithmetic
 from respec_async.engine.checkpoint import load_pretrained
 from respec_async.engine.drafter import Eagle3Drafter
 from respec_async.engine.tokenizer import Tokenizer
@@ -167,3 +168,15 @@ def test_a_shipped_copy_of_another_spec_is_ignored_and_force_retrains(quick_zoo,
     messages.clear()
     zoo.ensure_zoo(tmp_path / "cache2", spec=zoo.QUICK_SPEC, log=messages.append, force=True, with_drafter=False)
     assert not any("shipped with the package" in m for m in messages)
+
+
+def test_each_task_has_its_zoo_and_new_spec_fields_keep_the_shipped_keys():
+    default = zoo.ZooSpec()
+    # The shipped copies are named by the default spec's keys: a field added with its default
+    # must not rename them (every fresh clone would retrain the zoo for minutes).
+    shipped = {p.name for p in zoo.SHIPPED_DIR.iterdir()}
+    assert {f"target-{default.target_key()}", f"zoo-{default.key()}"} <= shipped
+    assert zoo.spec_for_task("arithmetic") == default and zoo.spec_for_task("jsonl") == default
+    longtail = zoo.spec_for_task("longtail")
+    assert (longtail.max_digits, longtail.digits_decay) == arithmetic.TASKS["longtail"]
+    assert longtail.key() != default.key() and longtail.target_key() != default.target_key()

@@ -89,3 +89,28 @@ def test_a_finite_training_set_is_seen_once_per_epoch_in_a_new_order(random_acto
     assert len({endless.train_example(position).prompt_text for position in range(18)}) > 6
     with pytest.raises(ConfigError, match=r"data\.train_size"):
         config_from_dict({"data": {"task": "jsonl", "path": "x.jsonl", "train_size": 6}})
+
+
+def test_the_default_task_draws_the_problems_it_always_drew():
+    # Pinned from before the long-tail variant existed: a resumed or compared run sees the same data.
+    assert [arithmetic.problem(i).prompt for i in range(3)] == ["8176+9=", "3631+2525=", "7+21892="]
+    assert arithmetic.problem(5, seed=3, split="heldout").prompt == "83+67="
+
+
+def test_the_longtail_task_has_a_long_tail_of_solution_lengths():
+    max_digits, decay = arithmetic.TASKS["longtail"]
+    problems = arithmetic.problems(4000, max_digits=max_digits, digits_decay=decay)
+    lengths = sorted(len(p.completion) + 1 for p in problems)  # + EOS; one token per character
+    p50, p90, p99 = (lengths[int(q * len(lengths))] for q in (0.5, 0.9, 0.99))
+    assert 40 <= p50 <= 100 and p90 >= 150 and p99 >= 300 and lengths[-1] >= 400, (p50, p90, p99, lengths[-1])
+    assert lengths[0] <= 20
+    assert all(arithmetic.reward(p.completion, p.answer) == 1.0 for p in problems[:200])
+    assert problems[7] == arithmetic.problem(7, max_digits=max_digits, digits_decay=decay)
+    assert [p.prompt for p in problems[:3]] != [arithmetic.problem(i).prompt for i in range(3)]
+
+
+def test_bad_digit_settings_are_rejected():
+    with pytest.raises(ValueError, match="max_digits"):
+        arithmetic.problem(0, max_digits=65)
+    with pytest.raises(ValueError, match="digits_decay"):
+        arithmetic.problem(0, digits_decay=0.0)
