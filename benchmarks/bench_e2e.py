@@ -6,10 +6,12 @@ for no SD, naive SD and full ReSpec, on the same workload and seed, in one run.
     .venv/bin/python benchmarks/bench_e2e.py --from-json benchmarks/results/bench_e2e.json
         [--target-reward 0.45]        (re-report a recorded run, e.g. at another threshold)
 
-Three full `respec launch` runs of configs/respec.toml, one after the other, that differ only
-in these switches (same seed, so the same prompts at every step; same workload: the config's
-own data.groups_per_step x data.group_size, sampling.max_new_tokens and trainer.lr unless given):
-  no-sd:     generator.sd = "off", roles.drafter_learner = 0 (plain decoding)
+Full `respec launch` runs of configs/respec.toml, one after the other, that differ only in
+these switches (same seed, so the same prompts at every step; same workload: the config's own
+data.groups_per_step x data.group_size, sampling.max_new_tokens and trainer.lr unless given):
+  sync-no-sd: no-sd at trainer.max_staleness = 0: synchronous on-policy RL, generation and
+             training in turn (the "standard RL training" ReSpec compares with)
+  no-sd:     generator.sd = "off", roles.drafter_learner = 0 (plain decoding, the config's k)
   naive-sd:  generator.sd = "static" with the config's (sd_num_steps, sd_top_k,
              sd_num_draft_tokens), roles.drafter_learner = 0 (the offline zoo drafter, frozen)
   history:   generator.sd = "static" drafting chains of 8 from the rollout history
@@ -43,6 +45,12 @@ profiling. Reported per arm:
                  (computed after the runs, so it is reachable whatever the absolute numbers;
                  the first selected arm's if no-sd is not run)
   final reward: the mean reward of the last `--window` steps.
+  bound:   what bounds each arm: its generation share (generator busy seconds / seconds per
+           step; sync-no-sd's is the generation share of a synchronous step), its generation
+           speedup S (no-sd's busy seconds per step / the arm's) and the Amdahl bound on the
+           e2e speedup a generation speedup S can give where generation takes no-sd's share p
+           of a step, 1 / (1 - p (1 - 1/S)), next to the measured e2e speedup (wall, no-sd /
+           arm).
 Speedups are the no-sd arm's time over the arm's time. Verdicts (time to the fixed reward;
 the other two speedups beside it): PASS when respec reaches it >= 1.5x sooner than no-sd, and
 sooner than naive-sd; N/A when neither arm of a pair reaches it in the run. The arms run in
@@ -69,6 +77,7 @@ from rl_bench import (  # noqa: E402
 )
 
 ARMS = {
+    "sync-no-sd": ['generator.sd="off"', "roles.drafter_learner=0", "trainer.max_staleness=0"],
     "no-sd": ['generator.sd="off"', "roles.drafter_learner=0"],
     "naive-sd": ['generator.sd="static"', "roles.drafter_learner=0"],
     "history": ['generator.sd="static"', 'generator.sd_source="history"', "generator.sd_num_steps=8",
@@ -277,6 +286,18 @@ def report(args, results: dict, recorded: dict) -> None:
             if results[name].get("generator_busy_s_per_step")))
     print("(startup: launch -> step 0's record; s/step and tok/s: step 0 -> the last step; trainer waits: "
           "its share of wait + train + sync spent waiting for rollouts)")
+    amdahl_rows = amdahl(results, arms)
+    if amdahl_rows:
+        print(f"\n{'arm':<10} | {'gen share':>9} | {'gen speedup S':>13} | {'Amdahl bound':>12} | {'e2e speedup':>11}")
+        for row in amdahl_rows:
+            speedup = "-" if row["speedup"] is None else f"{row['speedup']:.2f}x"
+            bound = "-" if row["bound"] is None else f"{row['bound']:.2f}x"
+            print(f"{row['arm']:<10} | {row['share']:9.0%} | {speedup:>13} | {bound:>12} | {row['e2e']:10.2f}x")
+        print("(gen share: generator busy s / s per step (for sync-no-sd: the generation share of a synchronous "
+              "step); S: no-sd's busy s per step / the arm's; bound: 1 / (1 - p (1 - 1/S)) with p = no-sd's share; "
+              "e2e: no-sd's wall / the arm's)")
+        for row in amdahl_rows:
+            results[row["arm"]]["amdahl"] = row
     offline = results["respec"]["sd_profile_s"] if recorded["settings"].get("profile") == "offline" \
         and "respec" in results else None
     if offline is not None:
@@ -290,7 +311,7 @@ def report(args, results: dict, recorded: dict) -> None:
     lines = []
     x = args.target_reward
     for ref, factor, claim in (("no-sd", SPEEDUP_TARGET, f">= {SPEEDUP_TARGET:g}x faster than"),
-                               ("naive-sd", 1.0, "faster than")):
+                               ("naive-sd", 1.0, "faster than"), ("sync-no-sd", 1.0, "faster than")):
         if "respec" not in results or ref not in results:
             continue
         mine, theirs = results["respec"], results[ref]
@@ -334,6 +355,31 @@ def report(args, results: dict, recorded: dict) -> None:
         "relative_threshold_from": base, "results": results, "verdict": lines, "png": [str(png), str(steps_png)],
     }, indent=1))
     print(f"wrote {args.out}, {png} and {steps_png}")
+
+
+def amdahl(results: dict, arms: list[str]) -> list[dict]:
+    """Per arm: generation share of a step, generation speedup S over no-sd, the Amdahl bound
+    1 / (1 - p (1 - 1/S)) and the measured e2e speedup over no-sd (empty without no-sd)."""
+    base = results.get("no-sd")
+    if not base or not base.get("generator_busy_s_per_step") or not base.get("steady_s_per_step"):
+        return []
+
+    def share(r: dict) -> float:
+        return min(1.0, r["generator_busy_s_per_step"] / r["steady_s_per_step"])
+
+    rows = []
+    for name in arms:
+        r = results[name]
+        if not r.get("generator_busy_s_per_step") or not r.get("steady_s_per_step"):
+            continue
+        if name == "sync-no-sd":  # the reference itself: no generation speedup to bound
+            rows.append({"arm": name, "share": share(r), "speedup": None, "bound": None,
+                         "e2e": base["wall_s"] / r["wall_s"]})
+            continue
+        s = base["generator_busy_s_per_step"] / r["generator_busy_s_per_step"]
+        rows.append({"arm": name, "share": share(r), "speedup": s, "bound": 1 / (1 - share(base) * (1 - 1 / s)),
+                     "e2e": base["wall_s"] / r["wall_s"]})
+    return rows
 
 
 def plot_time(path: Path, results: dict, arms: list[str], window: int, thresholds: dict[str, float],
