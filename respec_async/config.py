@@ -80,7 +80,8 @@ class SamplingSection(Section):
 
 class DataSection(Section):
     # the zoo task, its long-tail variant (up to 44-digit additions, solutions ~20-450 tokens;
-    # its own zoo target and drafter), or a JSONL file of prompt/answer
+    # its own zoo target and drafter, whose training recipe does not learn the task yet), or a
+    # JSONL file of prompt/answer
     task: Literal["arithmetic", "longtail", "jsonl"] = "arithmetic"
     path: str = ""  # jsonl only: file with {"prompt": ..., "answer": ...} per line
     group_size: PosInt = 8  # samples per prompt (G of GRPO)
