@@ -27,7 +27,7 @@ from respec_async.actor import Actor, handles
 from respec_async.metrics import MetricsWriter
 from respec_async.models import load_tokenizer
 from respec_async.rewards import ScorerStats, ScoreRequest, make_scorer
-from transport.schema import ReturnedGroup, RolloutGroup, ScoredGroup
+from transport.schema import ReturnedGroup, RewardHello, RolloutGroup, ScoredGroup
 
 STATS_INTERVAL_S = 5.0
 
@@ -71,6 +71,8 @@ class RewardActor(Actor):
         self.metrics = MetricsWriter(self.ctx.run_dir / f"{self.name}.metrics.jsonl")
 
     async def main(self) -> None:
+        if self.ctx.restart_count:
+            await self.send("trainer-0", RewardHello(role=self.name, restart_count=self.ctx.restart_count))
         while True:
             await asyncio.sleep(STATS_INTERVAL_S)
             self._write_stats()

@@ -29,6 +29,7 @@ from transport.schema import (
     GeneratorHello,
     PromptGroup,
     ReturnedGroup,
+    RewardHello,
     ScoredGroup,
     WeightsJoin,
 )
@@ -76,6 +77,15 @@ class TrainerActor(Actor):
         if lost:
             self.log.warning("trainer.reissue", generator=message.role, num_groups=len(lost))
             for group_id in lost:
+                await self._send_group(group_id, reissue=True)
+
+    @handles
+    async def on_reward_hello(self, message: RewardHello) -> None:
+        # Which groups the dead role held is not known here: re-issue everything outstanding.
+        lost = sorted(self.admission.outstanding)
+        self.log.warning("trainer.reissue", reward=message.role, num_groups=len(lost))
+        for group_id in lost:
+            if group_id in self.admission.outstanding:  # not completed meanwhile
                 await self._send_group(group_id, reissue=True)
 
     @handles

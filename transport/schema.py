@@ -138,6 +138,15 @@ class GeneratorHello(Struct):
     restart_count: int
 
 
+class RewardHello(Struct):
+    """A reward role restarted: the groups it was scoring died with it. The trainer re-issues
+    every group it still has outstanding (the first result of each group wins, so re-issuing a
+    group that was alive elsewhere costs generation, never correctness)."""
+
+    role: str
+    restart_count: int
+
+
 # --- reward servers (`respec reward-serve`, reward.source = "zmq://...") -----------------
 
 
@@ -233,7 +242,7 @@ class TensorMessage(Struct):
 
 Message = (
     Ready | Ping | Pong | Shutdown | RoleFailed | RoleEvent
-    | PromptGroup | Rollout | RolloutGroup | ScoredGroup | ReturnedGroup | GeneratorHello
+    | PromptGroup | Rollout | RolloutGroup | ScoredGroup | ReturnedGroup | GeneratorHello | RewardHello
     | TensorSpec | WeightsJoin | WeightsRejoin | GroupFormation | WeightsUpdate
     | RewardSample | RewardRequest | RewardResponse
     | Echo | TensorMessage
