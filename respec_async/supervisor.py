@@ -113,6 +113,7 @@ class Supervisor:
         self.control: Channel | None = None
         self.stopping = asyncio.Event()
         self.stop_reason = ""
+        self.stop_signal: int | None = None  # the signal that stopped the run, if one did
         self.failure: str | None = None
         self.ready = {name: asyncio.Event() for name in self.roles}
         self.status = StatusView(self, live=config.supervisor.live_status)
@@ -187,6 +188,11 @@ class Supervisor:
             self.failure = reason
             log.error("run.failed", reason=reason)
         self.request_stop(f"run failed: {reason}")
+
+    def _on_signal(self, sig: int) -> None:
+        if not self.stopping.is_set():
+            self.stop_signal = sig
+        self.request_stop(f"received {signal.Signals(sig).name}")
 
     def request_stop(self, reason: str) -> None:
         if not self.stopping.is_set():
@@ -269,7 +275,7 @@ class Supervisor:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self.request_stop, f"received {signal.Signals(sig).name}")
+            loop.add_signal_handler(sig, self._on_signal, sig)
         if self.config.transport.scheme == "tcp":
             start_authenticator(self.zmq, self.security)
         self.control = open_channel(
@@ -309,8 +315,32 @@ class Supervisor:
         if self.failure:
             log.error("run.finished", ok=False, reason=self.failure, run_dir=str(self.run_dir))
             return 1
+        if self.stop_signal is not None and self.driver is not None:
+            # Stopped from outside before the driver (the trainer) finished: not a success.
+            # 128 + N, as a shell reports a process a signal ended (130 for SIGINT). A run with
+            # no driver (serving roles only) has no last step: a signal is how it ends.
+            name = signal.Signals(self.stop_signal).name
+            progress = self._progress()
+            log.warning("run.interrupted", signal=name, run_dir=str(self.run_dir), **progress)
+            where = (f"interrupted at step {progress['steps_done']} of {progress['num_steps']}"
+                     if progress else "interrupted")
+            print(f"{where} ({name}); `respec launch --resume {self.run_dir}` continues it", file=sys.stderr)
+            return 128 + self.stop_signal
         log.info("run.finished", ok=True, reason=self.stop_reason, run_dir=str(self.run_dir))
         return 0
+
+    def _progress(self) -> dict[str, int]:
+        """Steps the trainer recorded and the steps the run was for (empty without a trainer)."""
+        if not self.config.roles.trainer:
+            return {}
+        from respec_async.metrics import read_metrics
+
+        path = self.run_dir / "metrics.jsonl"
+        try:
+            records = read_metrics(path) if path.exists() else []
+        except Exception:  # a record cut off by the stop: count none rather than fail the exit
+            records = []
+        return {"steps_done": len(records), "num_steps": self.config.trainer.num_steps}
 
     async def _stop_all(self) -> None:
         grace = self.config.supervisor.shutdown_grace_s

@@ -95,3 +95,14 @@ def test_sigkilled_trainer_resumes_from_its_checkpoint_at_the_same_version(launc
     records = finished(run)
     assert records[-1].version == 8
     assert_each_group_trained_once(records, 8)
+
+
+def test_sigint_mid_run_exits_130_and_says_where_the_run_stopped(launch, random_actor_dir):
+    run = launch(rl_config(random_actor_dir, steps=40))
+    run.wait_event(lambda e: e.get("event") == "train.step" and e.get("step") == 1, timeout=180)
+    assert run.stop(signal.SIGINT) == 130
+    output = run.output()
+    interrupted = [e for e in run.events() if e.get("event") == "run.interrupted"]
+    assert interrupted and interrupted[0]["num_steps"] == 40 and 2 <= interrupted[0]["steps_done"] < 40
+    assert f"interrupted at step {interrupted[0]['steps_done']} of 40 (SIGINT)" in output
+    assert "--resume" in output
