@@ -48,8 +48,7 @@ class PromptSource:
         return self._example(p.prompt, p.answer, "arithmetic")
 
     def _digits(self) -> dict:
-        max_digits, decay = arithmetic.TASKS[self.config.data.task]
-        return {"max_digits": max_digits, "digits_decay": decay}
+        return arithmetic.TASKS[self.config.data.task]
 
     def _train_index(self, position: int) -> int:
         """The arithmetic problem at this stream position: itself, or with data.train_size = N

@@ -13,7 +13,13 @@ interesting. Every answer is checkable, so `reward` is an exact rule.
 
 The long-tail variant (`data.task = "longtail"`, `TASKS`) draws up to 44 digits with a slower
 decay: completions from 17 characters to about 450, a median near 70, the long tail of
-reasoning lengths that makes generation dominate an RL step.
+reasoning lengths that makes generation dominate an RL step. Its numbers are written
+little-endian (units digit first, prompt and answer alike), so column i of the worked solution
+reads digit i of each operand: a small model need not count back from an operand's end, which a
+6-layer target did not learn at 44 digits.
+
+    prompt      "874+59="        (478 + 95)
+    completion  "8+5+0=13;7+9+1=17;4+0+1=5; ans 375"
 
 Problems are a pure function of (index, seed, split): a trainer resumes by remembering an
 index, and the train and held-out splits never share a problem because membership is decided
@@ -36,12 +42,14 @@ MAX_DIGITS = 14
 # P(num_digits = n) is proportional to DIGITS_DECAY ** (n - 1): about a quarter of the problems
 # have one digit, 3% have ten or more.
 DIGITS_DECAY = 0.75
-# The long-tail task: P(n) proportional to 0.9 ** (n - 1) up to 44 digits.
+# The long-tail task: P(n) proportional to 0.9 ** (n - 1) up to 44 digits, little-endian.
 LONGTAIL_MAX_DIGITS = 44
 LONGTAIL_DIGITS_DECAY = 0.9
 DIGITS_LIMIT = 64
-# data.task -> (max_digits, digits_decay)
-TASKS = {"arithmetic": (MAX_DIGITS, DIGITS_DECAY), "longtail": (LONGTAIL_MAX_DIGITS, LONGTAIL_DIGITS_DECAY)}
+# data.task -> problem() keyword arguments
+TASKS = {"arithmetic": {"max_digits": MAX_DIGITS, "digits_decay": DIGITS_DECAY, "little_endian": False},
+         "longtail": {"max_digits": LONGTAIL_MAX_DIGITS, "digits_decay": LONGTAIL_DIGITS_DECAY,
+                      "little_endian": True}}
 # One problem in HELDOUT_MODULUS is held out; the rest can be trained on.
 HELDOUT_MODULUS = 10
 
@@ -88,9 +96,9 @@ def _draw_operand(rng: random.Random, num_digits: int) -> int:
 
 
 def problem(index: int, seed: int = 0, split: Split = "train", max_digits: int = MAX_DIGITS,
-            digits_decay: float = DIGITS_DECAY) -> Problem:
+            digits_decay: float = DIGITS_DECAY, little_endian: bool = False) -> Problem:
     """The index-th problem of a split: deterministic in (index, seed, split, max_digits,
-    digits_decay)."""
+    digits_decay); little_endian writes the same problem's numbers units digit first."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
     if not 1 <= max_digits <= DIGITS_LIMIT:
@@ -109,12 +117,18 @@ def problem(index: int, seed: int = 0, split: Split = "train", max_digits: int =
         if rng.random() < 0.5:
             a, b = b, a
         if is_heldout(a, b) == want_heldout:
+            if little_endian:
+                answer = str(a + b)[::-1]
+                completion = solve(a, b).rsplit(ANSWER_PREFIX, 1)[0] + ANSWER_PREFIX + answer
+                return Problem(prompt=f"{str(a)[::-1]}+{str(b)[::-1]}=", completion=completion, answer=answer,
+                               num_digits=num_digits)
             return Problem(prompt=f"{a}+{b}=", completion=solve(a, b), answer=str(a + b), num_digits=num_digits)
 
 
 def problems(num_problems: int, seed: int = 0, split: Split = "train", start: int = 0,
-             max_digits: int = MAX_DIGITS, digits_decay: float = DIGITS_DECAY) -> list[Problem]:
-    return [problem(i, seed, split, max_digits, digits_decay) for i in range(start, start + num_problems)]
+             max_digits: int = MAX_DIGITS, digits_decay: float = DIGITS_DECAY,
+             little_endian: bool = False) -> list[Problem]:
+    return [problem(i, seed, split, max_digits, digits_decay, little_endian) for i in range(start, start + num_problems)]
 
 
 def parse_answer(completion_text: str) -> str | None:
@@ -131,7 +145,9 @@ def reward(completion_text: str, answer: str, partial_credit: float = 0.0) -> fl
     well-formed wrong answers and the GRPO signal is cleaner without it.
     """
     stated = parse_answer(completion_text)
-    if stated is not None and answer.isdigit() and int(stated) == int(answer):
+    # A little-endian answer's leading zeros are its low digits: they must be stated.
+    exact = answer[:1] == "0"
+    if stated is not None and answer.isdigit() and (stated == answer if exact else int(stated) == int(answer)):
         return 1.0
     if partial_credit <= 0.0 or stated is None:
         return 0.0

@@ -98,15 +98,27 @@ def test_the_default_task_draws_the_problems_it_always_drew():
 
 
 def test_the_longtail_task_has_a_long_tail_of_solution_lengths():
-    max_digits, decay = arithmetic.TASKS["longtail"]
-    problems = arithmetic.problems(4000, max_digits=max_digits, digits_decay=decay)
+    shape = arithmetic.TASKS["longtail"]
+    problems = arithmetic.problems(4000, **shape)
     lengths = sorted(len(p.completion) + 1 for p in problems)  # + EOS; one token per character
     p50, p90, p99 = (lengths[int(q * len(lengths))] for q in (0.5, 0.9, 0.99))
     assert 40 <= p50 <= 100 and p90 >= 150 and p99 >= 300 and lengths[-1] >= 400, (p50, p90, p99, lengths[-1])
     assert lengths[0] <= 20
     assert all(arithmetic.reward(p.completion, p.answer) == 1.0 for p in problems[:200])
-    assert problems[7] == arithmetic.problem(7, max_digits=max_digits, digits_decay=decay)
+    assert problems[7] == arithmetic.problem(7, **shape)
     assert [p.prompt for p in problems[:3]] != [arithmetic.problem(i).prompt for i in range(3)]
+
+
+def test_little_endian_problems_write_units_first_and_need_the_low_zeros():
+    big = arithmetic.problem(3, max_digits=20, digits_decay=0.9)
+    little = arithmetic.problem(3, max_digits=20, digits_decay=0.9, little_endian=True)
+    a, b = big.prompt[:-1].split("+")
+    assert little.prompt == f"{a[::-1]}+{b[::-1]}=" and little.answer == big.answer[::-1]
+    assert little.completion.split(arithmetic.ANSWER_PREFIX)[0] == big.completion.split(arithmetic.ANSWER_PREFIX)[0]
+    assert arithmetic.reward(little.completion, little.answer) == 1.0
+    # 570 little-endian is "075": "75" (57) is wrong, though int("75") == int("075").
+    assert arithmetic.reward(" ans 075", "075") == 1.0 and arithmetic.reward(" ans 75", "075") == 0.0
+    assert arithmetic.reward(" ans 573", "573") == 1.0
 
 
 def test_bad_digit_settings_are_rejected():
