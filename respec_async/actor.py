@@ -15,7 +15,9 @@ A role subclasses `Actor`, declares handlers with `@handles`, and optionally ove
 Heavy compute (model forwards, optimizer steps, collectives) goes through `run_blocking`, a
 worker thread, so the loop keeps answering. A handler that raises is logged and counted; the
 role keeps running. An exception in `setup` or `main` is fatal: it is reported to the
-supervisor (RoleFailed) and the process exits non-zero, to be restarted.
+supervisor (RoleFailed) and the process exits non-zero, to be restarted; one in `setup` that a
+restart would repeat (`is_deterministic`: a missing or malformed file, a bad value) is
+reported as such, and the supervisor fails the run at once.
 """
 
 from __future__ import annotations
@@ -45,6 +47,16 @@ from transport.schema import Ping, Pong, Ready, RoleEvent, RoleFailed, Shutdown
 from transport.security import Security, start_authenticator
 
 T = TypeVar("T")
+
+# Start-up errors a restart cannot fix: a missing, unreadable or malformed file (model dir,
+# checkpoint, data file, reward module), a bad value. Reported as not retryable.
+DETERMINISTIC_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError,
+                        KeyError, ImportError, SyntaxError)
+
+
+def is_deterministic(exc: BaseException) -> bool:
+    # safetensors' error type (a truncated or corrupted weights file) is not importable by name.
+    return isinstance(exc, DETERMINISTIC_ERRORS) or type(exc).__name__ == "SafetensorError"
 Handler = Callable[[Any, Any], Awaitable[None]]
 
 
@@ -197,8 +209,10 @@ class Actor:
         ]
         for task in self._tasks:
             task.add_done_callback(self._io_task_done)
+        starting = True
         try:
             await self.setup()
+            starting = False
             # Handlers see a fully set-up actor: messages that arrived meanwhile wait in the mailbox.
             dispatch = asyncio.create_task(self._dispatch_loop(), name="dispatch")
             dispatch.add_done_callback(self._io_task_done)
@@ -216,8 +230,9 @@ class Actor:
                 main.cancel()
                 await asyncio.gather(main, return_exceptions=True)
         except Exception as exc:
-            self.log.error("role.failed", error=repr(exc), traceback=traceback.format_exc())
-            await self._report_failure(exc)
+            retryable = not (starting and is_deterministic(exc))
+            self.log.error("role.failed", error=repr(exc), retryable=retryable, traceback=traceback.format_exc())
+            await self._report_failure(exc, retryable)
             self.exit_code = 1
         finally:
             await self._shutdown()
@@ -230,11 +245,12 @@ class Actor:
         self.log.error("role.io_failed", task=task.get_name(), error=repr(task.exception()))
         self.stop(1)
 
-    async def _report_failure(self, exc: BaseException) -> None:
+    async def _report_failure(self, exc: BaseException, retryable: bool = True) -> None:
         if self.control is None:
             return
         try:
-            await asyncio.wait_for(self.control.send(RoleFailed(role=self.name, error=repr(exc)[:2000])), 1.0)
+            await asyncio.wait_for(self.control.send(RoleFailed(role=self.name, error=repr(exc)[:2000],
+                                                                retryable=retryable)), 1.0)
         except Exception:
             pass
 

@@ -226,7 +226,11 @@ class Supervisor:
                 role.num_dropped = message.num_dropped
             elif isinstance(message, RoleFailed):
                 role.last_failure = f"failed: {message.error}"
-                log.error("role.failed", role=role.name, error=message.error)
+                log.error("role.failed", role=role.name, error=message.error, retryable=message.retryable)
+                if not message.retryable:
+                    role.state = "failed"
+                    self.fail(f"{role.name} cannot start: {message.error}; not restarted, a restart would fail "
+                              f"the same way (see logs/{role.name}.log)")
             elif isinstance(message, RoleEvent):
                 log.info(message.event, role=role.name, **message.fields)
 

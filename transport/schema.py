@@ -52,10 +52,13 @@ class Shutdown(Struct):
 
 
 class RoleFailed(Struct):
-    """A role reports a fatal error before exiting, so the supervisor can say why."""
+    """A role reports a fatal error before exiting, so the supervisor can say why. retryable
+    False: an error in start-up that a restart would repeat (a missing or malformed file, a
+    bad value); the supervisor then fails the run at once instead of restarting the role."""
 
     role: str
     error: str
+    retryable: bool = True
 
 
 class RoleEvent(Struct):

@@ -77,9 +77,14 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], str]:
     for file_name in files:
         if not (path / file_name).exists():
             raise FileNotFoundError(f"{index_file}: shard {file_name} is missing")
-        with safe_open(path / file_name, framework="pt") as f:
-            for name in f.keys():
-                tensors[name] = f.get_tensor(name)
+        try:
+            with safe_open(path / file_name, framework="pt") as f:
+                for name in f.keys():
+                    tensors[name] = f.get_tensor(name)
+        except Exception as error:  # safetensors raises its own type for a truncated or corrupt file
+            if type(error).__name__ != "SafetensorError":
+                raise
+            raise ValueError(f"{path / file_name}: not a readable safetensors file ({error})") from error
     return tensors, source
 
 

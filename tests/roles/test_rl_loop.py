@@ -106,3 +106,28 @@ def test_sigint_mid_run_exits_130_and_says_where_the_run_stopped(launch, random_
     assert interrupted and interrupted[0]["num_steps"] == 40 and 2 <= interrupted[0]["steps_done"] < 40
     assert f"interrupted at step {interrupted[0]['steps_done']} of 40 (SIGINT)" in output
     assert "--resume" in output
+
+
+@pytest.mark.parametrize("broken", ["empty_model_dir", "corrupt_weights"])
+def test_a_start_up_error_a_restart_would_repeat_fails_the_run_at_once(launch, random_actor_dir, tmp_path, broken):
+    import shutil
+    import time
+    model = tmp_path / "model"
+    if broken == "empty_model_dir":
+        model.mkdir()
+    else:
+        shutil.copytree(random_actor_dir, model)
+        weights = model / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])  # truncated
+    started = time.monotonic()
+    run = launch(rl_config(model, steps=4), "supervisor.max_restarts=5")
+    code = run.proc.wait(timeout=120)
+    elapsed = time.monotonic() - started
+    assert code == 1, run.output()
+    failed = [e for e in run.events() if e.get("event") == "run.failed"]
+    assert failed and "cannot start" in failed[0]["reason"] and "not restarted" in failed[0]["reason"]
+    reason = failed[0]["reason"]
+    assert str(model) in reason, reason  # the file is named
+    assert broken == "empty_model_dir" or "not a readable safetensors file" in reason, reason
+    assert all(len(pids) == 1 for pids in run.role_pids().values())  # nothing restarted
+    assert elapsed < 30, elapsed
