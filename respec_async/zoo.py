@@ -126,8 +126,9 @@ QUICK_SPEC = ZooSpec(max_digits=3, hidden_size=32, num_hidden_layers=4, num_atte
 
 
 # The long-tail task's zoo (data.task = "longtail"): solutions up to ~450 tokens, so longer
-# positions and two more layers. With big-endian numbers this recipe did not learn (850 steps,
-# 13 min: held-out p(gold) 0.005, loss stalled near 0.47): the task is little-endian.
+# positions and two more layers. Not yet a working recipe: with big-endian numbers (850 steps)
+# and little-endian ones (875 steps, ~11 min each) the held-out p(gold) stayed <= 0.005 and the
+# loss oscillated around 0.5: no configs/longtail.toml until one learns (issue 13's notes).
 LONGTAIL_SPEC = ZooSpec(max_digits=arithmetic.LONGTAIL_MAX_DIGITS, digits_decay=arithmetic.LONGTAIL_DIGITS_DECAY,
                         little_endian=True,
                         num_hidden_layers=6, max_position_embeddings=640, target_max_steps=2500,
