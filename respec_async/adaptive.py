@@ -83,14 +83,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from respec_async.config import DEFAULT_SD_GRID
 from respec_async.engine.engine import SDConfig, StepStats
 
 PROFILE_FORMAT_VERSION = 1
-# The grid `respec profile` and bench_adaptive use unless told otherwise (config.py's
-# generator.sd_grid default is the same list): EAGLE chains of 1-6 drafts and three trees, and
-# history chains of 4 and 8 drafts; about a minute and a half to profile on the tiny zoo.
-DEFAULT_GRID = ("1,1,1", "2,1,2", "3,1,3", "4,1,4", "6,1,6", "3,2,4", "4,2,8", "5,4,16",
-                "history:4,1,4", "history:8,1,8")
+DEFAULT_GRID = DEFAULT_SD_GRID  # one home: config.py
 PLAIN = "plain"
 
 Progress = Callable[[int, str], None]  # (units done since the last call, what is running)

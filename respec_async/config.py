@@ -17,6 +17,11 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
+# generator.sd_grid's default, also what `respec profile` and bench_adaptive use unless told
+# otherwise: EAGLE chains of 1-6 drafts and three trees, and history chains of 4 and 8 drafts
+# (about a minute and a half to profile on the tiny zoo).
+DEFAULT_SD_GRID = ("1,1,1", "2,1,2", "3,1,3", "4,1,4", "6,1,6", "3,2,4", "4,2,8", "5,4,16",
+                   "history:4,1,4", "history:8,1,8")
 PosInt = Annotated[int, msgspec.Meta(ge=1)]
 PosFloat = Annotated[float, msgspec.Meta(gt=0)]
 NonNegFloat = Annotated[float, msgspec.Meta(ge=0)]
@@ -109,8 +114,7 @@ class GeneratorSection(Section):
     # adaptive: the SD configs profiled and chosen from (with sd_profile set: the profile's own):
     # "s,t,n" drafts with the EAGLE drafter, "history:s,t,n" from the rollout history
     sd_grid: list[Annotated[str, msgspec.Meta(pattern=r"^(history:)?\d+,\d+(,\d+)?$")]] = msgspec.field(
-        default_factory=lambda: ["1,1,1", "2,1,2", "3,1,3", "4,1,4", "6,1,6", "3,2,4", "4,2,8", "5,4,16",
-                                 "history:4,1,4", "history:8,1,8"])
+        default_factory=lambda: list(DEFAULT_SD_GRID))
     # Rollout history (engine/history.py), kept when a history config can be chosen: every
     # rollout this generator samples, per prompt, for history drafts. A restarted generator
     # starts empty. history_max_bytes caps its memory (finished rollouts evicted, least
