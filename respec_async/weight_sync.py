@@ -8,7 +8,9 @@ Protocol (control messages over the actors' inboxes, bytes over torch.distribute
   owner  -> member  WeightsUpdate         version + manifest + checksum, then the broadcast
 
 A member acts only on the formation that carries its current join token, so a formation that
-was queued for a dead incarnation is ignored by its successor. When a broadcast fails (a
+was queued for a dead incarnation is ignored by its successor; it then joins again, so an owner
+that took a stale or forged join in its name forms with the live incarnation at its next
+attempt (after the failed one times out) instead of waiting for it forever. When a broadcast fails (a
 member died), the owner forms a new epoch as soon as every member has (re)joined and sends the
 current version again; a restarted generator thus starts from the trainer's current weights.
 
@@ -146,6 +148,7 @@ class WeightMember:
         self.staged: tuple[int, dict[str, torch.Tensor], str] | None = None  # (version, tensors, checksum)
         self.arrived = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
+        self._rejoined_epoch = -1
 
     async def join(self) -> None:
         if self.task is None:
@@ -167,7 +170,17 @@ class WeightMember:
                 if isinstance(message, GroupFormation):
                     mine = message.tokens[message.members.index(self.actor.name)]
                     if mine != self.token:
-                        continue  # queued for a previous incarnation of this role
+                        # Another incarnation's token: a formation queued for a dead one, or the
+                        # owner holds a stale (or forged) join in this role's name and would wait
+                        # for a member that never comes. Join again, once per epoch, so the
+                        # owner's next attempt forms with this incarnation.
+                        if message.epoch > self._rejoined_epoch:
+                            self._rejoined_epoch = message.epoch
+                            self.actor.log.warning("weights.stale_formation", group=self.group_name,
+                                                   epoch=message.epoch)
+                            await self.actor.send(self.owner, WeightsJoin(role=self.actor.name, group=self.group_name,
+                                                                          token=self.token))
+                        continue
                     await self.actor.run_blocking(self.group.form, message.epoch, message.members, self.actor.name,
                                                   str(message.tokens[0]), thread=self.group_name)
                     self.actor.log.info("weights.group_joined", group=self.group_name, epoch=message.epoch,
