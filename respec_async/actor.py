@@ -47,6 +47,7 @@ from transport.schema import Ping, Pong, Ready, RoleEvent, RoleFailed, Shutdown
 from transport.security import Security, start_authenticator
 
 T = TypeVar("T")
+FAILURE_LINGER_MS = 2000
 
 # Start-up errors a restart cannot fix: a missing, unreadable or malformed file (model dir,
 # checkpoint, data file, reward module), a bad value. Reported as not retryable.
@@ -264,7 +265,10 @@ class Actor:
         finally:
             for executor in self._executors.values():
                 executor.shutdown(wait=False, cancel_futures=True)
-            self.zmq.destroy(linger=0)
+            # After a failure, give the queued RoleFailed a moment to reach the supervisor: a role
+            # that fails early may not have connected yet, and linger 0 would drop it (the
+            # supervisor then restarted a role whose error a restart repeats).
+            self.zmq.destroy(linger=0 if self.exit_code == 0 else FAILURE_LINGER_MS)
             self.log.info("role.stopped", exit_code=self.exit_code, num_handled=self.num_handled,
                           num_dropped=self.num_dropped)
 
