@@ -16,7 +16,7 @@ Heavy compute (model forwards, optimizer steps, collectives) goes through `run_b
 worker thread, so the loop keeps answering. A handler that raises is logged and counted; the
 role keeps running. An exception in `setup` or `main` is fatal: it is reported to the
 supervisor (RoleFailed) and the process exits non-zero, to be restarted; one in `setup` that a
-restart would repeat (`is_deterministic`: a missing or malformed file, a bad value) is
+restart would repeat (`DETERMINISTIC_ERRORS`: a missing or malformed file, a bad value) is
 reported as such, and the supervisor fails the run at once.
 """
 
@@ -39,6 +39,7 @@ from typing import Any, ClassVar, TypeVar, get_type_hints
 import structlog
 import zmq
 import zmq.asyncio
+from safetensors import SafetensorError
 
 from respec_async.config import Config
 from respec_async.endpoints import Endpoints, role_kind
@@ -47,18 +48,14 @@ from transport.schema import Ping, Pong, Ready, RoleEvent, RoleFailed, Shutdown
 from transport.security import Security, start_authenticator
 
 T = TypeVar("T")
-FAILURE_LINGER_MS = 2000
+Handler = Callable[[Any, Any], Awaitable[None]]
 
 # Start-up errors a restart cannot fix: a missing, unreadable or malformed file (model dir,
-# checkpoint, data file, reward module), a bad value. Reported as not retryable.
+# checkpoint, data file, reward module; SafetensorError: a corrupt weights file a loader read
+# directly), a bad value. Reported as not retryable.
 DETERMINISTIC_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError,
-                        KeyError, ImportError, SyntaxError)
-
-
-def is_deterministic(exc: BaseException) -> bool:
-    # safetensors' error type (a truncated or corrupted weights file) is not importable by name.
-    return isinstance(exc, DETERMINISTIC_ERRORS) or type(exc).__name__ == "SafetensorError"
-Handler = Callable[[Any, Any], Awaitable[None]]
+                        KeyError, ImportError, SyntaxError, SafetensorError)
+FAILURE_LINGER_MS = 2000  # how long a failed role's context may flush its RoleFailed
 
 
 def handles(fn: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
@@ -231,7 +228,7 @@ class Actor:
                 main.cancel()
                 await asyncio.gather(main, return_exceptions=True)
         except Exception as exc:
-            retryable = not (starting and is_deterministic(exc))
+            retryable = not (starting and isinstance(exc, DETERMINISTIC_ERRORS))
             self.log.error("role.failed", error=repr(exc), retryable=retryable, traceback=traceback.format_exc())
             await self._report_failure(exc, retryable)
             self.exit_code = 1

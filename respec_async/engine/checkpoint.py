@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from respec_async.engine.model import ModelConfig, Transformer
@@ -81,9 +81,7 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], str]:
             with safe_open(path / file_name, framework="pt") as f:
                 for name in f.keys():
                     tensors[name] = f.get_tensor(name)
-        except Exception as error:  # safetensors raises its own type for a truncated or corrupt file
-            if type(error).__name__ != "SafetensorError":
-                raise
+        except SafetensorError as error:  # a truncated or corrupt file: say which one
             raise ValueError(f"{path / file_name}: not a readable safetensors file ({error})") from error
     return tensors, source
 
