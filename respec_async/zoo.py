@@ -96,6 +96,10 @@ class ZooSpec:
     # Each batch runs as this many length-sorted parts (same gradient, far less padding).
     num_length_groups: int = 4
 
+    def problem_shape(self) -> dict:
+        """arithmetic.problem()'s keyword arguments for this zoo's task."""
+        return {"max_digits": self.max_digits, "digits_decay": self.digits_decay, "little_endian": self.little_endian}
+
     def _fields(self) -> dict:
         fields = dataclasses.asdict(self)
         for name, default in (("digits_decay", arithmetic.DIGITS_DECAY), ("little_endian", False)):
@@ -129,10 +133,8 @@ QUICK_SPEC = ZooSpec(max_digits=3, hidden_size=32, num_hidden_layers=4, num_atte
 # positions and two more layers. Not yet a working recipe: with big-endian numbers (850 steps)
 # and little-endian ones (875 steps, ~11 min each) the held-out p(gold) stayed <= 0.005 and the
 # loss oscillated around 0.5: no configs/longtail.toml until one learns (issue 13's notes).
-LONGTAIL_SPEC = ZooSpec(max_digits=arithmetic.LONGTAIL_MAX_DIGITS, digits_decay=arithmetic.LONGTAIL_DIGITS_DECAY,
-                        little_endian=True,
-                        num_hidden_layers=6, max_position_embeddings=640, target_max_steps=2500,
-                        target_batch_size=16, drafter_batch_size=16, num_eval_problems=128)
+LONGTAIL_SPEC = ZooSpec(**arithmetic.TASKS["longtail"], num_hidden_layers=6, max_position_embeddings=640,
+                        target_max_steps=2500, target_batch_size=16, drafter_batch_size=16, num_eval_problems=128)
 SPECS = {"arithmetic": ZooSpec(), "longtail": LONGTAIL_SPEC}
 
 
@@ -331,8 +333,7 @@ class TrainBatches:
 
     def next(self) -> TokenBatch:
         problems = arithmetic.problems(self.batch_size, seed=self.seed, split="train", start=self.next_index,
-                                       max_digits=self.spec.max_digits, digits_decay=self.spec.digits_decay,
-                                       little_endian=self.spec.little_endian)
+                                       **self.spec.problem_shape())
         problems = [unanswered(p) if _is_unanswered(self.seed, self.next_index + i, self.spec.unanswered_fraction)
                     else p for i, p in enumerate(problems)]
         self.next_index += self.batch_size
@@ -350,8 +351,7 @@ def unanswered(problem: arithmetic.Problem) -> arithmetic.Problem:
 
 def heldout_batches(tokenizer, spec: ZooSpec, batch_size: int = 64) -> list[TokenBatch]:
     problems = arithmetic.problems(spec.num_eval_problems, seed=spec.seed, split="heldout",
-                                   max_digits=spec.max_digits, digits_decay=spec.digits_decay,
-                                   little_endian=spec.little_endian)
+                                   **spec.problem_shape())
     problems.sort(key=lambda p: len(p.prompt) + len(p.completion))
     return [encode_problems(tokenizer, problems[i: i + batch_size]) for i in range(0, len(problems), batch_size)]
 
@@ -524,8 +524,7 @@ def evaluate_generation(target, tokenizer, spec: ZooSpec, drafter=None, num_prob
     from respec_async.engine.engine import Engine, Request, SDConfig
     from respec_async.engine.sampling import SamplingParams
 
-    problems = arithmetic.problems(num_problems, seed=spec.seed + 7, split="heldout", max_digits=spec.max_digits,
-                                   digits_decay=spec.digits_decay, little_endian=spec.little_endian)
+    problems = arithmetic.problems(num_problems, seed=spec.seed + 7, split="heldout", **spec.problem_shape())
     max_new_tokens = max(len(p.completion) for p in problems) + 16
     max_seq_len = max(len(encode_prompt(tokenizer, p.prompt)) for p in problems) + max_new_tokens + 1
     results = {}

@@ -178,7 +178,6 @@ def test_each_task_has_its_zoo_and_new_spec_fields_keep_the_shipped_keys():
     assert {f"target-{default.target_key()}", f"zoo-{default.key()}"} <= shipped
     assert zoo.spec_for_task("arithmetic") == default and zoo.spec_for_task("jsonl") == default
     longtail = zoo.spec_for_task("longtail")
-    shape = arithmetic.TASKS["longtail"]
-    assert (longtail.max_digits, longtail.digits_decay, longtail.little_endian) == (
-        shape["max_digits"], shape["digits_decay"], shape["little_endian"])
+    assert longtail.problem_shape() == arithmetic.TASKS["longtail"]
+    assert default.problem_shape() == arithmetic.TASKS["arithmetic"]
     assert longtail.key() != default.key() and longtail.target_key() != default.target_key()
