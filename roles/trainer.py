@@ -73,19 +73,20 @@ class TrainerActor(Actor):
 
     @handles
     async def on_generator_hello(self, message: GeneratorHello) -> None:
-        lost = self.admission.outstanding_on(message.role)
-        if lost:
-            self.log.warning("trainer.reissue", generator=message.role, num_groups=len(lost))
-            for group_id in lost:
-                await self._send_group(group_id, reissue=True)
+        await self._reissue(self.admission.outstanding_on(message.role), generator=message.role)
 
     @handles
     async def on_reward_hello(self, message: RewardHello) -> None:
         # Which groups the dead role held is not known here: re-issue everything outstanding.
-        lost = sorted(self.admission.outstanding)
-        self.log.warning("trainer.reissue", reward=message.role, num_groups=len(lost))
+        await self._reissue(sorted(self.admission.outstanding), reward=message.role)
+
+    async def _reissue(self, lost: list[int], **lost_with) -> None:
+        """New attempts of groups a restarted role lost (the first result of each wins)."""
+        if not lost:
+            return
+        self.log.warning("trainer.reissue", num_groups=len(lost), **lost_with)
         for group_id in lost:
-            if group_id in self.admission.outstanding:  # not completed meanwhile
+            if group_id in self.admission.outstanding:  # not completed while earlier ones were sent
                 await self._send_group(group_id, reissue=True)
 
     @handles
