@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from respec_async.engine import fused
 
 MODEL_TYPES = ("llama", "qwen2", "qwen3")
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -100,7 +101,7 @@ class ModelConfig:
     def to_hf_dict(self) -> dict:
         """config.json contents that transformers' AutoConfig reads back as this model."""
         d = {
-            "architectures": ["Qwen2ForCausalLM" if self.model_type == "qwen2" else "LlamaForCausalLM"],
+            "architectures": [ARCHITECTURES[self.model_type]],
             "model_type": self.model_type, "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_hidden_layers,
             "num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.num_key_value_heads,
@@ -110,15 +111,12 @@ class ModelConfig:
             "tie_word_embeddings": self.tie_word_embeddings,
             "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id,
         }
-        if self.model_type in ("qwen2", "qwen3"):
-            d["use_sliding_window"] = False
-        if self.model_type == "qwen3":
+        if self.model_type != "qwen2":  # qwen2's q/k/v bias is implied by its type
             d["attention_bias"] = self.attention_bias
-        elif self.model_type == "llama":
-            d["attention_bias"] = self.attention_bias
+        if self.model_type == "llama":
             d["mlp_bias"] = False
-        if self.model_type == "qwen3":
-            d["architectures"] = ["Qwen3ForCausalLM"]
+        else:
+            d["use_sliding_window"] = False
         return d
 
     @property
