@@ -342,7 +342,7 @@ class Supervisor:
         path = self.run_dir / "metrics.jsonl"
         try:
             records = read_metrics(path) if path.exists() else []
-        except Exception:  # a record cut off by the stop: count none rather than fail the exit
+        except msgspec.DecodeError:  # a record cut off by the stop: count none rather than fail the exit
             records = []
         return {"steps_done": len(records), "num_steps": self.config.trainer.num_steps}
 
