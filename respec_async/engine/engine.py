@@ -541,8 +541,10 @@ class Engine:
         drafts = torch.frombuffer(chains, dtype=torch.int64).view(len(cursors), sd.num_steps).to(self.device)
         num_drafts = torch.tensor(num_drafted, device=self.device)
         self._step_draft = (num_drafted, time.perf_counter() - started)
+        padding = len(num_drafted) * sd.num_steps - sum(num_drafted)
         return self._verify_chain(slots, lengths, drafts, sampling_args, lambda target_logprobs: point_chain_accept(
-            drafts, num_drafts, target_logprobs, self.generator), num_drafted)
+            drafts, num_drafts, target_logprobs, self.generator),
+            num_real=num_drafts + 1 if padding >= self.min_packed_saving else None)
 
     def _chain_step(self, slots, lengths, logits, hidden, sd: SDConfig, sampling_args: tuple):
         drafts, draft_logprobs = [], []
@@ -561,16 +563,13 @@ class Engine:
             drafts, torch.stack(draft_logprobs, 1), target_logprobs, self.generator, self.relaxed))
 
     def _verify_chain(self, slots, lengths, drafts: torch.Tensor, sampling_args: tuple, accept,
-                      num_drafted: list[int] | None = None):
+                      num_real: torch.Tensor | None = None):
         """One target forward over root + drafts [B, k] at L..L+k; accept(target_logprobs) gives
-        (num_accepted, next_tokens) by the rule the drafts were made for. num_drafted (real
-        drafts per row, the rest padding): a ragged batch, verified packed where that saves."""
+        (num_accepted, next_tokens) by the rule the drafts were made for. num_real (root + real
+        drafts per row, the rest padding): a ragged batch, verified packed."""
         num_steps = drafts.shape[1]
         positions = lengths[:, None] + torch.arange(num_steps + 1, device=self.device)
         ids = torch.cat([self.tokens[slots, lengths][:, None], drafts], 1)
-        num_real = None
-        if num_drafted is not None and len(num_drafted) * num_steps - sum(num_drafted) >= self.min_packed_saving:
-            num_real = torch.tensor(num_drafted, device=self.device) + 1
         out = self.target(ids, positions, self.cache, slots, positions, None, hidden_layers=self.feature_layers,
                           num_real=num_real)
         target_logprobs = sampling_logprobs(out.logits, *sampling_args)
