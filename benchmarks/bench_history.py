@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_engine import load_zoo  # noqa: E402
 
 from respec_async.engine.engine import Engine, Request, SDConfig  # noqa: E402
-from respec_async.engine.history import HistoryIndex, draft_tensors  # noqa: E402
+from respec_async.engine.history import HistoryIndex, chain_tensors, draft_tensors  # noqa: E402
 from respec_async.engine.sampling import SamplingParams  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_history.json"
@@ -95,9 +95,7 @@ def drafting_cost(target, stored: HistoryIndex, prompts, args, params, batch_siz
             if mode == "history" and cursors:
                 started = time.thread_time()
                 if sd.is_chain:  # the chain and its tensors, as Engine._history_step makes them
-                    chains, num_drafted = engine.history.draft_chains(cursors, sd.num_steps)
-                    torch.frombuffer(chains, dtype=torch.int64).view(len(cursors), sd.num_steps)
-                    torch.tensor(num_drafted)
+                    chain_tensors(*engine.history.draft_chains(cursors, sd.num_steps))
                 else:
                     draft_tensors(engine.history.draft(cursors, sd.num_steps, sd.top_k, sd.num_draft_tokens))
                 # Rows this step admits are drafted inside it: count them at the others' rate.

@@ -121,7 +121,8 @@ class GeneratorSection(Section):
     # recently used prompt first); history_max_rollouts_per_prompt caps one prompt's share.
     history_max_bytes: NonNegInt = 256 * 2**20
     history_max_rollouts_per_prompt: PosInt = 64
-    history_match_depth: PosInt = 5  # longest backward match compared when ranking draft sources
+    # a draft source matching this many tokens is preferred to one matching 2 (the short key)
+    history_match_depth: Annotated[int, msgspec.Meta(ge=2)] = 5
     sd_acceptance_ema: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.2  # adaptive: weight of each new acceptance window
     sd_probe_interval: NonNegInt = 64  # adaptive: every N decode steps try an unplanned config once (0 = never)
     # adaptive: SD only where its predicted speedup exceeds this (1.0 = wherever it is predicted

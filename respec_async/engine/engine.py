@@ -50,7 +50,7 @@ import torch
 
 from respec_async.engine import fused
 from respec_async.engine.drafter import Eagle3Drafter
-from respec_async.engine.history import Cursor, HistoryIndex, draft_tensors
+from respec_async.engine.history import Cursor, HistoryIndex, chain_tensors, draft_tensors
 from respec_async.engine.model import KVCache, Transformer
 from respec_async.engine.sampling import SamplingParams, sample, sampling_logprobs, token_logprobs
 from respec_async.engine.speculative import (
@@ -538,8 +538,7 @@ class Engine:
             self._step_draft = (draft.num_drafted, time.perf_counter() - started)
             return self._verify_tree(slots, lengths, tree, sampling_args, relaxed=None)
         chains, num_drafted = self.history.draft_chains(cursors, sd.num_steps)
-        drafts = torch.frombuffer(chains, dtype=torch.int64).view(len(cursors), sd.num_steps).to(self.device)
-        num_drafts = torch.tensor(num_drafted, device=self.device)
+        drafts, num_drafts = chain_tensors(chains, num_drafted, self.device)
         self._step_draft = (num_drafted, time.perf_counter() - started)
         padding = len(num_drafted) * sd.num_steps - sum(num_drafted)
         return self._verify_chain(slots, lengths, drafts, sampling_args, lambda target_logprobs: point_chain_accept(

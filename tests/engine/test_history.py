@@ -268,14 +268,17 @@ def test_greedy_equality_holds_at_the_sequence_length_limit_under_eviction_and_s
         assert engine.history.num_bytes <= 2000 and engine.history.num_evicted_docs > 0
 
 
-def test_the_chain_follows_the_next_token_most_sources_predict():
+def test_the_chain_follows_the_newest_source_with_a_next_token():
     index = HistoryIndex()
-    level = index.open([5])
-    index.extend(level, [1, 2])  # a sibling exactly as far as the row: no next token yet
-    for tail in ([3, 7], [4, 8], [3, 9]):
+    for tail in ([3, 7], [3, 9], [4, 8]):
         sibling = index.open([5])
         index.extend(sibling, [1, 2, *tail])
+    level = index.open([5])
+    index.extend(level, [1, 2])  # a sibling exactly as far as the row: no next token yet
     row = index.open([5])
     index.extend(row, [1, 2])
     chain, _ = index.draft_chains([row], 2)
-    assert list(chain) == [3, 9]  # two sources say 3: the newer of them leads
+    assert list(chain) == [4, 8]  # the newest source leads, although two older ones say 3
+    index.extend(row, [3])  # the leader failed: the sources that said 3 remain, the newer leads
+    assert list(index.draft_chains([row], 2)[0]) == [9, 0]
+
