@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/bench_adaptive.py --profile runs/x/sd_profile.json --batch-sizes 1,8,64
 
 One run, one process, one torch thread, on the zoo target + drafter:
-1. Profile (respec_async.adaptive.run_profile, as `respec profile` does) with the default grid
+1. Profile (respec_async.sd.measure.run_profile, as `respec profile` does) with the default grid
    on training prompts of the arithmetic task; print the fit and its error. --profile PATH
    reuses a profile instead.
 2. Decode throughput vs active batch size B, for plain decoding, every static SD config of the
@@ -40,9 +40,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_engine import make_prompts, resolve_paths  # noqa: E402
 
-from respec_async.adaptive import (  # noqa: E402
-    DEFAULT_GRID, PLAIN, AdaptiveScheduler, Profile, SpeedupModel, config_key, engine_draft_budget, format_profile,
-    history_index_for, parse_grid, profile_batch_sizes, run_profile, shadow_length)
+from respec_async.config import DEFAULT_SD_GRID  # noqa: E402
+from respec_async.sd.grid import (  # noqa: E402
+    PLAIN, config_key, engine_draft_budget, history_index_for, parse_grid, shadow_length)
+from respec_async.sd.measure import profile_batch_sizes, run_profile  # noqa: E402
+from respec_async.sd.profile import Profile  # noqa: E402
+from respec_async.sd.scheduler import AdaptiveScheduler  # noqa: E402
+from respec_async.sd.solver import SpeedupModel, format_profile  # noqa: E402
 from respec_async.engine.checkpoint import load_pretrained  # noqa: E402
 from respec_async.engine.drafter import Eagle3Drafter  # noqa: E402
 from respec_async.engine.engine import Engine, Request  # noqa: E402
@@ -57,7 +61,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--target", help="target checkpoint dir (default: the zoo's)")
     parser.add_argument("--drafter", help="drafter dir (default: the zoo's)")
     parser.add_argument("--profile", help="a profile JSON to use instead of profiling first")
-    parser.add_argument("--grid", default=" ".join(DEFAULT_GRID), help="SD configs 's,t,n' separated by spaces")
+    parser.add_argument("--grid", default=" ".join(DEFAULT_SD_GRID), help="SD configs 's,t,n' separated by spaces")
     parser.add_argument("--batch-sizes", default="1,2,4,8,16,32,64")
     parser.add_argument("--profile-repeats", type=int, default=10)
     parser.add_argument("--max-new-tokens", type=int, default=192)

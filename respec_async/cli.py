@@ -77,6 +77,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def profile_command(config, out: Path | None, *, repeats: int = 10, num_acceptance_prompts: int = 64,
+                    clock: str | None = None) -> Path:
+    """`respec profile`: resolve and load the run's target + drafter (the zoo when unset), profile
+    them with a progress bar, print the table and fit, write the JSON; returns its path."""
+    import copy
+
+    import torch
+    from rich.progress import BarColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from respec_async.models import load_drafter, load_target, resolve_models
+    from respec_async.profiling import profile_for_config
+    from respec_async.sd.grid import parse_grid
+    from respec_async.sd.measure import profile_batch_sizes, profile_units
+    from respec_async.sd.solver import format_profile
+    from respec_async.supervisor import create_run_dir
+
+    config = copy.deepcopy(config)
+    if config.generator.sd == "off":
+        config.generator.sd = "adaptive"  # a profile needs the drafter: resolve it like an SD run
+    config = resolve_models(config)
+    torch.set_num_threads(config.generator.num_threads)
+    target, tokenizer = load_target(config)
+    drafter = load_drafter(config, target)
+    configs = parse_grid(config.generator.sd_grid)
+    total = profile_units(len(configs), len(profile_batch_sizes(config.generator.max_batch_size)), repeats)
+    columns = (TextColumn("{task.description:<28}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    with RichProgress(*columns) as bar:
+        task = bar.add_task("profiling", total=total)
+        profile = profile_for_config(config, target, drafter, tokenizer, repeats=repeats,
+                                     num_acceptance_prompts=num_acceptance_prompts, clock=clock,
+                                     progress=lambda n, what: bar.update(task, advance=n, description=what))
+    print(format_profile(profile))
+    if out is None:
+        config.run.name = f"{config.run.name}-profile"
+        out = create_run_dir(config) / "sd_profile.json"
+    path = profile.save(out)
+    print(f"wrote {path} ({profile.meta['seconds']:.0f} s); use it with --set generator.sd=adaptive "
+          f"--set generator.sd_profile={path}")
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -128,8 +170,6 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(config_to_toml(config))
         return 0
     if args.command == "profile":
-        from respec_async.adaptive import profile_command
-
         profile_command(config, args.out, repeats=args.repeats, num_acceptance_prompts=args.acceptance_prompts,
                         clock=args.clock)
         return 0

@@ -107,7 +107,7 @@ class GeneratorSection(Section):
     # static SD config: where drafts come from: "eagle" (the drafter model) or "history" (earlier
     # rollouts of the same prompt, engine/history.py: no drafter, no model call)
     sd_source: Literal["eagle", "history"] = "eagle"
-    # adaptive SD (respec_async.adaptive): the profile JSON written by `respec profile CONFIG`;
+    # adaptive SD (respec_async/sd/): the profile JSON written by `respec profile CONFIG`;
     # "" = profile at generator start (about 15 s on the tiny zoo, 5 repeats) into <run dir>/sd_profile.json,
     # which a restarted generator, another generator of the run or --resume reuses.
     sd_profile: str = ""
@@ -347,8 +347,6 @@ def check_config(config: Config, source: str) -> None:
                           f"draft with; it needs generator.sd = \"static\" or \"adaptive\" (got \"off\")")
     if config.roles.drafter_learner and not config.roles.trainer:
         raise ConfigError(f"{source}: roles.drafter_learner: needs roles.trainer = 1 (it follows the trainer's actor)")
-    from respec_async.rewards import source_kind  # lazy: rewards imports the transport
-
     try:
         source_kind(config.reward.source)
     except ValueError as exc:
@@ -407,3 +405,29 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     raise TypeError(f"cannot write {type(value).__name__} as TOML")
+
+
+def source_urls(source: str) -> list[str]:
+    return [u.strip() for u in source.split(",") if u.strip()]
+
+
+def source_kind(source: str) -> str:
+    """"builtin" | "python" | "http" | "zmq" for a valid `reward.source`, else ValueError. Cheap
+    (imports nothing, reads no file), so a config can be checked before anything starts."""
+    source = source.strip()
+    if source == "builtin":
+        return "builtin"
+    if source.startswith("python:"):
+        target, sep, name = source.removeprefix("python:").rpartition(":")
+        if sep and target and name.isidentifier():
+            return "python"
+    urls = source_urls(source)
+    schemes = {u.split("://", 1)[0] for u in urls}
+    if urls and all("://" in u for u in urls):
+        if schemes <= {"http", "https"}:
+            return "http"
+        if schemes == {"zmq"}:
+            return "zmq"
+    raise ValueError(f"reward.source: unsupported source {source!r} (builtin | python:pkg.mod:fn | "
+                     "python:/path/file.py:fn | http://host:port/path | zmq://host:port; several URLs of one "
+                     "scheme, comma-separated)")

@@ -19,8 +19,8 @@ import torch
 from respec_async.config import Config
 from respec_async.engine.checkpoint import load_pretrained
 from respec_async.engine.engine import Engine, Request
-from respec_async.engine.sampling import SamplingParams
 from respec_async.engine.tokenizer import Tokenizer
+from respec_async.models import sampling_params
 from respec_async.prompts import PromptSource, rule_reward
 
 
@@ -46,13 +46,11 @@ def evaluate_model(config: Config, model_dir: Path | str, num_prompts: int | Non
     n = num_prompts or config.data.eval_size
     examples = [prompts.eval_example(i) for i in range(n)]
     s = config.sampling
-    stop = (tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ()
     # More slots than a generator uses: a tiny model on CPU decodes faster in wider batches.
     num_slots = min(n, max(config.generator.max_batch_size, EVAL_SLOTS))
     accuracies = []
     for temperature in (s.temperature, 0.0) if greedy else (s.temperature,):
-        params = SamplingParams(temperature=temperature, top_p=s.top_p, top_k=s.top_k,
-                                max_new_tokens=s.max_new_tokens, stop_token_ids=stop)
+        params = sampling_params(config, tokenizer, temperature)
         engine = Engine(model, None, max_batch_size=num_slots, max_seq_len=config.generator.max_seq_len, seed=seed)
         requests = [Request(str(i), ex.prompt_ids, params) for i, ex in enumerate(examples)]
         with torch.inference_mode():

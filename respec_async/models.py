@@ -13,6 +13,7 @@ import torch
 
 from respec_async.config import Config, generator_uses_drafter
 from respec_async.engine.checkpoint import load_pretrained
+from respec_async.engine.sampling import SamplingParams
 from respec_async.engine.tokenizer import Tokenizer
 
 
@@ -84,3 +85,12 @@ def load_drafter(config: Config, target: torch.nn.Module) -> torch.nn.Module:
 
     drafter = Eagle3Drafter.load_pretrained(config.model.drafter_path, target.embed_tokens)
     return drafter.to(device=config.model.device, dtype=_dtype(config)).eval()
+
+
+def sampling_params(config: Config, tokenizer: Tokenizer, temperature: float | None = None) -> SamplingParams:
+    """The run's sampling settings (config.sampling), stopping at the tokenizer's EOS;
+    temperature overrides the configured one (evaluation's greedy pass)."""
+    s = config.sampling
+    stop = (tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ()
+    return SamplingParams(temperature=s.temperature if temperature is None else temperature, top_p=s.top_p,
+                          top_k=s.top_k, max_new_tokens=s.max_new_tokens, stop_token_ids=stop)

@@ -45,7 +45,7 @@ import structlog
 import zmq
 import zmq.asyncio
 
-from respec_async.config import Config, RewardSection
+from respec_async.config import Config, RewardSection, source_kind, source_urls
 from transport.channels import Channel, Kind
 from transport.schema import RewardRequest, RewardResponse, RewardSample
 from transport.security import Security
@@ -512,32 +512,6 @@ class ZmqScorer:
         for channel in self.channels.values():
             channel.close()
         self.zmq.destroy(linger=0)
-
-
-def source_urls(source: str) -> list[str]:
-    return [u.strip() for u in source.split(",") if u.strip()]
-
-
-def source_kind(source: str) -> str:
-    """"builtin" | "python" | "http" | "zmq" for a valid `reward.source`, else ValueError. Cheap
-    (imports nothing, reads no file), so a config can be checked before anything starts."""
-    source = source.strip()
-    if source == "builtin":
-        return "builtin"
-    if source.startswith("python:"):
-        target, sep, name = source.removeprefix("python:").rpartition(":")
-        if sep and target and name.isidentifier():
-            return "python"
-    urls = source_urls(source)
-    schemes = {u.split("://", 1)[0] for u in urls}
-    if urls and all("://" in u for u in urls):
-        if schemes <= {"http", "https"}:
-            return "http"
-        if schemes == {"zmq"}:
-            return "zmq"
-    raise ValueError(f"reward.source: unsupported source {source!r} (builtin | python:pkg.mod:fn | "
-                     "python:/path/file.py:fn | http://host:port/path | zmq://host:port; several URLs of one "
-                     "scheme, comma-separated)")
 
 
 def make_scorer(config: Config | RewardSection) -> Scorer:

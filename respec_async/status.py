@@ -9,20 +9,25 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import Any, Protocol
 
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-if TYPE_CHECKING:
-    from respec_async.supervisor import Supervisor
+
+class Watched(Protocol):
+    """What the view reads of the supervisor (its run and its roles' states)."""
+
+    run_dir: Path
+    roles: dict[str, Any]
 
 _PLAIN_EVERY_S = 15.0
 
 
 class StatusView:
-    def __init__(self, supervisor: Supervisor, live: bool = True) -> None:
+    def __init__(self, supervisor: Watched, live: bool = True) -> None:
         self.supervisor = supervisor
         self.console = Console(stderr=True)
         self.live_enabled = live and sys.stderr.isatty()

@@ -7,7 +7,6 @@ from the run directory, sets up logging, and runs the role's actor on uvloop.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import importlib
 import os
 import sys

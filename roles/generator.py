@@ -18,12 +18,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from respec_async import adaptive
+from respec_async import profiling
 from respec_async.actor import Actor, handles
 from respec_async.engine.engine import Completion, Engine, Request, SDConfig
-from respec_async.engine.sampling import SamplingParams
 from respec_async.engine.speculative import RelaxedAcceptance
-from respec_async.models import load_drafter, load_target
+from respec_async.models import load_drafter, load_target, sampling_params
+from respec_async.sd.grid import engine_draft_budget, history_index_for, shadow_length
+from respec_async.sd.scheduler import AdaptiveScheduler
 from respec_async.weight_sync import WeightMember
 from transport.weights import weights_checksum
 from transport.schema import (
@@ -52,7 +53,7 @@ class GeneratorActor(Actor):
         g = cfg.generator
         # Adaptive SD: the scheduler is built in main() once the profile is there (read from
         # generator.sd_profile, or measured at start); the engine's draft buffers fit every config.
-        self.sd_profile, sd_grid = adaptive.generator_profile(cfg) if g.sd == "adaptive" else (None, [])
+        self.sd_profile, sd_grid = profiling.generator_profile(cfg) if g.sd == "adaptive" else (None, [])
         self.static_sd = (SDConfig(g.sd_num_steps, g.sd_top_k, g.sd_num_draft_tokens, source=g.sd_source)
                           if g.sd == "static" else None)
         configs = sd_grid + ([self.static_sd] if self.static_sd is not None else [])
@@ -65,18 +66,15 @@ class GeneratorActor(Actor):
         # The rollout history (engine/history.py) lives as long as this process: it outlasts
         # weight updates (a past rollout stays a valid draft, only its acceptance changes) and
         # a restarted generator starts with an empty one.
-        history = adaptive.history_index_for(configs, max_bytes=g.history_max_bytes,
-                                             max_rollouts_per_prompt=g.history_max_rollouts_per_prompt,
-                                             match_depth=g.history_match_depth)
-        self.scheduler: adaptive.AdaptiveScheduler | None = None
+        history = history_index_for(configs, max_bytes=g.history_max_bytes,
+                                    max_rollouts_per_prompt=g.history_max_rollouts_per_prompt,
+                                    match_depth=g.history_match_depth)
+        self.scheduler: AdaptiveScheduler | None = None
         self.engine = Engine(self.target, self.drafter, max_batch_size=g.max_batch_size, max_seq_len=g.max_seq_len,
                              seed=cfg.run.seed * 1000 + self.ctx.index, relaxed=relaxed,
-                             max_draft_tokens=adaptive.engine_draft_budget(configs), history=history,
-                             shadow_length=adaptive.shadow_length(sd_grid))
-        s = cfg.sampling
-        stop = (self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id is not None else ()
-        self.params = SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                                     max_new_tokens=s.max_new_tokens, stop_token_ids=stop)
+                             max_draft_tokens=engine_draft_budget(configs), history=history,
+                             shadow_length=shadow_length(sd_grid))
+        self.params = sampling_params(cfg, self.tokenizer)
         self.policy_version = -1  # nothing to generate with until the trainer's weights arrive
         self.actor_weights = WeightMember(self, "actor", "trainer-0", cfg.trainer.weight_sync_timeout_s,
                                           cfg.model.device)
@@ -192,10 +190,10 @@ class GeneratorActor(Actor):
         build the scheduler; logs the fit error and the plan."""
         cfg = self.ctx.config
         if self.sd_profile is None:
-            self.sd_profile = await self.run_blocking(adaptive.load_or_profile, cfg, self.target, self.drafter,
+            self.sd_profile = await self.run_blocking(profiling.load_or_profile, cfg, self.target, self.drafter,
                                                       self.tokenizer, self.ctx.run_dir, self.log.info)
-        self.scheduler = adaptive.scheduler_for(cfg, self.sd_profile)
-        for warning in adaptive.profile_warnings(cfg, self.sd_profile):
+        self.scheduler = profiling.scheduler_for(cfg, self.sd_profile)
+        for warning in profiling.profile_warnings(cfg, self.sd_profile):
             self.log.warning("sd.profile_mismatch", detail=warning)
         error = self.scheduler.model.fit_error()
         plans = self.scheduler.report(reset=False)

@@ -8,9 +8,12 @@ import json
 import pytest
 import torch
 
-from respec_async.adaptive import (
-    PLAIN, AdaptiveScheduler, CostFit, Profile, SpeedupModel, config_key, engine_draft_budget, fit_cost,
-    parse_grid, profile_batch_sizes, profile_units, profile_warnings, run_profile)
+from respec_async.profiling import profile_warnings
+from respec_async.sd.grid import PLAIN, config_key, engine_draft_budget, parse_grid
+from respec_async.sd.measure import measure_step_costs, profile_batch_sizes, profile_units, run_profile
+from respec_async.sd.profile import Profile
+from respec_async.sd.scheduler import AdaptiveScheduler
+from respec_async.sd.solver import CostFit, SpeedupModel, fit_cost
 from respec_async.config import ConfigError, config_from_dict
 from respec_async.engine.engine import Engine, Request, SDConfig, StepStats
 from respec_async.engine.history import HistoryIndex
@@ -348,7 +351,6 @@ def test_profiled_history_steps_are_verified_at_full_width(monkeypatch):
     """A packed history step costs what its rows drafted; the profile's rows draft little, so it
     must price every history step at full width (num_real never passed), or online steps whose
     rows draft whole chains would cost more than the plan assumed."""
-    from respec_async.adaptive import measure_step_costs
     from respec_async.engine.model import Transformer
     target, _ = tiny_models()
     widths = []
@@ -371,3 +373,38 @@ def test_profiled_history_steps_are_verified_at_full_width(monkeypatch):
     engine.step(None)
     engine.step(SDConfig(8, 1, 8, "history"))
     assert any(w is not None for w in widths)
+
+
+def costly_history_profile() -> Profile:
+    """Plain and a history chain with the 4,1,4 cost curve: it pays at B = 1, not at 64."""
+    costs = {"history:4,1,4": COSTS["4,1,4"]}
+    return Profile(batch_sizes=SIZES, plain_s=[PLAIN_COST(b) * 1e-3 for b in SIZES],
+                   sd_s={key: [fit(b) * 1e-3 for b in SIZES] for key, fit in costs.items()},
+                   acceptance={"history:4,1,4": 3.2})
+
+
+def test_observed_step_costs_move_the_plan_and_a_uniform_slowdown_does_not():
+    model = SpeedupModel(costly_history_profile())
+    history = model.configs["history:4,1,4"]
+    scheduler = AdaptiveScheduler(model, 64, cost_window_steps=4)
+    assert scheduler.planned(64)[0] is None and scheduler.planned(1)[0] == history
+    # Every mode runs 2x slower than profiled (a busy machine): no choice changes.
+    for _ in range(40):
+        scheduler.observe(step(None, 64), 2 * model.step_seconds(PLAIN, 64))
+        scheduler.observe(step(history, 64, 2.2), 2 * model.step_seconds("history:4,1,4", 64))
+    assert scheduler.planned(64)[0] is None and scheduler.planned(1)[0] == history
+    assert scheduler.cost_ratio[PLAIN, 6] == pytest.approx(2.0, rel=0.02)
+    # History steps at B = 64 cost a third of their full-width price (packed): history pays there
+    # (predicted 0.72x before: 3.2 * 13.6 ms / 60.2 ms), and nowhere else changes.
+    for _ in range(100):
+        scheduler.observe(step(None, 64), model.step_seconds(PLAIN, 64))
+        scheduler.observe(step(history, 64, 2.2), model.step_seconds("history:4,1,4", 64) / 3)
+    choice, speedup = scheduler.planned(64)
+    assert choice == history and speedup == pytest.approx(3 * 3.2 * 13.6 / 60.2, rel=0.05)
+    assert scheduler.planned(16)[0] is None  # another bucket: still the profiled costs
+    # Steps that admit (a prefill inside) leave the ratios alone.
+    before = dict(scheduler.cost_ratio)
+    for _ in range(20):
+        scheduler.observe(step(history, 64, 2.2, admitted=3), 10 * model.step_seconds("history:4,1,4", 64))
+    assert scheduler.cost_ratio == before
+    assert "history:4,1,4@B64" in scheduler.report()["cost_ratio"]

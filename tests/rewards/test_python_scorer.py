@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from respec_async.rewards import make_scorer, source_kind, to_result
+from respec_async.config import source_kind
+from respec_async.rewards import make_scorer, to_result
 from tests.rewards.conftest import expected_rewards, make_requests, run, section
 
 

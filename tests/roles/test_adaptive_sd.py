@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 
 from respec_async import zoo
-from respec_async.adaptive import PLAIN, Profile
+from respec_async.sd.grid import PLAIN
+from respec_async.sd.profile import Profile
 from respec_async.metrics import read_metrics
 from tests.roles.conftest import rl_config
 
