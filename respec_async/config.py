@@ -360,15 +360,44 @@ def check_config(config: Config, source: str) -> None:
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """A config file, the files it `extends` under it, then the --set overrides."""
     path = Path(path)
+    source = f"{path}" + (" (with --set overrides)" if overrides else "")
+    return config_from_dict(apply_overrides(_read_toml(path, ()), overrides), source)
+
+
+def _read_toml(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    """The file's tables over those of the file its top-level `extends = "base.toml"` names
+    (relative to it; bases may extend further): tables merge key by key, any other value (an
+    array included) replaces the base's."""
     try:
         raw = tomllib.loads(path.read_text())
     except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
+        where = f" (extended by {chain[-1]})" if chain else ""
+        raise ConfigError(f"{path}: no such config file{where}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    source = f"{path}" + (" (with --set overrides)" if overrides else "")
-    return config_from_dict(apply_overrides(raw, overrides), source)
+    base = raw.pop("extends", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: extends: expected the path of a config file, got {base!r}")
+    base_path = (path.parent / base).resolve()
+    chain = (*chain, path.resolve())
+    if base_path in chain:
+        names = " -> ".join(str(p) for p in (*chain, base_path))
+        raise ConfigError(f"{path}: extends: a circle of config files: {names}")
+    return _merge(_read_toml(base_path, chain), raw)
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def config_to_dict(config: Config) -> dict[str, Any]:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from respec_async.config import ConfigError, config_to_toml, load_config, parse_override
+from respec_async.config import ConfigError, config_to_dict, config_to_toml, load_config, parse_override
 
 GOOD = "[run]\nname = 'x'\n[supervisor]\nmax_restarts = 2\n"
 
@@ -78,3 +79,49 @@ def test_cli_config_show_and_error_exit_code(cfg):
                           "--set", "supervisor.max_restarts=-3"], capture_output=True, text=True)
     assert bad.returncode == 2
     assert "supervisor.max_restarts" in bad.stderr and str(path) in bad.stderr
+
+
+def flat(table: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in table.items():
+        out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+    return out
+
+
+def test_a_config_extends_another_table_by_table(tmp_path):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "root.toml").write_text(
+        "[run]\nname = 'root'\nseed = 3\n[generator]\nsd_grid = ['1,1,1', '2,1,2']\nmax_batch_size = 8\n")
+    (tmp_path / "base" / "mid.toml").write_text("extends = 'root.toml'\n[run]\nname = 'mid'\n")
+    (tmp_path / "top.toml").write_text("extends = 'base/mid.toml'\n[generator]\nsd_grid = ['3,1,3']\n")
+    config = load_config(tmp_path / "top.toml", ["run.seed=5"])
+    # Tables merge key by key along the chain; an array replaces the base's; --set goes last.
+    assert (config.run.name, config.run.seed) == ("mid", 5)
+    assert config.generator.sd_grid == ["3,1,3"] and config.generator.max_batch_size == 8
+
+
+def test_extends_errors_name_the_files(tmp_path):
+    (tmp_path / "a.toml").write_text("extends = 'b.toml'\n")
+    (tmp_path / "b.toml").write_text("extends = 'a.toml'\n")
+    with pytest.raises(ConfigError, match=r"a circle of config files: .*a\.toml -> .*b\.toml -> .*a\.toml"):
+        load_config(tmp_path / "a.toml")
+    (tmp_path / "c.toml").write_text("extends = 'missing.toml'\n")
+    with pytest.raises(ConfigError, match=r"missing\.toml: no such config file \(extended by .*c\.toml\)"):
+        load_config(tmp_path / "c.toml")
+    (tmp_path / "d.toml").write_text("extends = 3\n")
+    with pytest.raises(ConfigError, match=r"d\.toml: extends: expected the path of a config file"):
+        load_config(tmp_path / "d.toml")
+
+
+@pytest.mark.parametrize(("ablation", "changed"), [
+    ("no-adaptive", {"generator.sd": "static"}),
+    ("no-learner", {"roles.drafter_learner": 0}),
+    ("no-sd", {"roles.drafter_learner": 0, "generator.sd": "off"}),
+    ("no-weighting", {"drafter.weighting": "none"}),
+])
+def test_each_ablation_is_respec_with_one_mechanism_off(ablation, changed):
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    full = flat(config_to_dict(load_config(configs / "respec.toml")))
+    variant = flat(config_to_dict(load_config(configs / f"ablation-{ablation}.toml")))
+    diff = {key: value for key, value in variant.items() if full[key] != value}
+    assert diff == {"run.name": f"ablation-{ablation}", **changed}
