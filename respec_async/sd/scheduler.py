@@ -7,7 +7,7 @@ from collections import Counter, defaultdict
 from typing import Any
 
 from respec_async.engine.engine import SDConfig, StepStats
-from respec_async.sd.grid import bucket_of, config_key, is_history
+from respec_async.sd.grid import PLAIN, bucket_of, config_key, is_history
 from respec_async.sd.profile import make_clock
 from respec_async.sd.solver import SpeedupModel
 
@@ -24,7 +24,8 @@ class AdaptiveScheduler:
     probed at any batch size (it needs no drafter catch-up).
 
     Step costs are re-estimated online too, for plain decoding and history configs, per bucket
-    (`cost_ema`, over windows of `cost_window_steps` steps that admit nothing): the profile
+    (`cost_ema`, over windows of `cost_window_steps` steps, net of the profiled admission cost
+    of the rows a step admitted): the profile
     prices a history step at full width, but a packed step costs what its rows drafted, less
     as history grows; and a machine that slows down slows every mode. EAGLE configs keep their
     profiled cost: an EAGLE step after plain ones also pays the drafter's catch-up, which is
@@ -33,7 +34,8 @@ class AdaptiveScheduler:
     def __init__(self, model: SpeedupModel, max_batch_size: int, *, ema: float = 0.2, coupling: float = 0.5,
                  window_rows: int = 64, probe_interval: int = 64, probe_margin: float = 0.75,
                  probe_max_plain_batch: int = 4, min_speedup: float = 1.0, history_ema: float = 0.5,
-                 shadow_window_rows: int = 16, cost_ema: float = 0.3, cost_window_steps: int = 8) -> None:
+                 shadow_window_rows: int = 16, cost_ema: float = 0.3, cost_window_steps: int = 8,
+                 switch_margin: float = 0.1) -> None:
         self.model = model
         # History acceptance jumps (a new epoch brings a whole epoch of history): a faster EMA.
         self.history_ema = history_ema
@@ -57,6 +59,8 @@ class AdaptiveScheduler:
         self.cost_ema, self.cost_window_steps = cost_ema, cost_window_steps
         self.cost_ratio: dict[tuple[str, int], float] = {}  # (plain or history key, bucket) -> observed / fitted
         self._cost_window: dict[tuple[str, int], list] = defaultdict(lambda: [0.0, 0.0, 0])  # [seconds, fitted, steps]
+        self.switch_margin = switch_margin
+        self._last_choice: dict[tuple[bool, int], str] = {}  # (refilling, B) -> the SD config chosen last
         self._probe_turn = 0
         self._steps_since_probe = 0
         self.num_probes = 0
@@ -111,8 +115,19 @@ class AdaptiveScheduler:
         """(the config, None = plain; its predicted speedup) the plan holds for this batch size."""
         entry = self._plan.get((refilling, batch_size))
         if entry is None:
-            key, value = self.model.best(batch_size, self._estimates(batch_size), refilling, self.min_speedup,
-                                         self._cost_scale(batch_size))
+            estimates, scale = self._estimates(batch_size), self._cost_scale(batch_size)
+            key, value = self.model.best(batch_size, estimates, refilling, self.min_speedup, scale)
+            # Hysteresis between SD configs: the last choice at this batch size stays while it is
+            # predicted within switch_margin of the best. Two history chains fed by the same
+            # noisy estimates otherwise alternate, and each switch lands on whichever happens to
+            # be overestimated.
+            last = self._last_choice.get((refilling, batch_size))
+            if last is not None and last != key and key != PLAIN:
+                kept = self.model.speedup(last, batch_size, estimates, refilling, scale)
+                if kept * (1 + self.switch_margin) >= value and kept > self.min_speedup:
+                    key, value = last, kept
+            if key != PLAIN:
+                self._last_choice[refilling, batch_size] = key
             entry = self._plan[refilling, batch_size] = (self.model.configs.get(key), value)
         return entry
 
@@ -120,6 +135,7 @@ class AdaptiveScheduler:
         """Back to the profiled acceptance (e.g. after a drafter whose quality is unknown)."""
         self.ratio = {key: 1.0 for key in self.profiled}
         self.bucket_ratio, self._bucket_updated = {}, {}
+        self._last_choice = {}
         self._resolve()
 
     def predicted_speedup(self, key: str, batch_size: int) -> float:
@@ -181,9 +197,13 @@ class AdaptiveScheduler:
             for chain_key, length in self.history_chains.items():
                 tokens = sum((1 + min(m, length)) * n for m, n in enumerate(stats.shadow_counts))
                 self._add_window(chain_key, bucket, tokens, rows, shadow=True)
-        if seconds is not None and stats.num_admitted == 0 and (stats.sd is None or is_history(key)) \
-                and (key in self.model.cost or stats.sd is None):
-            self._add_cost(key, bucket, seconds, self.model.step_seconds(key, batch_size))
+        if seconds is not None and (stats.sd is None or (is_history(key) and key in self.model.cost)):
+            # A step that admitted counts net of the profiled admission cost: while a phase
+            # refills its slots (most of its steps at full batch) nearly every step admits.
+            admission_s = self.model.admission_cost(stats.num_admitted)
+            fitted = self.model.step_seconds(key, batch_size)
+            if admission_s is not None and seconds - admission_s > 0.25 * fitted:
+                self._add_cost(key, bucket, seconds - admission_s, fitted)
         if seconds is not None and stats.num_admitted == 0:
             tokens_per_row = (stats.num_accepted + batch_size) / batch_size if stats.sd is not None else 1.0
             plain_s = tokens_per_row * self.model.plain(batch_size)

@@ -86,6 +86,14 @@ class SpeedupModel:
         n = batch_size * tokens_per_row / length
         return (1.0 - math.exp(-n)) * admission["a"] + n * admission["b"]
 
+    def admission_cost(self, num_admitted: int) -> float | None:
+        """The profiled cost of admitting (prefilling) num_admitted requests in one step; None
+        when the profile did not measure it."""
+        if num_admitted == 0:
+            return 0.0
+        admission = self.profile.admission
+        return admission["a"] + num_admitted * admission["b"] if admission else None
+
     def speedup(self, key: str, batch_size: float, acceptance: dict[str, float] | None = None,
                 refilling: bool = False, cost_scale: dict[str, float] | None = None) -> float:
         """Predicted throughput of `key` over plain decoding at this batch size; with refilling,
