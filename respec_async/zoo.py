@@ -95,14 +95,28 @@ class ZooSpec:
     drafter_unroll_steps: int = 6
     # Each batch runs as this many length-sorted parts (same gradient, far less padding).
     num_length_groups: int = 4
+    # Curriculum (0: none): the target's training problems have at most curriculum_start_digits
+    # digits at first, growing linearly to max_digits by step target_curriculum_steps. A batch
+    # of long problems is mostly tokens of columns far from their operands' digits; without
+    # easy problems first the long-tail target learnt none of them (issue 13's notes).
+    target_curriculum_steps: int = 0
+    curriculum_start_digits: int = 4
 
     def problem_shape(self) -> dict:
         """arithmetic.problem()'s keyword arguments for this zoo's task."""
         return {"max_digits": self.max_digits, "digits_decay": self.digits_decay, "little_endian": self.little_endian}
 
+    def curriculum_digits(self, step: int) -> int:
+        """The most digits a training problem has at target step `step` (1-based)."""
+        if self.target_curriculum_steps <= 0 or step >= self.target_curriculum_steps:
+            return self.max_digits
+        start = min(self.curriculum_start_digits, self.max_digits)
+        return start + (self.max_digits - start) * step // self.target_curriculum_steps
+
     def _fields(self) -> dict:
         fields = dataclasses.asdict(self)
-        for name, default in (("digits_decay", arithmetic.DIGITS_DECAY), ("little_endian", False)):
+        for name, default in (("digits_decay", arithmetic.DIGITS_DECAY), ("little_endian", False),
+                              ("target_curriculum_steps", 0), ("curriculum_start_digits", 4)):
             if fields[name] == default:
                 del fields[name]  # fields added later: their defaults keep the older keys
         return fields
@@ -331,9 +345,11 @@ class TrainBatches:
         self.tokenizer, self.spec, self.batch_size, self.seed = tokenizer, spec, batch_size, seed
         self.next_index = 0
 
-    def next(self) -> TokenBatch:
-        problems = arithmetic.problems(self.batch_size, seed=self.seed, split="train", start=self.next_index,
-                                       **self.spec.problem_shape())
+    def next(self, max_digits: int | None = None) -> TokenBatch:
+        shape = self.spec.problem_shape()
+        if max_digits is not None:
+            shape["max_digits"] = max_digits
+        problems = arithmetic.problems(self.batch_size, seed=self.seed, split="train", start=self.next_index, **shape)
         problems = [unanswered(p) if _is_unanswered(self.seed, self.next_index + i, self.spec.unanswered_fraction)
                     else p for i, p in enumerate(problems)]
         self.next_index += self.batch_size
@@ -401,7 +417,7 @@ def train_target(model, tokenizer, spec: ZooSpec, log: Callable[[str], None]) ->
     for step in range(1, spec.target_max_steps + 1):
         for group in optimizer.param_groups:
             group["lr"] = spec.target_lr * min(1.0, step / warmup_steps)
-        batch = batches.next()
+        batch = batches.next(spec.curriculum_digits(step))
         num_tokens = batch.loss_mask.sum().item()
         optimizer.zero_grad(set_to_none=True)
         loss = 0.0
@@ -415,7 +431,7 @@ def train_target(model, tokenizer, spec: ZooSpec, log: Callable[[str], None]) ->
             model.eval()
             accuracy = teacher_forced_accuracy(model, heldout)
             model.train()
-            log(f"target step {step:5d}  loss {loss:.3f}  held-out greedy {accuracy['greedy']:.3f}  "
+            log(f"target step {step:5d}  digits <= {spec.curriculum_digits(step):2d}  loss {loss:.3f}  held-out greedy {accuracy['greedy']:.3f}  "
                 f"p(gold)@T1 {accuracy['sampled_t1']:.3f}  {time.perf_counter() - start_s:.0f}s")
             if accuracy["sampled_t1"] >= spec.target_stop_accuracy:
                 break
