@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean-venv
+.PHONY: demo test check install clean-venv
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
@@ -26,6 +26,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The quick tier for the inner loop: every test that starts no process and is not slow (~1 min).
+check: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not process and not slow"
 
 clean-venv:
 	rm -rf $(VENV)

@@ -28,9 +28,9 @@ from tests.engine.test_model import FAMILIES, TOL, hf_pair, random_ids
 from tests.roles.test_real_model_config import gsm8k_file, launch_config, overrides, qwen_dir  # noqa: F401
 from transport.weights import WeightGroup, WeightSyncError, host_rendezvous_store, manifest_of, weights_checksum
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.process, pytest.mark.skipif(
     os.environ.get("RESPEC_TEST_DEVICE") != "cuda",
-    reason="CUDA checks: set RESPEC_TEST_DEVICE=cuda on a machine with a GPU (benchmarks/gpu_check.sh runs them)")
+    reason="CUDA checks: set RESPEC_TEST_DEVICE=cuda on a machine with a GPU (benchmarks/gpu_check.sh runs them)")]
 
 CUDA = "cuda"
 BF16_TOL = 0.1  # max |logit difference| of a bf16 forward (as the CPU bf16 test)

@@ -17,6 +17,8 @@ from tests.rewards.conftest import expected_rewards, make_requests, run, section
 from transport.codec import Codec
 from transport.schema import RewardRequest, RewardResponse
 
+pytestmark = pytest.mark.process
+
 
 def score_groups(cfg, num_groups, group_size, during=None):
     async def go():

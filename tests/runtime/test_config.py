@@ -70,6 +70,7 @@ def test_resolved_config_round_trips_through_toml(cfg, tmp_path):
     assert load_config(again) == config
 
 
+@pytest.mark.process
 def test_cli_config_show_and_error_exit_code(cfg):
     path = cfg(GOOD)
     shown = subprocess.run([sys.executable, "-m", "respec_async.cli", "config", "show", str(path)],

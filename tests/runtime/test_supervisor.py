@@ -6,7 +6,11 @@ import os
 import signal
 import time
 
+import pytest
+
 from tests.runtime.conftest import pid_alive
+
+pytestmark = pytest.mark.process
 
 ECHO_SERVE = """
 [roles]

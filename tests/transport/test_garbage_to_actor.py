@@ -9,6 +9,7 @@ import os
 import time
 
 import msgspec
+import pytest
 import torch
 import zmq
 
@@ -16,6 +17,8 @@ from respec_async.endpoints import Endpoints
 from tests.runtime.conftest import launch, pid_alive  # noqa: F401 (launch is a fixture)
 from transport.codec import Codec
 from transport.schema import Echo, TensorMessage
+
+pytestmark = pytest.mark.process
 
 ECHO_PAIR = """
 [roles]

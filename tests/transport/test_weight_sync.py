@@ -21,6 +21,8 @@ from transport.weights import (
     weights_checksum,
 )
 
+pytestmark = pytest.mark.process
+
 
 def make_state(seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)

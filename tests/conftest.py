@@ -1,0 +1,36 @@
+"""Test tiers. `make check` runs every test that starts no process and is not marked slow
+(`pytest -m "not process and not slow"`, about a minute on 2 cores); `make test` runs them all.
+A test that starts a process (a role, a reward server, a CLI, a torch.distributed peer) is
+marked `process`: modules set `pytestmark`, tests/roles/ is marked whole. The quick tier
+enforces it: an unmarked test that starts a process fails, naming itself."""
+
+from __future__ import annotations
+
+import multiprocessing.process
+import subprocess
+from pathlib import Path
+
+import pytest
+
+PROCESS_DIRS = ("roles",)  # every test under tests/<dir>/ starts role processes
+
+
+def pytest_collection_modifyitems(config, items):
+    root = Path(__file__).resolve().parent
+    for item in items:
+        parts = Path(item.path).resolve().relative_to(root).parts
+        if parts and parts[0] in PROCESS_DIRS:
+            item.add_marker(pytest.mark.process)
+
+
+@pytest.fixture(autouse=True)
+def _no_process_unless_marked(request, monkeypatch):
+    if request.node.get_closest_marker("process") is not None:
+        return
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError(f"{request.node.nodeid} starts a process: mark it pytest.mark.process "
+                           "(tests/conftest.py)")
+
+    monkeypatch.setattr(subprocess.Popen, "_execute_child", refuse)
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", refuse)
