@@ -23,13 +23,12 @@ class AdaptiveScheduler:
     a chain's acceptance, taken in every step whatever its mode), and a history config may be
     probed at any batch size (it needs no drafter catch-up).
 
-    Step costs are re-estimated online too, for plain decoding and history configs, per bucket
-    (`cost_ema`, over windows of `cost_window_steps` steps, net of the profiled admission cost
-    of the rows a step admitted): the profile
-    prices a history step at full width, but a packed step costs what its rows drafted, less
-    as history grows; and a machine that slows down slows every mode. EAGLE configs keep their
-    profiled cost: an EAGLE step after plain ones also pays the drafter's catch-up, which is
-    not the config's cost."""
+    History configs' step costs are re-estimated online too, per bucket, relative to plain
+    decoding's (`cost_ema`, over windows of `cost_window_steps` steps, net of the profiled
+    admission cost of the rows a step admitted): the profile prices a history step at full
+    width, but a packed step costs what its rows drafted, less as history grows. EAGLE
+    configs keep their profiled cost: an EAGLE step after plain ones also pays the drafter's
+    catch-up, which is not the config's cost."""
 
     def __init__(self, model: SpeedupModel, max_batch_size: int, *, ema: float = 0.2, coupling: float = 0.5,
                  window_rows: int = 64, probe_interval: int = 64, probe_margin: float = 0.75,
@@ -105,10 +104,19 @@ class AdaptiveScheduler:
         return estimates
 
     def _cost_scale(self, batch_size: int) -> dict[str, float]:
+        """History configs' observed cost over fitted, relative to plain decoding's at this
+        bucket (any bucket's where not seen here): what is common to every step (a slower
+        machine, the index upkeep, shadow chains) cancels, and plain and EAGLE keep the
+        profile's costs, so the comparison between them is the profile's."""
         scale = self._cost_scale_at.get(batch_size)
         if scale is None:
             bucket = bucket_of(batch_size)
-            scale = self._cost_scale_at[batch_size] = {key: r for (key, b), r in self.cost_ratio.items() if b == bucket}
+            plain = self.cost_ratio.get((PLAIN, bucket))
+            if plain is None:
+                seen = [r for (key, _), r in self.cost_ratio.items() if key == PLAIN]
+                plain = sum(seen) / len(seen) if seen else 1.0
+            scale = self._cost_scale_at[batch_size] = {
+                key: r / plain for (key, b), r in self.cost_ratio.items() if b == bucket and key != PLAIN}
         return scale
 
     def planned(self, batch_size: int, refilling: bool = False) -> tuple[SDConfig | None, float]:

@@ -433,3 +433,15 @@ def test_a_near_tie_between_sd_configs_does_not_flip_the_choice():
     without.choose(2)
     without.observe(step(other, 50, accepted_per_row=ACCEPTANCE[key] * 1.04 - 1), 0.01)
     assert without.choose(2) == other
+
+
+def test_plain_steps_slower_than_profiled_do_not_favour_eagle():
+    """The online cost ratio corrects history configs relative to plain decoding; EAGLE keeps the
+    profile's comparison with plain (an overhead every mode pays must not tip it)."""
+    model = SpeedupModel(synthetic_profile())
+    scheduler = AdaptiveScheduler(model, 64, cost_window_steps=4)
+    before = [scheduler.planned(b)[0] for b in (1, 8, 64)]
+    for _ in range(60):
+        scheduler.observe(step(None, 64), 1.3 * model.step_seconds(PLAIN, 64))
+    assert scheduler.cost_ratio[PLAIN, 6] == pytest.approx(1.3, rel=0.01)
+    assert [scheduler.planned(b)[0] for b in (1, 8, 64)] == before and before[-1] is None
