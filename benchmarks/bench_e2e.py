@@ -119,7 +119,8 @@ def main() -> None:
             if getattr(args, key) is None:
                 setattr(args, key, value)
     else:
-        paths = zoo.ensure_zoo(log=print) if not load_config(args.config, args.overrides).model.path else None
+        base = load_config(args.config, args.overrides)
+        paths = None if base.model.path else zoo.ensure_zoo(spec=zoo.spec_for_task(base.data.task), log=print)
     common = [f"trainer.num_steps={args.steps}", f"run.seed={args.seed}", f"data.train_size={args.train_size}"]
     if paths is not None:
         common += [f'model.path="{paths.target_dir}"', f'model.drafter_path="{paths.drafter_dir}"']
