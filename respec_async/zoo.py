@@ -28,6 +28,11 @@ whole solution, answer line included); engine generations on 128 held-out prompt
 0.23 at temperature 1, 0.36 greedy. Drafter 269k parameters, 300 steps in 245 s; chain drafts
 of 4 at temperature 1 accept 3.13 tokens per verify step. These two stages ship with the
 package (zoo_shipped/, 4 MB), so a fresh clone does not wait for them.
+
+The long-tail zoo (`--task longtail`, LONGTAIL_SPEC): target 1.11M parameters, 1400 steps
+with the curriculum in 1423 s on one core (another job on the second), held-out accuracy at
+temperature 1 0.125-0.15 (0.33 for <= 4 digits, 0 beyond 10); drafter chains of 4 accept
+3.15 tokens per verify step. It ships too (5.4 MB).
 """
 
 from __future__ import annotations

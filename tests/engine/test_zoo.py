@@ -181,3 +181,17 @@ def test_each_task_has_its_zoo_and_new_spec_fields_keep_the_shipped_keys():
     assert longtail.problem_shape() == arithmetic.TASKS["longtail"]
     assert default.problem_shape() == arithmetic.TASKS["arithmetic"]
     assert longtail.key() != default.key() and longtail.target_key() != default.target_key()
+    # The long-tail zoo ships too: its target trains for ~24 minutes on one core.
+    assert {f"target-{longtail.target_key()}", f"zoo-{longtail.key()}"} <= shipped
+
+
+def test_the_curriculum_caps_the_digits_of_early_problems():
+    spec = zoo.ZooSpec(max_digits=20, target_curriculum_steps=10, curriculum_start_digits=3)
+    assert [spec.curriculum_digits(step) for step in (1, 5, 9, 10, 50)] == [4, 11, 18, 20, 20]
+    assert zoo.ZooSpec(max_digits=20).curriculum_digits(1) == 20  # off by default
+    tokenizer = zoo.build_tokenizer()
+    early = zoo.TrainBatches(tokenizer, spec, 64, seed=0).next(spec.curriculum_digits(1))
+    late = zoo.TrainBatches(tokenizer, spec, 64, seed=0).next(spec.curriculum_digits(10))
+    # Prompts are "a+b=" plus <bos>: 4-digit operands give at most 11 prompt tokens.
+    prompt_lengths = (early.loss_mask.argmax(dim=1) + 1).tolist()
+    assert max(prompt_lengths) <= 11 < int((late.loss_mask.argmax(dim=1) + 1).max())
