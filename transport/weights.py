@@ -243,7 +243,19 @@ class WeightGroup:
 
 
 def host_rendezvous_store(rendezvous: str, timeout_s: float = 60.0) -> dist.TCPStore:
-    """The run's rendezvous store (the supervisor hosts it for the whole run)."""
+    """The run's rendezvous store (the supervisor hosts it for the whole run), listening on the
+    rendezvous address only: a TCPStore binds every interface unless handed a bound socket,
+    and it takes no credentials, so on loopback it must not be reachable from the network."""
     url = urlparse(rendezvous)
+    family, kind, proto, _, address = socket.getaddrinfo(url.hostname, url.port, type=socket.SOCK_STREAM)[0]
+    listener = socket.socket(family, kind, proto)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(address)
+        listener.listen(socket.SOMAXCONN)
+    except OSError:
+        listener.close()
+        raise
+    # The store owns the descriptor from here on (detach: the socket object must not close it).
     return dist.TCPStore(url.hostname, url.port, is_master=True, timeout=timedelta(seconds=timeout_s),
-                         wait_for_workers=False)
+                         wait_for_workers=False, master_listen_fd=listener.detach())

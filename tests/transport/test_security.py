@@ -1,12 +1,17 @@
 """CURVE on tcp: only a peer with the run's client key gets messages through; a wrong key or
-no CURVE at all delivers nothing, and the right peer still works afterwards."""
+no CURVE at all delivers nothing, and the right peer still works afterwards. The rendezvous
+store (no credentials) listens on the run's address only."""
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import structlog
+import torch.distributed as dist
 import zmq
 import zmq.asyncio
 
@@ -14,6 +19,7 @@ from respec_async.endpoints import free_tcp_port
 from transport.channels import Kind, open_channel
 from transport.schema import Ping
 from transport.security import Security, start_authenticator
+from transport.weights import host_rendezvous_store
 
 REFUSED_WITHIN_S = 1.5
 
@@ -101,3 +107,36 @@ def test_insecure_tcp_works_without_keys_and_warns():
     logs, message = asyncio.run(main())
     assert message == Ping(seq=1, sent_at=0.0)
     assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["transport.insecure"]
+
+
+def listening_addresses(port: int) -> set[str]:
+    """Local addresses of the TCP sockets listening on `port` (Linux /proc/net/tcp and tcp6)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                raw = bytes.fromhex(address)
+                # /proc writes each 32-bit word in host byte order (little-endian here).
+                words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+                found.add(ipaddress.ip_address(words).compressed)
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads Linux's /proc/net/tcp")
+def test_the_rendezvous_store_listens_on_its_address_only():
+    port = free_tcp_port("127.0.0.1")
+    store = host_rendezvous_store(f"tcp://127.0.0.1:{port}", timeout_s=5)
+    try:
+        store.set("key", "value")
+        client = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=5))
+        assert client.get("key") == b"value"
+        # Unauthenticated, so never on every interface: the bound address is loopback alone.
+        assert listening_addresses(port) == {"127.0.0.1"}
+    finally:
+        del store
