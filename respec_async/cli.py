@@ -157,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("give either CONFIG or --resume RUN_DIR, not both")
         run_dir = args.resume.resolve()
         source = run_dir / "config.toml"
+        if not source.is_file():
+            what = "no such directory" if not run_dir.exists() else (
+                "not a directory" if not run_dir.is_dir() else "it has no config.toml")
+            parser.error(f"--resume {args.resume}: not a run directory ({what})")
     elif args.config:
         run_dir, source = None, Path(args.config)
     else:

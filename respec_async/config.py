@@ -345,6 +345,9 @@ def check_config(config: Config, source: str) -> None:
     if config.roles.drafter_learner and config.generator.sd == "off" and config.roles.generator:
         raise ConfigError(f"{source}: roles.drafter_learner: the drafter learner trains the drafter the generators "
                           f"draft with; it needs generator.sd = \"static\" or \"adaptive\" (got \"off\")")
+    for role in ("generator", "reward"):
+        if config.roles.trainer and getattr(config.roles, role) == 0:
+            raise ConfigError(f"{source}: roles.{role}: the trainer needs at least one {role} role (got 0)")
     if config.roles.drafter_learner and not config.roles.trainer:
         raise ConfigError(f"{source}: roles.drafter_learner: needs roles.trainer = 1 (it follows the trainer's actor)")
     try:

@@ -35,6 +35,8 @@ def cfg(tmp_path):
         (GOOD, ["supervisor.ping_timeout_s=0.1"], "supervisor.ping_timeout_s", "greater than"),
         (GOOD, ["supervisor.shutdown_grace_s=abc"], "supervisor.shutdown_grace_s", "Expected `float`"),
         ("[data]\ntask = 'jsonl'\npath = 'x.jsonl'\n", [], "run.final_eval", "run.final_eval = false"),
+        ("[roles]\ngenerator = 0\n", [], "roles.generator", "at least one generator"),
+        (GOOD, ["roles.reward=0"], "roles.reward", "at least one reward"),
     ],
 )
 def test_bad_config_names_file_and_dotted_key(cfg, text, overrides, key, expected):
@@ -126,3 +128,19 @@ def test_each_ablation_is_respec_with_one_mechanism_off(ablation, changed):
     variant = flat(config_to_dict(load_config(configs / f"ablation-{ablation}.toml")))
     diff = {key: value for key, value in variant.items() if full[key] != value}
     assert diff == {"run.name": f"ablation-{ablation}", **changed}
+
+
+@pytest.mark.parametrize("kind", ["file", "missing", "empty dir"])
+def test_resume_of_a_path_that_is_no_run_is_a_one_line_error(tmp_path, capsys, kind):
+    from respec_async.cli import main
+
+    path = tmp_path / "x"
+    if kind == "file":
+        path.write_text("not a run")
+    elif kind == "empty dir":
+        path.mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["launch", "--resume", str(path)])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"--resume {path}: not a run directory" in error and "Traceback" not in capsys.readouterr().err
