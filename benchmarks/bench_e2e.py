@@ -72,8 +72,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from rl_bench import (  # noqa: E402
-    events, launch_run, learner_records, moving_average, plot_curves, respec_cli, rl_arguments, save_figure,
-    step_records,
+    config_zoo, events, launch_run, learner_records, moving_average, plot_curves, respec_cli, rl_arguments,
+    save_figure, step_records,
 )
 
 ARMS = {
@@ -119,8 +119,8 @@ def main() -> None:
             if getattr(args, key) is None:
                 setattr(args, key, value)
     else:
-        base = load_config(args.config, args.overrides)
-        paths = None if base.model.path else zoo.ensure_zoo(spec=zoo.spec_for_task(base.data.task), log=print)
+        given = load_config(args.config, args.overrides).model.path
+        paths = None if given else config_zoo(args.config, args.overrides)
     common = [f"trainer.num_steps={args.steps}", f"run.seed={args.seed}", f"data.train_size={args.train_size}"]
     if paths is not None:
         common += [f'model.path="{paths.target_dir}"', f'model.drafter_path="{paths.drafter_dir}"']

@@ -35,7 +35,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from rl_bench import launch_run, learner_records, plot_curves, rl_arguments, step_records, window_means  # noqa: E402
+from rl_bench import (  # noqa: E402
+    config_zoo, launch_run, learner_records, plot_curves, rl_arguments, step_records, window_means)
 
 
 def main() -> None:
@@ -56,7 +57,7 @@ def main() -> None:
     if args.quick:
         paths = zoo.ensure_zoo(Path(tempfile.gettempdir()) / "respec-quickzoo", spec=zoo.QUICK_SPEC)
     else:
-        paths = zoo.ensure_zoo(log=print)
+        paths = config_zoo(args.config, args.overrides)
     common = [
         f'model.path="{paths.target_dir}"', f'model.drafter_path="{paths.drafter_dir}"',
         "generator.sd_num_steps=4", "generator.sd_top_k=1", "generator.sd_num_draft_tokens=4",

@@ -34,6 +34,15 @@ def rl_arguments(description: str, steps: int, out_name: str) -> argparse.Argume
     return parser
 
 
+def config_zoo(config: Path, overrides: list[str]):
+    """The zoo (target and drafter) of the config's task, trained first if not cached."""
+    from respec_async import zoo
+    from respec_async.config import load_config
+
+    task = load_config(config, overrides).data.task
+    return zoo.ensure_zoo(spec=zoo.spec_for_task(task), log=print)
+
+
 def respec_cli(command: str, config: Path, overrides: list[str], extra: list[str] = (), timeout_s: float = 3600,
                what: str = "") -> float:
     """Run `respec COMMAND CONFIG [extra] --set ...` to completion (an error names `what` and ends
