@@ -9,7 +9,7 @@ from typing import Any
 from respec_async.engine.engine import SDConfig, StepStats
 from respec_async.sd.grid import PLAIN, bucket_of, config_key, is_history
 from respec_async.sd.profile import make_clock
-from respec_async.sd.solver import SpeedupModel
+from respec_async.sd.solver import SpeedupModel, plan_runs
 
 
 class AdaptiveScheduler:
@@ -134,8 +134,6 @@ class AdaptiveScheduler:
                 kept = self.model.speedup(last, batch_size, estimates, refilling, scale)
                 if kept * (1 + self.switch_margin) >= value and kept > self.min_speedup:
                     key, value = last, kept
-            if key != PLAIN:
-                self._last_choice[refilling, batch_size] = key
             entry = self._plan[refilling, batch_size] = (self.model.configs.get(key), value)
         return entry
 
@@ -157,6 +155,8 @@ class AdaptiveScheduler:
             return None
         index = min(batch_size, self.max_batch_size) - 1
         choice, best = self.planned(index + 1, refilling)
+        if choice is not None:  # what hysteresis keeps: choices steps ran, not plans a report read
+            self._last_choice[refilling, index + 1] = config_key(choice)
         self._steps_since_probe += 1
         if self.probe_interval and self._steps_since_probe >= self.probe_interval:
             # From plain decoding an EAGLE probe pays every row's drafter catch-up: only in small
@@ -305,12 +305,5 @@ class AdaptiveScheduler:
 
     def _plan_summary(self, refilling: bool) -> list[dict[str, Any]]:
         """The current plan (each batch size with its own bucket's estimates) as runs."""
-        runs: list[dict[str, Any]] = []
-        for b in range(1, self.max_batch_size + 1):
-            sd, value = self.planned(b, refilling)
-            key = config_key(sd)
-            if runs and runs[-1]["choice"] == key:
-                runs[-1]["to"] = b
-            else:
-                runs.append({"from": b, "to": b, "choice": key, "speedup": round(value, 3)})
-        return runs
+        return plan_runs((config_key(sd), value) for sd, value in
+                         (self.planned(b, refilling) for b in range(1, self.max_batch_size + 1)))

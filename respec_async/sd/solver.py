@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 from respec_async.sd.grid import PLAIN, config_key
 from respec_async.sd.profile import Profile
@@ -132,13 +132,7 @@ class SpeedupModel:
                      refilling: bool = False, min_speedup: float = 1.0) -> list[dict[str, Any]]:
         """The plan as runs of batch sizes with the same choice: [{from, to, choice, speedup}, ...]
         (speedup: predicted, at the run's first batch size)."""
-        runs: list[dict[str, Any]] = []
-        for b, (key, value) in enumerate(self.plan(max_batch_size, acceptance, refilling, min_speedup), start=1):
-            if runs and runs[-1]["choice"] == key:
-                runs[-1]["to"] = b
-            else:
-                runs.append({"from": b, "to": b, "choice": key, "speedup": round(value, 3)})
-        return runs
+        return plan_runs(self.plan(max_batch_size, acceptance, refilling, min_speedup))
 
     def fit_params(self) -> dict[str, dict[str, float]]:
         fits = {PLAIN: self.plain, **self.cost}
@@ -178,6 +172,18 @@ class SpeedupModel:
             "choice_vs_measured_best": regret,
             "worst_choice_ratio": min(r["ratio"] for r in regret),
         }
+
+
+def plan_runs(choices: Iterable[tuple[str, float]]) -> list[dict[str, Any]]:
+    """(key, predicted speedup) for B = 1, 2, ... as runs of batch sizes with the same choice:
+    [{from, to, choice, speedup}, ...] (speedup at the run's first batch size)."""
+    runs: list[dict[str, Any]] = []
+    for b, (key, value) in enumerate(choices, start=1):
+        if runs and runs[-1]["choice"] == key:
+            runs[-1]["to"] = b
+        else:
+            runs.append({"from": b, "to": b, "choice": key, "speedup": round(value, 3)})
+    return runs
 
 
 def format_profile(profile: Profile, model: SpeedupModel | None = None) -> str:
