@@ -120,9 +120,9 @@ class ZooSpec:
 
     def _fields(self) -> dict:
         fields = dataclasses.asdict(self)
-        for name, default in (("digits_decay", arithmetic.DIGITS_DECAY), ("little_endian", False),
-                              ("target_curriculum_steps", 0), ("curriculum_start_digits", 4)):
-            if fields[name] == default:
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name in _LATER_FIELDS:
+            if fields[name] == defaults[name]:
                 del fields[name]  # fields added later: their defaults keep the older keys
         return fields
 
@@ -135,6 +135,10 @@ class ZooSpec:
         hyperparameter reuses the cached target."""
         fields = {k: v for k, v in self._fields().items() if not k.startswith("drafter_")}
         return _hash({"format_version": ZOO_FORMAT_VERSION, **fields})
+
+
+# ZooSpec fields added after zoos were shipped: left out of the key at their defaults.
+_LATER_FIELDS = ("digits_decay", "little_endian", "target_curriculum_steps", "curriculum_start_digits")
 
 
 def _hash(blob: dict) -> str:
@@ -437,8 +441,9 @@ def train_target(model, tokenizer, spec: ZooSpec, log: Callable[[str], None]) ->
             model.eval()
             accuracy = teacher_forced_accuracy(model, heldout)
             model.train()
-            log(f"target step {step:5d}  digits <= {spec.curriculum_digits(step):2d}  loss {loss:.3f}  held-out greedy {accuracy['greedy']:.3f}  "
-                f"p(gold)@T1 {accuracy['sampled_t1']:.3f}  {time.perf_counter() - start_s:.0f}s")
+            log(f"target step {step:5d}  digits <= {spec.curriculum_digits(step):2d}  loss {loss:.3f}  "
+                f"held-out greedy {accuracy['greedy']:.3f}  p(gold)@T1 {accuracy['sampled_t1']:.3f}  "
+                f"{time.perf_counter() - start_s:.0f}s")
             if accuracy["sampled_t1"] >= spec.target_stop_accuracy:
                 break
     model.eval()
