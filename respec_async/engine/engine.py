@@ -32,7 +32,7 @@ history (engine/history.py; `Engine(history=HistoryIndex())` indexes every seque
 emitted and keeps it after it finishes): no drafter forward, chains verified by
 point_chain_accept and trees by tree_accept, exact either way; the verified path's features
 queue behind the pending ones for the drafter's next catch-up. With shadow_length, every step
-also drafts unverified history chains for a few rows (StepStats.shadow_counts), a free sample
+also drafts unverified history chains for a few rows (StepStats.shadow_tests/hits), a free sample
 of what a history step would accept.
 
 Every emitted token's behaviour log-prob is the target's `sampling_logprobs` of it, read from
@@ -149,9 +149,11 @@ class StepStats:
     num_accepted: int = 0  # drafts accepted in this step, summed over sequences (before any stop cut)
     num_drafted: int = 0  # draft tokens verified in this step, summed over sequences
     draft_s: float = 0.0  # seconds spent drafting from history (0 for EAGLE: its drafting is model calls)
-    # Shadow chains scored in this step: shadow_counts[m] rows matched exactly m drafts
-    # (HistoryIndex.shadow_chains; an unverified history chain's acceptance, sampled for free).
-    shadow_counts: list[int] = field(default_factory=list)
+    # Shadow chains scored in this step (HistoryIndex.shadow_chains; an unverified history
+    # chain's acceptance, sampled for free): shadow_tests[j] drafts at position j were compared
+    # with the row's own token, shadow_hits[j] of them matched.
+    shadow_tests: list[int] = field(default_factory=list)
+    shadow_hits: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -204,8 +206,8 @@ class Engine:
         self.history = history
         # Shadow acceptance (HistoryIndex.shadow_chains): each decode step drafts a chain of
         # shadow_length for up to shadow_rows rows without verifying it (at 4 rows a plain step
-        # at B = 64 costs ~2% more, at 16 ~11%: a new match after a rejection is not cheap); StepStats.shadow_counts
-        # then tell how many drafts the rows' own tokens matched. 0 = off.
+        # at B = 64 costs ~2% more, at 16 ~11%: a new match after a rejection is not cheap); StepStats.shadow_tests
+        # and shadow_hits then tell how many drafts the rows' own tokens matched. 0 = off.
         self.shadow_length, self.shadow_rows = (shadow_length, shadow_rows) if history is not None else (0, 0)
         self._shadow_turn = 0
         param = next(target.parameters())
@@ -323,10 +325,10 @@ class Engine:
             draft_s = self._step_draft[1] if self._step_draft else 0.0
         else:
             num_drafted, draft_s = 0, 0.0
-        shadow_counts = self.history.take_shadow_counts() if self.shadow_length else []
+        shadow_tests, shadow_hits = self.history.take_shadow_counts() if self.shadow_length else ([], [])
         self.step_stats.append(StepStats(mode, sd if mode == "sd" else None, len(slots), num_admitted, num_emitted,
                                          time.perf_counter() - start_s, num_accepted, num_drafted, draft_s,
-                                         shadow_counts))
+                                         shadow_tests, shadow_hits))
         return finished
 
     def _start_shadows(self, slots: list[int]) -> None:

@@ -134,9 +134,13 @@ class HistoryIndex:
         self.groups: OrderedDict[tuple[int, ...], _Group] = OrderedDict()  # least recently used first
         self.num_bytes = 0
         self.num_evicted_docs = 0
-        # Shadow acceptance: histogram of how many leading drafts of a shadow chain the row's
-        # own tokens matched (index = matched drafts), until the engine reads it.
-        self.shadow_counts: list[int] = []
+        # Shadow acceptance, per draft position j: how many shadow drafts at j were compared with
+        # the row's own token (tests[j]) and how many it matched (hits[j]), until the engine
+        # reads them. Counted as each token arrives, not when a chain resolves: a chain of 8
+        # resolves over up to 8 steps, and a new epoch's jump in history shows from the first.
+        self.shadow_tests: list[int] = []
+        self.shadow_hits: list[int] = []
+        self._shadow_length = 0
 
     # ---- documents ------------------------------------------------------------------------
 
@@ -208,42 +212,51 @@ class HistoryIndex:
         next tokens (sampled by plain or speculative steps) say how many of its drafts a
         history step would have accepted. A point-mass draft d is accepted with probability
         p(d), the chance that a sample from p is d, so the count is an unbiased sample of a
-        chain's acceptance at no forward's cost. Results go to shadow_counts; returns the
-        number of shadows started."""
+        chain's acceptance at no forward's cost. Results go to shadow_tests / shadow_hits;
+        returns the number of shadows started."""
         started = 0
+        self._shadow_length = length
         for cursor in cursors:
             if cursor.shadow is not None:
                 continue
             chain = self._chain(cursor, length)
-            if not chain:
-                self._record_shadow(0)
+            if not chain:  # no draft: a miss at the first position
+                self._record_shadow(0, hit=False)
                 continue
             cursor.shadow, cursor.shadow_matched = chain, 0
             started += 1
         return started
 
-    def take_shadow_counts(self) -> list[int]:
-        counts, self.shadow_counts = self.shadow_counts, []
+    def take_shadow_counts(self) -> tuple[list[int], list[int]]:
+        """(tests, hits) per draft position since the last call."""
+        counts = self.shadow_tests, self.shadow_hits
+        self.shadow_tests, self.shadow_hits = [], []
         return counts
 
     def _score_shadow(self, cursor: Cursor, tokens: list[int]) -> None:
         shadow, matched = cursor.shadow, cursor.shadow_matched
         for token in tokens:
-            if matched == len(shadow) or shadow[matched] != token:
+            hit = shadow[matched] == token
+            self._record_shadow(matched, hit)
+            if not hit:
                 break
             matched += 1
+            if matched == len(shadow):
+                if matched < self._shadow_length:  # a history step would draft no further
+                    self._record_shadow(matched, hit=False)
+                break
         else:
-            if matched < len(shadow):
-                cursor.shadow_matched = matched
-                return
+            cursor.shadow_matched = matched
+            return
         cursor.shadow = None
-        self._record_shadow(matched)
 
-    def _record_shadow(self, matched: int) -> None:
-        counts = self.shadow_counts
-        while len(counts) <= matched:
-            counts.append(0)
-        counts[matched] += 1
+    def _record_shadow(self, position: int, hit: bool) -> None:
+        tests, hits = self.shadow_tests, self.shadow_hits
+        while len(tests) <= position:
+            tests.append(0)
+            hits.append(0)
+        tests[position] += 1
+        hits[position] += hit
 
     def close(self, cursor: Cursor) -> None:
         """The row finished: its document stays as a rollout of its prompt."""
@@ -252,9 +265,7 @@ class HistoryIndex:
             return
         cursor.doc.live = False
         cursor.sources = cursor.leader = None
-        if cursor.shadow is not None:  # the row ended inside its shadow: what matched counts
-            self._record_shadow(cursor.shadow_matched)
-            cursor.shadow = None
+        cursor.shadow = None  # ended inside its shadow: the positions it reached were counted
         group.num_live -= 1
         finished = [d for d in group.docs.values() if not d.live and d.doc_id != 0]
         for doc in finished[:max(0, len(finished) - self.max_rollouts_per_prompt)]:

@@ -19,8 +19,8 @@ class AdaptiveScheduler:
     configs too (`coupling`). A history config's acceptance depends on how much history exists,
     which changes with the batch size within a phase and between epochs: it is estimated per
     batch-size bucket (`bucket_of`) with a faster EMA (`history_ema`), from its own verify steps
-    and, for chains, from the engine's shadow chains (StepStats.shadow_counts: free samples of
-    a chain's acceptance, taken in every step whatever its mode), and a history config may be
+    and, for chains, from the engine's shadow chains (StepStats.shadow_tests/hits: free samples
+    of a chain's acceptance, taken in every step whatever its mode), and a history config may be
     probed at any batch size (it needs no drafter catch-up).
 
     History configs' step costs are re-estimated online too, per bucket, relative to plain
@@ -33,8 +33,8 @@ class AdaptiveScheduler:
     def __init__(self, model: SpeedupModel, max_batch_size: int, *, ema: float = 0.2, coupling: float = 0.5,
                  window_rows: int = 64, probe_interval: int = 64, probe_margin: float = 0.75,
                  probe_max_plain_batch: int = 4, min_speedup: float = 1.0, history_ema: float = 0.5,
-                 shadow_window_rows: int = 16, cost_ema: float = 0.3, cost_window_steps: int = 8,
-                 switch_margin: float = 0.1) -> None:
+                 shadow_window_rows: int = 16, shadow_min_tests: int = 4, cost_ema: float = 0.3,
+                 cost_window_steps: int = 8, switch_margin: float = 0.1) -> None:
         self.model = model
         # History acceptance jumps (a new epoch brings a whole epoch of history): a faster EMA.
         self.history_ema = history_ema
@@ -51,10 +51,13 @@ class AdaptiveScheduler:
         self.bucket_memory = 16
         self._updates: Counter[str] = Counter()
         self._bucket_updated: dict[tuple[str, int], int] = {}
+        self.history_keys = [key for key, sd in model.configs.items() if sd.source == "history"]
         self.history_chains = {key: sd.num_steps for key, sd in model.configs.items()
                                if sd.source == "history" and sd.is_chain}
-        self._window: dict[tuple[str, int, bool], list[int]] = defaultdict(lambda: [0, 0])  # [tokens, rows]
+        self._window: dict[tuple[str, int], list[int]] = defaultdict(lambda: [0, 0])  # [tokens, rows]
         self.shadow_window_rows = shadow_window_rows
+        self.shadow_min_tests = shadow_min_tests
+        self._shadow_window: dict[int, list[list[int]]] = defaultdict(list)  # bucket -> [[tests, hits] per position]
         self.cost_ema, self.cost_window_steps = cost_ema, cost_window_steps
         self.cost_ratio: dict[tuple[str, int], float] = {}  # (plain or history key, bucket) -> observed / fitted
         self._cost_window: dict[tuple[str, int], list] = defaultdict(lambda: [0.0, 0.0, 0])  # [seconds, fitted, steps]
@@ -117,6 +120,13 @@ class AdaptiveScheduler:
                 plain = sum(seen) / len(seen) if seen else 1.0
             scale = self._cost_scale_at[batch_size] = {
                 key: r / plain for (key, b), r in self.cost_ratio.items() if b == bucket and key != PLAIN}
+            # A history config not run here takes the ones that ran: packing saves alike on
+            # every chain, and one left at its full-width price would never be chosen over a
+            # chain that ran (hysteresis then keeps the first chain whatever its length).
+            seen = [r for key, r in scale.items() if is_history(key)]
+            if seen:
+                for key in self.history_keys:
+                    scale.setdefault(key, sum(seen) / len(seen))
         return scale
 
     def planned(self, batch_size: int, refilling: bool = False) -> tuple[SDConfig | None, float]:
@@ -200,11 +210,8 @@ class AdaptiveScheduler:
             source["accepted"] += stats.num_accepted
             source["draft_s"] += stats.draft_s
             self._add_window(key, bucket if is_history(key) else -1, stats.num_accepted + batch_size, batch_size)
-        if stats.shadow_counts:
-            rows = sum(stats.shadow_counts)
-            for chain_key, length in self.history_chains.items():
-                tokens = sum((1 + min(m, length)) * n for m, n in enumerate(stats.shadow_counts))
-                self._add_window(chain_key, bucket, tokens, rows, shadow=True)
+        if stats.shadow_tests and self.history_chains:
+            self._add_shadows(bucket, stats.shadow_tests, stats.shadow_hits)
         if seconds is not None and (stats.sd is None or (is_history(key) and key in self.model.cost)):
             # A step that admitted counts net of the profiled admission cost: while a phase
             # refills its slots (most of its steps at full batch) nearly every step admits.
@@ -219,15 +226,41 @@ class AdaptiveScheduler:
             self._actual_s += seconds
             self._predicted_weighted += seconds * self.predicted_speedup(key, batch_size)
 
-    def _add_window(self, key: str, bucket: int, tokens: int, rows: int, shadow: bool = False) -> None:
-        # Shadows come a few rows a step: their windows are smaller, so an epoch's worth of new
-        # history shows within a few dozen steps.
-        window = self._window[key, bucket, shadow]
+    def _add_window(self, key: str, bucket: int, tokens: int, rows: int) -> None:
+        window = self._window[key, bucket]
         window[0] += tokens
         window[1] += rows
-        if window[1] >= (self.shadow_window_rows if shadow else self.window_rows):
+        if window[1] >= self.window_rows:
             self._update(key, bucket, window[0] / window[1])
             window[0] = window[1] = 0
+
+    def _add_shadows(self, bucket: int, tests: list[int], hits: list[int]) -> None:
+        """Shadow comparisons per draft position; when a window's first position has seen
+        shadow_window_rows tests, each history chain's acceptance is 1 + sum over k <= length
+        of the chance that its first k drafts match, the product of the per-position match
+        rates (a Kaplan-Meier estimate: a shadow still pending, or cut by its row's end, counts
+        at the positions it reached). Positions the window has too few tests of take the
+        deepest well-measured position's rate: a chain that got that far tends to go on."""
+        window = self._shadow_window[bucket]
+        for j, (n, h) in enumerate(zip(tests, hits)):
+            while len(window) <= j:
+                window.append([0, 0])
+            window[j][0] += n
+            window[j][1] += h
+        if window[0][0] < self.shadow_window_rows:
+            return
+        rates = []
+        for n, h in window:
+            if n < self.shadow_min_tests:
+                break
+            rates.append(h / n)
+        del self._shadow_window[bucket]
+        for key, length in self.history_chains.items():
+            acceptance, survive = 1.0, 1.0
+            for k in range(length):
+                survive *= rates[min(k, len(rates) - 1)]
+                acceptance += survive
+            self._update(key, bucket, acceptance)
 
     def _add_cost(self, key: str, bucket: int, seconds: float, fitted: float) -> None:
         window = self._cost_window[key, bucket]

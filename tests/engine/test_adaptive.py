@@ -315,7 +315,7 @@ def test_history_acceptance_is_estimated_per_batch_size_bucket_apart_from_eagle(
 
 
 def test_shadow_chains_of_plain_steps_estimate_history_acceptance():
-    """A plain step's shadow counts (rows whose own tokens matched m shadow drafts) update every
+    """A plain step's shadow comparisons (per draft position: tests and matches) update every
     history chain's estimate, capped at its length: the plan moves to history without a probe."""
     profile = history_profile()
     profile.sd_s["history:4,1,4"] = [PLAIN_COST(b) * 1.2e-3 for b in SIZES]
@@ -323,17 +323,67 @@ def test_shadow_chains_of_plain_steps_estimate_history_acceptance():
     scheduler = AdaptiveScheduler(SpeedupModel(profile), 64, ema=0.5, window_rows=8, probe_interval=0,
                                   shadow_window_rows=8)
     assert scheduler.choose(4) is None or not scheduler.choose(4).source == "history"
-    shadow = [0] * 9
-    shadow[8] = 4  # 4 rows matched all 8 shadow drafts
     for _ in range(20):
         stats = step(None, 4)
-        stats.shadow_counts = shadow
+        stats.shadow_tests, stats.shadow_hits = [4] * 8, [4] * 8  # every draft of 8 positions matched
         scheduler.observe(stats, 0.01)
     estimates = scheduler.acceptance_at(4)
     assert estimates["history:8,1,8"] == pytest.approx(9.0, rel=0.01)
     assert estimates["history:4,1,4"] == pytest.approx(5.0, rel=0.01)  # min(8, 4) + 1
     assert scheduler.choose(4) == SDConfig(8, 1, 8, "history")
     assert scheduler.num_probes == 0
+
+
+def test_shadow_estimate_is_the_product_of_per_position_match_rates():
+    """1 + sum_k prod_{j<k} p_j, with positions tested too rarely taking the deepest measured
+    rate: first-position tests alone (shadows still pending) already give an estimate."""
+    scheduler = AdaptiveScheduler(SpeedupModel(history_profile()), 64, probe_interval=0, history_ema=1.0,
+                                  shadow_window_rows=16, shadow_min_tests=4)
+    stats = step(None, 64)
+    stats.shadow_tests, stats.shadow_hits = [16, 8, 2], [8, 4, 2]  # p = 0.5, 0.5; position 2 too rare
+    scheduler.observe(stats, 0.01)
+    expected = 1 + sum(0.5 ** k for k in range(1, 9))
+    assert scheduler.acceptance_at(64)["history:8,1,8"] == pytest.approx(expected, rel=1e-6)
+    # A window closes on its first position's tests: 15 of them move nothing yet.
+    quiet = AdaptiveScheduler(SpeedupModel(history_profile()), 64, probe_interval=0, history_ema=1.0)
+    before = quiet.acceptance_at(64)["history:8,1,8"]
+    stats.shadow_tests, stats.shadow_hits = [15, 15], [15, 15]
+    quiet.observe(stats, 0.01)
+    assert quiet.acceptance_at(64)["history:8,1,8"] == before
+
+
+def test_shadow_counts_from_the_index_are_an_unbiased_acceptance_estimate():
+    """Rows sampling i.i.d. tokens from a small alphabet against a history that holds one
+    continuation: a draft matches with probability 1/V at each position, so the chain's
+    expected acceptance is 1 + sum_k V^-k; the index's per-position counts, pending and
+    finished shadows together, must give it (seeded; 5-sigma band, false alarm < 1e-6)."""
+    import random
+    from respec_async.engine.history import HistoryIndex
+
+    vocab, length, rows = 2, 8, 3000
+    rng = random.Random(0)
+    index = HistoryIndex(min_match=2, match_depth=4)
+    tests, hits = [0] * (length + 1), [0] * (length + 1)
+    for row in range(rows):
+        # Its own prompt, whose one earlier rollout starts with a marker only it holds: the
+        # row's marker matches there alone, with 100 tokens after it (full-length chains).
+        prompt, marker = [9, 9, row + 10], [20, 21, 22, 23, 24]
+        earlier = index.open(prompt)
+        index.extend(earlier, marker + [rng.randrange(vocab) for _ in range(100)])
+        index.close(earlier)
+        cursor = index.open(prompt)
+        index.extend(cursor, marker)
+        index.shadow_chains([cursor], length)
+        for _ in range(rng.randrange(1, 12)):  # the row ends at a random point: censoring
+            index.extend(cursor, [rng.randrange(vocab)])
+        index.close(cursor)
+        t, h = index.take_shadow_counts()
+        for j, (n, m) in enumerate(zip(t, h)):
+            tests[j] += n
+            hits[j] += m
+    assert tests[0] == rows and tests[length] == 0
+    for j in range(5):  # deeper positions are reached by ~rows / 2^j shadows
+        assert abs(hits[j] / tests[j] - 1 / vocab) < 5 * (0.25 / tests[j]) ** 0.5, j
 
 
 def test_a_history_probe_runs_from_plain_decoding_at_any_batch_size():
@@ -412,6 +462,28 @@ def test_observed_step_costs_move_the_plan_and_a_uniform_slowdown_does_not():
         scheduler.observe(step(history, 64, 2.2, admitted=3), model.step_seconds("history:4,1,4", 64) + 0.005)
     assert scheduler.cost_ratio["history:4,1,4", 6] == pytest.approx(1.0, rel=0.01)
     assert "history:4,1,4@B64" in scheduler.report()["cost_ratio"]
+
+
+def test_a_history_chain_not_run_takes_the_packed_cost_of_one_that_ran():
+    """Two history chains priced at full width; only the 4-chain runs (at a third of its
+    price, packed). The 8-chain, which accepts more, must get the same saving and take over,
+    or the first chain chosen would stay whatever the estimates say."""
+    profile = costly_history_profile()
+    profile.sd_s["history:8,1,8"] = [COSTS["4,1,4"](b) * 1.25e-3 for b in SIZES]
+    profile.acceptance["history:8,1,8"] = 3.2
+    model = SpeedupModel(profile)
+    short, long = model.configs["history:4,1,4"], model.configs["history:8,1,8"]
+    scheduler = AdaptiveScheduler(model, 64, cost_window_steps=4, probe_interval=0, history_ema=1.0,
+                                  shadow_window_rows=16)
+    for _ in range(40):
+        scheduler.observe(step(None, 64), model.step_seconds(PLAIN, 64))
+        scheduler.observe(step(short, 64, 2.2), model.step_seconds("history:4,1,4", 64) / 3)
+    assert scheduler.choose(64) == short
+    stats = step(None, 64)  # shadows: a draft matches 0.95 of the time (acceptance 4.7 vs 7.3)
+    stats.shadow_tests, stats.shadow_hits = [20] * 8, [19] * 8
+    scheduler.observe(stats, model.step_seconds(PLAIN, 64))
+    assert scheduler._cost_scale(64)["history:8,1,8"] == pytest.approx(scheduler._cost_scale(64)["history:4,1,4"])
+    assert scheduler.choose(64) == long
 
 
 def test_a_near_tie_between_sd_configs_does_not_flip_the_choice():
