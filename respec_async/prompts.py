@@ -2,7 +2,8 @@
 
 A `PromptSource` maps a position in the data stream to an `Example` deterministically, so the
 trainer's data position is a single integer (group_id) and a resumed run sees the same prompts.
-The zoo's arithmetic task (and its long-tail variant) and JSONL prompt/answer files (GSM8K-style, scored by final-answer
+The zoo's arithmetic task (its long-tail variant, and the same sums asked in words for
+pretrained chat models) and JSONL prompt/answer files (GSM8K-style, scored by final-answer
 exact match) are supported.
 """
 
@@ -34,10 +35,19 @@ class PromptSource:
         self._order_epoch, self._order = -1, []
 
     def _example(self, prompt: str, answer: str, data_source: str) -> Example:
+        if self.config.data.chat_template:
+            # The template writes its own start tokens (HF's apply_chat_template adds none).
+            prompt = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+            return Example(self.tokenizer.encode(prompt), prompt, answer, data_source)
         ids = self.tokenizer.encode(prompt)
         if self.tokenizer.bos_token_id is not None:
             ids = [self.tokenizer.bos_token_id, *ids]
         return Example(ids, prompt, answer, data_source)
+
+    def _arithmetic_example(self, p: arithmetic.Problem) -> Example:
+        if self.config.data.task == "chat-addition":
+            return self._example(arithmetic.chat_question(p), p.answer, "addition")
+        return self._example(p.prompt, p.answer, "arithmetic")
 
     def train_example(self, position: int) -> Example:
         if self.dataset is not None:
@@ -45,7 +55,7 @@ class PromptSource:
             return self._example(record.prompt, record.answer, "math")
         p = arithmetic.problem(self._train_index(position), seed=self.config.run.seed, split="train",
                                **self._digits())
-        return self._example(p.prompt, p.answer, "arithmetic")
+        return self._arithmetic_example(p)
 
     def _digits(self) -> dict:
         return arithmetic.TASKS[self.config.data.task]
@@ -67,12 +77,14 @@ class PromptSource:
         if self.dataset is not None:
             raise ValueError("data.task = \"jsonl\": held-out evaluation needs the arithmetic task")
         p = arithmetic.problem(index, seed=self.config.run.seed, split="heldout", **self._digits())
-        return self._example(p.prompt, p.answer, "arithmetic")
+        return self._arithmetic_example(p)
 
 
 def rule_reward(data_source: str, completion_text: str, answer: str) -> float:
     if data_source == "arithmetic":
         return arithmetic.reward(completion_text, answer)
+    if data_source == "addition":
+        return arithmetic.last_number_reward(completion_text, answer)
     if data_source == "math":
         return math.reward(completion_text, answer)
     raise ValueError(f"no rule reward for data source {data_source!r}")

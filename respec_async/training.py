@@ -41,9 +41,12 @@ class ActorTrainer:
         self.config = config
         self.run_dir = run_dir
         dtype = torch.bfloat16 if config.model.dtype == "bfloat16" else torch.float32
-        # The master weights stay float32 on CPU-sized models; bf16 is for the forward on GPU.
+        # float32 master weights; the forward and backward run under autocast in compute_dtype,
+        # and the generators get model.dtype.
         self.model = load_pretrained(config.model.path, dtype=torch.float32, device=config.model.device)
-        self.compute_dtype = dtype
+        self.weights_dtype = dtype
+        compute = config.trainer.compute_dtype
+        self.compute_dtype = dtype if compute == "model" else getattr(torch, compute)
         self.model.train()
         self.reference = None
         if config.trainer.kl_coef > 0:
@@ -66,8 +69,8 @@ class ActorTrainer:
         dtype (model.dtype): with bfloat16 the trainer sends the bytes the generators hold (their
         checksum matches) and half as many; the float32 master weights stay here."""
         state = self.model.state_dict()
-        if self.compute_dtype != torch.float32:
-            state = {name: t.to(self.compute_dtype) if t.is_floating_point() else t for name, t in state.items()}
+        if self.weights_dtype != torch.float32:
+            state = {name: t.to(self.weights_dtype) if t.is_floating_point() else t for name, t in state.items()}
         return self.version, state
 
     def train_step(self, batch: list[ScoredGroup]) -> TrainStats:

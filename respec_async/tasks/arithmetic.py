@@ -18,6 +18,11 @@ little-endian (units digit first, prompt and answer alike), so column i of the w
 reads digit i of each operand: a small model need not count back from an operand's end, which a
 6-layer target did not learn at 44 digits.
 
+The chat variant (`data.task = "chat-addition"`) is for pretrained instruct models: the same
+problems of one or two digits asked in words ("What is 47 + 38? Answer with just the number."),
+scored by the last number the reply states (`last_number_reward`); `data.chat_template = true`
+wraps the question in the model's chat template.
+
     prompt      "874+59="        (478 + 95)
     completion  "8+5+0=13;7+9+1=17;4+0+1=5; ans 375"
 
@@ -49,12 +54,16 @@ DIGITS_LIMIT = 64
 # data.task -> problem() keyword arguments
 TASKS = {"arithmetic": {"max_digits": MAX_DIGITS, "digits_decay": DIGITS_DECAY, "little_endian": False},
          "longtail": {"max_digits": LONGTAIL_MAX_DIGITS, "digits_decay": LONGTAIL_DIGITS_DECAY,
-                      "little_endian": True}}
+                      "little_endian": True},
+         # SmolLM2-135M-Instruct answers ~50% of one-digit sums at T = 0.7, ~3% of two-digit ones.
+         "chat-addition": {"max_digits": 2, "digits_decay": 0.25, "little_endian": False}}
+CHAT_QUESTION = "What is {a} + {b}? Answer with just the number."
 # One problem in HELDOUT_MODULUS is held out; the rest can be trained on.
 HELDOUT_MODULUS = 10
 
 Split = Literal["train", "heldout"]
 _ANSWER_RE = re.compile(r"ans (\d+)")
+_NUMBER_RE = re.compile(r"-?\d[\d,]*")
 
 
 @dataclass(frozen=True)
@@ -153,6 +162,21 @@ def reward(completion_text: str, answer: str, partial_credit: float = 0.0) -> fl
         return 0.0
     num_right = sum(x == y for x, y in zip(reversed(stated), reversed(answer)))
     return partial_credit * num_right / max(len(answer), len(stated))
+
+
+def chat_question(problem: Problem) -> str:
+    """The problem asked in words (big-endian problems only)."""
+    a, b = problem.prompt.rstrip("=").split("+")
+    return CHAT_QUESTION.format(a=a, b=b)
+
+
+def last_number_reward(completion_text: str, answer: str) -> float:
+    """1.0 when the last number in the text (thousands separators allowed) equals `answer`."""
+    found = _NUMBER_RE.findall(completion_text)
+    if not found:
+        return 0.0
+    stated = found[-1].replace(",", "")
+    return 1.0 if stated.lstrip("-").isdigit() and int(stated) == int(answer) else 0.0
 
 
 def accuracy(completions: Sequence[str], answers: Sequence[str]) -> float:

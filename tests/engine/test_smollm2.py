@@ -86,3 +86,30 @@ def test_greedy_engine_tokens_match_transformers_generate(smollm2):
 def test_unknown_model_names_the_known_ones():
     with pytest.raises(ValueError, match="smollm2-135m"):
         pretrained.fetch("llama-70b")
+
+
+def test_smollm2_cpu_config_prompts_are_its_chat_template_around_the_question(smollm2):
+    """configs/smollm2-cpu.toml's prompts: the question as a user message in SmolLM2's template,
+    tokenised as transformers tokenises the templated conversation, scored by the last number."""
+    from pathlib import Path
+
+    from respec_async.config import load_config
+    from respec_async.prompts import PromptSource, rule_reward
+
+    path, _, _, _, hf_tokenizer = smollm2
+    config = load_config(Path(__file__).parents[2] / "configs" / "smollm2-cpu.toml", [f'model.path="{path}"'])
+    source = PromptSource(config)
+    for position in range(3):
+        example = source.train_example(position)
+        question = example.prompt_text.split("<|im_start|>user\n")[1].split("<|im_end|>")[0]
+        assert question.startswith("What is ") and question.endswith("? Answer with just the number.")
+        expected = hf_tokenizer.apply_chat_template([{"role": "user", "content": question}],
+                                                    add_generation_prompt=True, tokenize=True)
+        if hasattr(expected, "keys"):  # transformers 5 returns a BatchEncoding
+            expected = expected["input_ids"]
+        assert example.prompt_ids == list(expected) and example.data_source == "addition"
+        a, b = (int(x) for x in question[len("What is "):question.index("?")].split(" + "))
+        assert example.answer == str(a + b)
+        assert rule_reward(example.data_source, f"{a} + {b} = {a + b}", example.answer) == 1.0
+        assert rule_reward(example.data_source, f"It is {a + b + 1}.", example.answer) == 0.0
+    assert source.eval_example(0).prompt_ids[:3] == source.train_example(0).prompt_ids[:3]

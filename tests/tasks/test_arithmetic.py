@@ -126,3 +126,30 @@ def test_bad_digit_settings_are_rejected():
         arithmetic.problem(0, max_digits=65)
     with pytest.raises(ValueError, match="digits_decay"):
         arithmetic.problem(0, digits_decay=0.0)
+
+
+def test_chat_addition_asks_in_words_and_reads_the_last_number():
+    shape = arithmetic.TASKS["chat-addition"]
+    problems = arithmetic.problems(300, **shape)
+    assert max(p.num_digits for p in problems) == 2 and sum(p.num_digits == 1 for p in problems) > 200
+    p = problems[0]
+    a, b = p.prompt.rstrip("=").split("+")
+    assert arithmetic.chat_question(p) == f"What is {a} + {b}? Answer with just the number."
+    assert arithmetic.last_number_reward("7 + 5 = 12", "12") == 1.0
+    assert arithmetic.last_number_reward("12, no wait: 13", "12") == 0.0
+    assert arithmetic.last_number_reward("The sum is 1,234.", "1234") == 1.0
+    assert arithmetic.last_number_reward("I cannot say.", "12") == 0.0
+    assert arithmetic.last_number_reward("-12", "12") == 0.0
+
+
+def test_chat_prompts_need_a_pretrained_model_and_home_paths_expand(tmp_path):
+    import os
+
+    from respec_async.config import ConfigError, config_from_dict
+
+    with pytest.raises(ConfigError, match=r"model\.path: data\.task = \"chat-addition\" needs a pretrained chat model"):
+        config_from_dict({"data": {"task": "chat-addition"}})
+    with pytest.raises(ConfigError, match=r"model\.path: data\.chat_template needs"):
+        config_from_dict({"data": {"chat_template": True}})
+    config = config_from_dict({"model": {"path": "~/models/x"}, "data": {"task": "chat-addition"}})
+    assert config.model.path == os.path.join(os.path.expanduser("~"), "models/x")
