@@ -4,7 +4,7 @@
     respec launch --resume RUN_DIR             continue a run from its last checkpoint
     respec config show CONFIG [--set a.b=c]    print the resolved config (validated)
     respec profile CONFIG [--set ...] [--out P] profile SD step costs + acceptance for generator.sd = "adaptive"
-    respec report RUN_DIR                      write PNG plots of the run's metrics
+    respec report RUN_DIR [RUN_DIR ...]        one HTML page of the run's metrics (several: overlaid)
     respec eval RUN_DIR                        held-out accuracy: initial actor vs last checkpoint
     respec reward-serve pkg.mod:fn --bind EP   serve a reward function over ZeroMQ (reward.source = "zmq://...")
 
@@ -37,8 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value by dotted key (repeatable)")
 
-    report = commands.add_parser("report", help="write PNG plots of a run's metrics")
-    report.add_argument("run_dir", type=Path)
+    report = commands.add_parser("report", help="one HTML page of a run's metrics and plots (several runs: overlaid)")
+    report.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
+    report.add_argument("--out", type=Path, default=None,
+                        help="default: RUN_DIR/report.html for one run, ./report.html for several")
 
     evaluate = commands.add_parser("eval", help="held-out accuracy of a run: initial actor vs last checkpoint")
     evaluate.add_argument("run_dir", type=Path)
@@ -129,8 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "report":
         from respec_async.report import write_report
 
-        for path in write_report(args.run_dir):
-            print(path)
+        try:
+            print(write_report(args.run_dirs, args.out))
+        except ValueError as exc:
+            print(f"respec report: {exc}", file=sys.stderr)
+            return 1
         return 0
     if args.command == "models":
         from respec_async import pretrained

@@ -55,4 +55,4 @@ def print_summary(run_dir: Path, final_eval: bool = True) -> None:
     if final_eval:
         # Sampled accuracy only (the quantity RL optimises); `respec eval RUN_DIR` adds greedy.
         print_eval(run_dir, greedy=False)
-    print(f"  plots: respec report {run_dir}    metrics: {run_dir / 'metrics.jsonl'}    logs: {run_dir / 'logs'}")
+    print(f"  report: respec report {run_dir}    metrics: {run_dir / 'metrics.jsonl'}    logs: {run_dir / 'logs'}")
