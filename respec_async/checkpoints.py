@@ -4,11 +4,16 @@
 crash mid-write never leaves a half directory behind: the trainer's `checkpoints/step-N`, the
 drafter learner's `drafter_checkpoints/step-N` and the zoo's stages are all written this way.
 A checkpoint is a `step-N` directory holding a marker file (written inside the stage, so it
-exists only in complete checkpoints); the latest is the one with the largest N.
+exists only in complete checkpoints); the latest is the one with the largest N. Its
+`manifest.json`, written last, lists every file's size and SHA-256: `verify_manifest` names
+the first file that does not match (truncated, corrupted, missing), so a resume can fall back to
+the newest checkpoint that is intact.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -59,3 +64,47 @@ def clear_dead_staging(directory: Path) -> None:
     directory with one writer, after its own write: any other staging directory is a dead one's."""
     for path in directory.glob(".staging-*"):
         shutil.rmtree(path, ignore_errors=True)
+
+
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and what is wrong."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    """Every file under directory (but the manifest) with its size and SHA-256; call it last."""
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+    entries = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    (directory / MANIFEST).write_text(json.dumps({"files": entries}, indent=1))
+
+
+def verify_manifest(directory: Path) -> None:
+    """Raise CheckpointError naming the first file that is missing or differs from the manifest
+    (a checkpoint written before manifests existed has none: nothing to check)."""
+    path = directory / MANIFEST
+    if not path.exists():
+        return
+    try:
+        entries = json.loads(path.read_text())["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path}: not a valid manifest ({exc})") from None
+    for name, entry in entries.items():
+        file = directory / name
+        if not file.is_file():
+            raise CheckpointError(f"{file}: missing (listed in {path})")
+        size = file.stat().st_size
+        if size != entry["bytes"]:
+            raise CheckpointError(f"{file}: {size} bytes, the manifest says {entry['bytes']} (truncated or "
+                                  f"overwritten)")
+        if _sha256(file) != entry["sha256"]:
+            raise CheckpointError(f"{file}: its SHA-256 differs from the manifest's (corrupted)")

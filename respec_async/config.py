@@ -8,6 +8,7 @@ value raises `ConfigError` naming the file, the dotted key and what was expected
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import tomllib
@@ -49,6 +50,11 @@ class SupervisorSection(Section):
     restart_backoff_s: NonNegFloat = 0.5  # first restart delay; doubles on each further restart
     shutdown_grace_s: PosFloat = 10.0  # after this, roles still alive are killed
     live_status: bool = True  # redraw a status table on the console (off when not a TTY)
+    # Progress watchdog: no trainer step for this long while every role is up and answering
+    # pings is a stall: a run.stalled event names each role's mailbox and the messages it
+    # handled since the last step, and the run fails with that message (never a silent hang).
+    # 0 = off.
+    stall_timeout_s: NonNegFloat = 900.0
 
 
 class TransportSection(Section):
@@ -181,8 +187,9 @@ class TrainerSection(Section):
     normalize_std: bool = True  # divide group advantages by the group's std
     micro_batch_size: PosInt = 16  # sequences per forward/backward
     # The forward/backward's autocast dtype ("model" = model.dtype; the master weights stay
-    # float32 either way). "bfloat16" with float32 generators: a CPU with AVX512-BF16 trains
-    # ~1.8x faster under bf16 autocast, while its bf16 decode is slower at batch 8+.
+    # float32 either way). "bfloat16" with float32 generators: on a CPU that multiplies bf16
+    # natively (AVX512-BF16, AMX) training gains while bf16 decode may not; on an AVX2-only CPU
+    # bf16 matmuls are several times slower than float32.
     compute_dtype: Literal["model", "float32", "bfloat16"] = "model"
     checkpoint_every: NonNegInt = 20  # steps between checkpoints (0 = only at the end)
     # DAPO dynamic sampling: a group whose rewards are all equal carries no GRPO signal; drop it
@@ -234,6 +241,17 @@ class DrafterSection(Section):
     checkpoint_every: NonNegInt = 10
 
 
+# tracking backend -> (the module it needs, the extra that installs it)
+TRACKING_BACKENDS = {"tensorboard": ("tensorboard", "tensorboard")}
+
+
+class TrackingSection(Section):
+    """Experiment trackers fed the trainer's per-step metrics (respec_async/tracking.py)."""
+
+    backends: list[Literal["tensorboard"]] = []
+    dir: str = ""  # "" = <run dir>/tracking/<backend>; else <dir>/<run name> (one tree for many runs)
+
+
 class EchoSection(Section):
     num_rounds: NonNegInt = 0  # echo-0 drives this many round trips, then finishes (0 = serve)
 
@@ -251,6 +269,7 @@ class Config(Section):
     reward: RewardSection = msgspec.field(default_factory=RewardSection)
     trainer: TrainerSection = msgspec.field(default_factory=TrainerSection)
     drafter: DrafterSection = msgspec.field(default_factory=DrafterSection)
+    tracking: TrackingSection = msgspec.field(default_factory=TrackingSection)
 
 
 class ConfigError(ValueError):
@@ -318,7 +337,8 @@ def config_from_dict(raw: dict[str, Any], source: str = "<config>") -> Config:
             what = f"{what}, got {given!r}"
         raise ConfigError(f"{source}: {key}: {what}") from None
     # "~/..." as in a shell: model caches (`respec models fetch`) live under the home directory.
-    for section, key in (("model", "path"), ("model", "drafter_path"), ("data", "path"), ("generator", "sd_profile")):
+    for section, key in (("model", "path"), ("model", "drafter_path"), ("data", "path"), ("generator", "sd_profile"),
+                         ("tracking", "dir")):
         table = getattr(config, section)
         if getattr(table, key).startswith("~"):
             setattr(table, key, os.path.expanduser(getattr(table, key)))
@@ -368,6 +388,11 @@ def check_config(config: Config, source: str) -> None:
             raise ConfigError(f"{source}: roles.{role}: the trainer needs at least one {role} role (got 0)")
     if config.roles.drafter_learner and not config.roles.trainer:
         raise ConfigError(f"{source}: roles.drafter_learner: needs roles.trainer = 1 (it follows the trainer's actor)")
+    for backend in config.tracking.backends if config.roles.trainer else ():
+        module, extra = TRACKING_BACKENDS[backend]
+        if importlib.util.find_spec(module) is None:
+            raise ConfigError(f"{source}: tracking.backends: {backend} needs the {module} package: "
+                              f"pip install 'respec-async[{extra}]'")
     try:
         source_kind(config.reward.source)
     except ValueError as exc:

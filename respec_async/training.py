@@ -10,13 +10,15 @@ would pick up.
 from __future__ import annotations
 
 import json
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from respec_async.algorithms.grpo import LossStats, completion_logprobs, group_advantages, grpo_loss
-from respec_async.checkpoints import clear_dead_staging, latest_step_dir, replace_dir
+from respec_async.checkpoints import (CheckpointError, clear_dead_staging, latest_step_dir, replace_dir, step_dirs,
+                                      verify_manifest, write_manifest)
 from respec_async.config import Config
 from respec_async.engine.checkpoint import load_pretrained, save_pretrained
 from respec_async.prompts import Example, PromptSource
@@ -29,6 +31,29 @@ def checkpoints_dir(run_dir: Path) -> Path:
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     return latest_step_dir(checkpoints_dir(run_dir), "trainer.json")
+
+
+def checkpoints_newest_first(run_dir: Path) -> list[Path]:
+    return [path for _, path in reversed(step_dirs(checkpoints_dir(run_dir), "trainer.json"))]
+
+
+def load_newest_intact(trainer: "ActorTrainer", run_dir: Path, warn) -> Path | None:
+    """Load the newest checkpoint that loads; each one that does not is reported with
+    warn(path, reason) and the next older one is tried. None: no checkpoint (a fresh start);
+    CheckpointError when checkpoints exist but none is intact (the run cannot resume)."""
+    tried = []
+    for path in checkpoints_newest_first(run_dir):
+        try:
+            trainer.load_checkpoint(path)
+            return path
+        except (CheckpointError, ValueError, KeyError, RuntimeError, EOFError, OSError,
+                pickle.UnpicklingError) as exc:
+            reason = str(exc) if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {exc}"
+            warn(path, reason)
+            tried.append(f"{path.name}: {reason}")
+    if tried:
+        raise CheckpointError("no intact checkpoint to resume from: " + "; ".join(tried))
+    return None
 
 
 @dataclass
@@ -122,12 +147,15 @@ class ActorTrainer:
             save_pretrained(self.model, staging / "actor")
             torch.save(self.optimizer.state_dict(), staging / "optimizer.pt")
             (staging / "trainer.json").write_text(json.dumps(state))
+            write_manifest(staging)
 
         path = replace_dir(checkpoints_dir(self.run_dir) / f"step-{self.version}", fill)
         clear_dead_staging(path.parent)  # a trainer killed mid-checkpoint left its stage there
         return path
 
     def load_checkpoint(self, path: Path) -> None:
+        """Load a checkpoint; CheckpointError (naming the file) when it is not intact."""
+        verify_manifest(path)
         loaded = load_pretrained(path / "actor", dtype=torch.float32, device=self.config.model.device)
         self.model.load_state_dict(loaded.state_dict())
         self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))

@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 import torch
 
 from respec_async.actor import Actor, handles
 from respec_async.admission import Admission
 from respec_async.metrics import MetricsWriter, informative, step_metrics
-from respec_async.training import ActorTrainer, latest_checkpoint
+from respec_async.tracking import open_trackers
+from respec_async.training import ActorTrainer, load_newest_intact
 from respec_async.weight_sync import WeightOwner
 from transport.schema import (
     GeneratorHello,
@@ -44,9 +46,13 @@ class TrainerActor(Actor):
         # Attempts of this incarnation never collide with results of a previous one.
         self.admission = Admission(cfg.data.groups_per_step, cfg.trainer.max_staleness,
                                    first_attempt=self.ctx.restart_count << 20)
-        checkpoint = latest_checkpoint(self.ctx.run_dir)
+        unusable: list[tuple[Path, str]] = []
+        checkpoint = await self.run_blocking(load_newest_intact, self.core, self.ctx.run_dir,
+                                             lambda path, reason: unusable.append((path, reason)))
+        for path, reason in unusable:
+            self.log.warning("trainer.checkpoint_unusable", checkpoint=str(path), reason=reason)
+            await self.notify("trainer.checkpoint_unusable", level="warning", checkpoint=path.name, reason=reason)
         if checkpoint is not None:
-            await self.run_blocking(self.core.load_checkpoint, checkpoint)
             self.log.info("trainer.resumed", checkpoint=str(checkpoint), version=self.core.version)
             await self.notify("trainer.resumed", version=self.core.version, checkpoint=checkpoint.name)
         position, consumed = self.core.data_position or (None, [])
@@ -55,6 +61,7 @@ class TrainerActor(Actor):
         self.batch_arrived = asyncio.Event()
         self.issue_wanted = asyncio.Event()
         self.metrics = MetricsWriter(self.ctx.run_dir / "metrics.jsonl")
+        self.trackers = open_trackers(cfg, self.ctx.run_dir)
         self.num_returned = 0
         self.background: set[asyncio.Task[object]] = set()
 
@@ -175,6 +182,7 @@ class TrainerActor(Actor):
                                   num_duplicates=self.admission.num_duplicates + self.admission.num_stale_results,
                                   filtered_group_ids=dropped)
             self.metrics.write(record)
+            self.trackers.log(record)
             await self.notify("train.step", **record.console_fields())
             every = cfg.trainer.checkpoint_every
             if (every and self.core.version % every == 0) or self.core.version == cfg.trainer.num_steps:
@@ -185,5 +193,7 @@ class TrainerActor(Actor):
     async def teardown(self) -> None:
         if hasattr(self, "metrics"):
             self.metrics.close()
+        if hasattr(self, "trackers"):
+            self.trackers.close()
 
 

@@ -39,3 +39,35 @@ def test_the_forward_runs_in_compute_dtype_and_weights_ship_in_model_dtype(
     assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters()) and stats.num_tokens == 6
     version, state = trainer.snapshot()
     assert version == 1 and {t.dtype for t in state.values() if t.is_floating_point()} == {expected_weights}
+
+
+def test_a_truncated_latest_checkpoint_falls_back_to_the_newest_intact_one(random_actor_dir, tmp_path):  # noqa: F811
+    from respec_async.checkpoints import CheckpointError
+    from respec_async.training import load_newest_intact
+
+    config = config_from_dict({"model": {"path": str(random_actor_dir)}})
+    trainer = ActorTrainer(config, tmp_path)
+    assert load_newest_intact(trainer, tmp_path, lambda *a: None) is None  # nothing saved: a fresh start
+    paths = []
+    for _ in range(3):
+        trainer.train_step([scored_group([1, 2])])
+        paths.append(trainer.save_checkpoint((trainer.version * 3, [])))
+    weights = paths[2] / "actor" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # truncated
+    optimizer = paths[1] / "optimizer.pt"
+    data = bytearray(optimizer.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte, same size
+    optimizer.write_bytes(bytes(data))
+
+    warnings = []
+    resumed = ActorTrainer(config, tmp_path)
+    path = load_newest_intact(resumed, tmp_path, lambda p, reason: warnings.append((p, reason)))
+    assert path == paths[0] and resumed.version == 1 and resumed.data_position == (3, [])
+    assert [p for p, _ in warnings] == [paths[2], paths[1]]
+    assert str(weights) in warnings[0][1] and "the manifest says" in warnings[0][1]
+    assert str(optimizer) in warnings[1][1] and "SHA-256 differs" in warnings[1][1]
+    (paths[0] / "trainer.json").write_text("{")  # now none is intact: the error lists each
+    (paths[0] / "manifest.json").unlink()  # (an old checkpoint without a manifest is still read)
+    with pytest.raises(CheckpointError, match=r"no intact checkpoint to resume from: step-3: .*step-2: .*step-1: "
+                                              r"JSONDecodeError"):
+        load_newest_intact(ActorTrainer(config, tmp_path), tmp_path, lambda *a: None)

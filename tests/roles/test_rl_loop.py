@@ -4,6 +4,7 @@ recorded (metrics.jsonl, role logs), not the config."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -28,14 +29,25 @@ def assert_each_group_trained_once(records, steps, groups_per_step=3):
 
 @pytest.mark.parametrize("k", [0, 2])
 def test_staleness_never_exceeds_k(launch, random_actor_dir, k):
-    run = launch(rl_config(random_actor_dir, steps=6, k=k))
+    # k = 2 also writes TensorBoard events (where installed): the same values as metrics.jsonl.
+    tracked = k == 2 and importlib.util.find_spec("tensorboard") is not None
+    extra = '[tracking]\nbackends = ["tensorboard"]\n' if tracked else ""
+    run = launch(rl_config(random_actor_dir, steps=6, k=k, extra=extra))
     records = finished(run)
+    if tracked:
+        from tests.runtime.test_tracking import read_scalars
+
+        scalars = read_scalars(run.run_dir / "tracking" / "tensorboard")
+        assert scalars["reward/mean"] == [(r.step, pytest.approx(r.reward_mean)) for r in records]
+        assert scalars["time/train_s"] == [(r.step, pytest.approx(r.train_s)) for r in records]
     assert [r.step for r in records] == list(range(6))
     for r in records:
         # staleness = trained version - version the rollout started under, per rollout
         assert all(0 <= int(lag) <= k for lag in r.staleness), (r.step, r.staleness)
         assert sum(r.staleness.values()) == r.num_samples == 6
     assert_each_group_trained_once(records, 6)
+    # Off a terminal the console keeps one compact line per step.
+    assert sum("train.step" in line for line in run.output().splitlines()) == 6
     if k == 0:
         # `respec eval RUN_DIR` (the README's before/after command) reads this run's initial
         # actor and last checkpoint and prints both accuracies and the change.

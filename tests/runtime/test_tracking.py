@@ -1,0 +1,81 @@
+"""Experiment tracking: the trainer's step records to TensorBoard event files, read back with
+TensorBoard's own reader; the config as hyperparameters; a missing package is a config error."""
+
+from __future__ import annotations
+
+import pytest
+
+from respec_async.config import ConfigError, config_from_dict
+from respec_async.tracking import hyperparameters, open_trackers, step_scalars
+from tests.runtime.test_metrics import record
+
+pytest.importorskip("tensorboard")
+
+
+def read_scalars(log_dir) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_step_scalars_are_grouped_and_leave_out_sd_that_did_not_run():
+    plain = step_scalars(record())
+    assert plain["reward/mean"] == 0.5 and plain["time/train_s"] == 0.2 and plain["train/loss"] == 0.1
+    assert not any(k.startswith(("sd/acceptance", "drafter/")) for k in plain)
+    sd = step_scalars(record(acceptance_length=3.5, sd_step_share=0.4, drafter_lag=0.5,
+                             sd_sources={"history": {"acceptance_length": 4.0, "step_share": 0.3}}))
+    assert sd["sd/acceptance_length"] == 3.5 and sd["drafter/lag"] == 0.5
+    assert sd["sd/history/acceptance_length"] == 4.0 and sd["sd/history/step_share"] == 0.3
+
+
+def test_tensorboard_events_hold_each_step_and_the_config(tmp_path):
+    config = config_from_dict({"tracking": {"backends": ["tensorboard"]}, "trainer": {"lr": 3e-4}})
+    trackers = open_trackers(config, tmp_path)
+    records = [record(step=i, version=i + 1, reward_mean=0.1 * i, acceptance_length=2.0 + i, sd_step_share=0.5)
+               for i in range(4)]
+    for r in records:
+        trackers.log(r)
+    trackers.close()
+    scalars = read_scalars(tmp_path / "tracking" / "tensorboard")
+    assert scalars["reward/mean"] == [(r.step, pytest.approx(r.reward_mean)) for r in records]
+    assert scalars["sd/acceptance_length"] == [(r.step, pytest.approx(r.acceptance_length)) for r in records]
+    assert set(scalars) == set(step_scalars(records[0]))
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    events = EventAccumulator(str(tmp_path / "tracking" / "tensorboard"))
+    events.Reload()
+    content = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    hparams = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
+    assert hparams["trainer.lr"].number_value == pytest.approx(3e-4)
+    assert hparams["tracking.backends"].string_value == "tensorboard"
+    assert events.Tags()["tensors"]  # the config's TOML as text
+
+
+def test_a_shared_tracking_dir_keeps_runs_apart(tmp_path):
+    config = config_from_dict({"tracking": {"backends": ["tensorboard"], "dir": str(tmp_path / "tb")}})
+    for name in ("run-a", "run-b"):
+        trackers = open_trackers(config, tmp_path / name)
+        trackers.log(record())
+        trackers.close()
+    assert sorted(p.name for p in (tmp_path / "tb").iterdir()) == ["run-a", "run-b"]
+
+
+def test_hyperparameters_flatten_tables_and_lists():
+    flat = hyperparameters({"a": {"b": 1, "c": {"d": "x"}}, "e": [1, 2]})
+    assert flat == {"a.b": 1, "a.c.d": "x", "e": "1, 2"}
+
+
+def test_a_backend_whose_package_is_missing_is_a_config_error(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"tracking\.backends: tensorboard needs the tensorboard package: "
+                                          r"pip install 'respec-async\[tensorboard\]'"):
+        config_from_dict({"tracking": {"backends": ["tensorboard"]}})
+    with pytest.raises(ConfigError, match=r"tracking\.backends"):
+        config_from_dict({"tracking": {"backends": ["neptune"]}})
