@@ -155,10 +155,10 @@ class Actor:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(executor, functools.partial(fn, *args, **kwargs))
 
-    async def notify(self, event: str, **fields: str | int | float | bool) -> None:
-        """Show one line on the supervisor's console."""
+    async def notify(self, event: str, level: str = "info", **fields: str | int | float | bool) -> None:
+        """Show one line on the supervisor's console (level "warning": also under the live view)."""
         if self.control is not None:
-            await self.control.send(RoleEvent(role=self.name, event=event, fields=fields))
+            await self.control.send(RoleEvent(role=self.name, event=event, fields=fields, level=level))
 
     def stop(self, exit_code: int = 0) -> None:
         self.exit_code = exit_code

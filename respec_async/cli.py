@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue this run from its last checkpoint")
     launch.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value by dotted key (repeatable)")
+    launch.add_argument("--verbose", action="store_true",
+                        help="on a terminal, print every event under the live view (default: warnings only)")
 
     report = commands.add_parser("report", help="one HTML page of a run's metrics and plots (several runs: overlaid)")
     report.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
@@ -185,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "launch":
         from respec_async.supervisor import launch
 
-        code, run_dir = launch(config, run_dir)
+        code, run_dir = launch(config, run_dir, verbose=args.verbose)
         if code == 0 and config.roles.trainer:
             from respec_async.summary import print_summary
 

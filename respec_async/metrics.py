@@ -69,7 +69,8 @@ class StepRecord(msgspec.Struct, kw_only=True):
             "len": round(self.response_len_mean, 1), "tok_s": round(self.tokens_per_s),
             "stale_max": self.staleness_max,
             # Only where SD ran: 0.0 read as "SD accepts nothing" (issue 16).
-            **({"accept_len": round(self.acceptance_length, 2)} if self.acceptance_length > 0 else {}),
+            **({"sd": round(self.sd_step_share, 3), "accept_len": round(self.acceptance_length, 2)}
+               if self.acceptance_length > 0 else {}),
             "wait_s": round(self.wait_s, 2), "train_s": round(self.train_s, 2),
             **({"filtered": round(self.filtered_share, 2)} if self.num_filtered else {}),
         }

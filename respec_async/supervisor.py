@@ -66,6 +66,7 @@ class RoleProcess:
     mailbox_size: int = 0
     num_handled: int = 0
     num_dropped: int = 0
+    handled_at_progress: int = 0  # num_handled at the last trainer step (the watchdog's baseline)
 
     @property
     def pid(self) -> int | None:
@@ -116,7 +117,9 @@ class Supervisor:
         self.stop_signal: int | None = None  # the signal that stopped the run, if one did
         self.failure: str | None = None
         self.ready = {name: asyncio.Event() for name in self.roles}
-        self.status = StatusView(self, live=config.supervisor.live_status)
+        self.last_progress_at: float | None = None  # the run's readiness, then each trainer step
+        self.status = StatusView(self, live=config.supervisor.live_status,
+                                 num_steps=config.trainer.num_steps if config.roles.trainer else 0)
         self._ping_seq = 0
 
     def _driver_name(self) -> str | None:
@@ -232,7 +235,11 @@ class Supervisor:
                     self.fail(f"{role.name} cannot start: {message.error}; not restarted, a restart would fail "
                               f"the same way (see logs/{role.name}.log)")
             elif isinstance(message, RoleEvent):
-                log.info(message.event, role=role.name, **message.fields)
+                emit = log.warning if message.level == "warning" else log.info
+                emit(message.event, role=role.name, **message.fields)
+                if message.event == "train.step":
+                    self.status.on_step(message.fields)
+                    self._progressed()
 
     async def _ping_loop(self) -> None:
         assert self.control is not None
@@ -272,7 +279,36 @@ class Supervisor:
                 if role.last_failure.startswith("failed:"):
                     how += f" ({role.last_failure})"
                 self._restart_or_fail(role, how)
+            self._check_progress(now)
             await asyncio.sleep(0.1)
+
+    # --- progress watchdog --------------------------------------------------------------
+
+    def _progressed(self) -> None:
+        self.last_progress_at = time.monotonic()
+        for role in self.roles.values():
+            role.handled_at_progress = role.num_handled
+
+    def _check_progress(self, now: float) -> None:
+        """A stall: no trainer step for stall_timeout_s while every role is up (a dead or silent
+        role is the restart logic's; a role restarting resets the clock when it is back)."""
+        cfg = self.config.supervisor
+        if (not cfg.stall_timeout_s or self.driver != "trainer-0" or self.last_progress_at is None
+                or self.stopping.is_set() or now - self.last_progress_at < cfg.stall_timeout_s):
+            return
+        if any(r.state not in ("running", "done") for r in self.roles.values()):
+            self.last_progress_at = now  # a role is (re)starting: give it a full timeout
+            return
+        waited = now - self.last_progress_at
+        roles = {r.name: {"mailbox": r.mailbox_size, "handled_since_step": r.num_handled - r.handled_at_progress,
+                          "heartbeat_s": round(now - r.last_pong_at, 1), "restarts": r.num_restarts}
+                 for r in self.roles.values()}
+        detail = "; ".join(f"{name}: mailbox {v['mailbox']}, handled {v['handled_since_step']} since the last step"
+                           for name, v in roles.items())
+        what = (f"no trainer step for {waited:.0f}s (supervisor.stall_timeout_s = {cfg.stall_timeout_s:g}) while "
+                f"every role answers pings: {detail}")
+        log.error("run.stalled", waited_s=round(waited, 1), roles=roles)
+        self.fail(what)
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -300,6 +336,7 @@ class Supervisor:
             await self._wait_ready(list(self.roles))
             if not self.stopping.is_set():
                 log.info("run.ready", num_roles=len(self.roles))
+                self._progressed()
             tasks.append(asyncio.create_task(self._ping_loop(), name="ping"))
             tasks.append(asyncio.create_task(self.status.run(), name="status"))
             await self.stopping.wait()
@@ -373,8 +410,10 @@ class Supervisor:
                     role.state = "stopped"
 
 
-def launch(config: Config, run_dir: Path | None = None) -> tuple[int, Path]:
-    """Create (or reuse) the run directory and supervise the run; returns (exit code, run dir)."""
+def launch(config: Config, run_dir: Path | None = None, verbose: bool = False) -> tuple[int, Path]:
+    """Create (or reuse) the run directory and supervise the run; returns (exit code, run dir).
+    Under the live view the console shows warnings and the run's milestones only, unless
+    `verbose`; the log files always get every event."""
     import uvloop
 
     if config.roles.generator or config.roles.trainer:
@@ -386,9 +425,11 @@ def launch(config: Config, run_dir: Path | None = None) -> tuple[int, Path]:
     elif not (run_dir / "config.toml").exists():
         raise RunFailed(f"{run_dir} is not a run directory (no config.toml)")
     prepare_run_dir(config, run_dir)
-    from respec_async.logs import configure_logging
+    from respec_async.logs import configure_logging, console_worthy
 
-    configure_logging(run_dir / "logs" / "supervisor.jsonl", role="supervisor", level=config.run.log_level)
+    live = config.supervisor.live_status and sys.stderr.isatty() and not verbose
+    configure_logging(run_dir / "logs" / "supervisor.jsonl", role="supervisor", level=config.run.log_level,
+                      console_filter=console_worthy if live else None)
 
     async def main() -> int:
         return await Supervisor(config, run_dir).run()

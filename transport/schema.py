@@ -67,6 +67,7 @@ class RoleEvent(Struct):
     role: str
     event: str
     fields: dict[str, str | int | float | bool] = {}
+    level: str = "info"  # "warning": shown above the supervisor's live view
 
 
 # --- RL loop: prompts, rollouts, scores ----------------------------------------------------
