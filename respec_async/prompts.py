@@ -24,7 +24,7 @@ class Example:
     prompt_ids: list[int]
     prompt_text: str
     answer: str
-    data_source: str  # which rule scores it: "arithmetic" | "math"
+    data_source: str  # which rule scores it: "arithmetic" | "addition" | "math"
 
 
 class PromptSource:

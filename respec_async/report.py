@@ -90,11 +90,13 @@ def summary_rows(run: Run) -> dict[str, str]:
     return {
         "steps": str(len(r)),
         "wall time (first to last step)": f"{wall_s:.0f} s",
-        f"reward, first / last {window} steps": f"{_mean(x.reward_mean for x in r[:window]):.3f} -> "
-                                                 f"{_mean(x.reward_mean for x in r[-window:]):.3f}",
-        f"accuracy, first / last {window} steps": f"{_mean(x.accuracy for x in r[:window]):.3f} -> "
-                                                   f"{_mean(x.accuracy for x in r[-window:]):.3f}",
-        "completion tokens / s overall": f"{sum(x.num_tokens for x in r) / max(wall_s, 1e-9):.0f}",
+        # Fixed labels (the window in the cell): overlaid runs of different lengths share rows.
+        "reward, first -> last steps": f"{_mean(x.reward_mean for x in r[:window]):.3f} -> "
+                                       f"{_mean(x.reward_mean for x in r[-window:]):.3f} ({window} each)",
+        "accuracy, first -> last steps": f"{_mean(x.accuracy for x in r[:window]):.3f} -> "
+                                         f"{_mean(x.accuracy for x in r[-window:]):.3f} ({window} each)",
+        # The tokens of the steps after the first, over the time between the first and last.
+        "completion tokens / s overall": f"{sum(x.num_tokens for x in r[1:]) / wall_s:.0f}" if wall_s > 0 else "-",
         "response length, mean": f"{_mean(x.response_len_mean for x in r):.1f}",
         "staleness, max versions behind": str(max(x.staleness_max for x in r)),
         "SD share of decode steps, mean": f"{_mean(sd):.0%}",

@@ -142,6 +142,7 @@ class Supervisor:
             )
         role.state = "starting"
         role.started_at = role.last_pong_at = time.monotonic()
+        role.num_handled = role.handled_at_progress = 0  # a new process counts from zero
         self.ready[role.name].clear()
         log.info("role.started", role=role.name, pid=role.popen.pid, restarts=role.num_restarts)
 
@@ -219,6 +220,8 @@ class Supervisor:
                     continue  # a late message from a previous incarnation
                 role.state = "running"
                 role.last_pong_at = time.monotonic()
+                if self.last_progress_at is not None:
+                    self.last_progress_at = role.last_pong_at  # a role back from a restart: a full timeout
                 self.ready[role.name].set()
                 log.info("role.ready", role=role.name, pid=message.pid,
                          seconds=round(time.monotonic() - role.started_at, 2))
@@ -291,7 +294,8 @@ class Supervisor:
 
     def _check_progress(self, now: float) -> None:
         """A stall: no trainer step for stall_timeout_s while every role is up (a dead or silent
-        role is the restart logic's; a role restarting resets the clock when it is back)."""
+        role is the restart logic's; a role that is (re)starting, or just came back Ready,
+        restarts the clock)."""
         cfg = self.config.supervisor
         if (not cfg.stall_timeout_s or self.driver != "trainer-0" or self.last_progress_at is None
                 or self.stopping.is_set() or now - self.last_progress_at < cfg.stall_timeout_s):

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from respec_async.algorithms.grpo import LossStats, completion_logprobs, group_advantages, grpo_loss
-from respec_async.checkpoints import (CheckpointError, clear_dead_staging, latest_step_dir, replace_dir, step_dirs,
+from respec_async.checkpoints import (MANIFEST, CheckpointError, clear_dead_staging, replace_dir, step_dirs,
                                       verify_manifest, write_manifest)
 from respec_async.config import Config
 from respec_async.engine.checkpoint import load_pretrained, save_pretrained
@@ -30,7 +30,14 @@ def checkpoints_dir(run_dir: Path) -> Path:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    return latest_step_dir(checkpoints_dir(run_dir), "trainer.json")
+    """The newest checkpoint whose manifest verifies (the one a resume would load)."""
+    for path in checkpoints_newest_first(run_dir):
+        try:
+            verify_manifest(path)
+            return path
+        except CheckpointError:
+            continue
+    return None
 
 
 def checkpoints_newest_first(run_dir: Path) -> list[Path]:
@@ -46,11 +53,16 @@ def load_newest_intact(trainer: "ActorTrainer", run_dir: Path, warn) -> Path | N
         try:
             trainer.load_checkpoint(path)
             return path
-        except (CheckpointError, ValueError, KeyError, RuntimeError, EOFError, OSError,
-                pickle.UnpicklingError) as exc:
-            reason = str(exc) if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {exc}"
-            warn(path, reason)
-            tried.append(f"{path.name}: {reason}")
+        except CheckpointError as exc:
+            reason = str(exc)
+        except (ValueError, KeyError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+            # A checkpoint whose manifest verified is intact: what fails loading it (a device
+            # out of memory, a model that does not fit the config) would fail on the older too.
+            if (path / MANIFEST).exists():
+                raise
+            reason = f"{type(exc).__name__}: {exc}"  # written before manifests: corrupt, probably
+        warn(path, reason)
+        tried.append(f"{path.name}: {reason}")
     if tried:
         raise CheckpointError("no intact checkpoint to resume from: " + "; ".join(tried))
     return None

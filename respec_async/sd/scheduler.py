@@ -51,7 +51,6 @@ class AdaptiveScheduler:
         self.bucket_memory = 16
         self._updates: Counter[str] = Counter()
         self._bucket_updated: dict[tuple[str, int], int] = {}
-        self.history_keys = [key for key, sd in model.configs.items() if sd.source == "history"]
         self.history_chains = {key: sd.num_steps for key, sd in model.configs.items()
                                if sd.source == "history" and sd.is_chain}
         self._window: dict[tuple[str, int], list[int]] = defaultdict(lambda: [0, 0])  # [tokens, rows]
@@ -120,12 +119,13 @@ class AdaptiveScheduler:
                 plain = sum(seen) / len(seen) if seen else 1.0
             scale = self._cost_scale_at[batch_size] = {
                 key: r / plain for (key, b), r in self.cost_ratio.items() if b == bucket and key != PLAIN}
-            # A history config not run here takes the ones that ran: packing saves alike on
-            # every chain, and one left at its full-width price would never be chosen over a
-            # chain that ran (hysteresis then keeps the first chain whatever its length).
-            seen = [r for key, r in scale.items() if is_history(key)]
+            # A history chain not run here takes the ones that ran: packing saves alike on
+            # every chain (trees are verified at full width), and one left at its full-width
+            # price would never be chosen over a chain that ran (hysteresis then keeps the
+            # first chain whatever its length).
+            seen = [r for key, r in scale.items() if key in self.history_chains]
             if seen:
-                for key in self.history_keys:
+                for key in self.history_chains:
                     scale.setdefault(key, sum(seen) / len(seen))
         return scale
 
@@ -255,6 +255,8 @@ class AdaptiveScheduler:
                 break
             rates.append(h / n)
         del self._shadow_window[bucket]
+        if not rates:  # (shadow_min_tests above the window: nothing measured well enough)
+            return
         for key, length in self.history_chains.items():
             acceptance, survive = 1.0, 1.0
             for k in range(length):

@@ -63,7 +63,7 @@ HELDOUT_MODULUS = 10
 
 Split = Literal["train", "heldout"]
 _ANSWER_RE = re.compile(r"ans (\d+)")
-_NUMBER_RE = re.compile(r"-?\d[\d,]*")
+_NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
 @dataclass(frozen=True)
@@ -176,7 +176,7 @@ def last_number_reward(completion_text: str, answer: str) -> float:
     if not found:
         return 0.0
     stated = found[-1].replace(",", "")
-    return 1.0 if stated.lstrip("-").isdigit() and int(stated) == int(answer) else 0.0
+    return 1.0 if float(stated) == int(answer) else 0.0  # "12.0" states 12
 
 
 def accuracy(completions: Sequence[str], answers: Sequence[str]) -> float:

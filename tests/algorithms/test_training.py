@@ -66,6 +66,8 @@ def test_a_truncated_latest_checkpoint_falls_back_to_the_newest_intact_one(rando
     assert [p for p, _ in warnings] == [paths[2], paths[1]]
     assert str(weights) in warnings[0][1] and "the manifest says" in warnings[0][1]
     assert str(optimizer) in warnings[1][1] and "SHA-256 differs" in warnings[1][1]
+    from respec_async.training import latest_checkpoint
+    assert latest_checkpoint(tmp_path) == paths[0]  # what `respec eval` reads: the intact one
     (paths[0] / "trainer.json").write_text("{")  # now none is intact: the error lists each
     (paths[0] / "manifest.json").unlink()  # (an old checkpoint without a manifest is still read)
     with pytest.raises(CheckpointError, match=r"no intact checkpoint to resume from: step-3: .*step-2: .*step-1: "

@@ -68,20 +68,21 @@ def test_one_run_is_one_page_with_every_plot_and_its_summary(tmp_path, capsys):
     assert list(found) == PLOTS
     for png in found.values():
         assert_not_blank(png)
-    assert "reward, first / last 10 steps</td><td>0.335 -&gt; 0.395" in page  # 0.2 + 0.03 x mean(0..9), (2..11)
+    assert "reward, first -&gt; last steps</td><td>0.335 -&gt; 0.395 (10 each)" in page  # 0.2 + 0.03 x mean(0..9), (2..11)
     assert "role restarts</td><td>1<" in page and "SD acceptance length, mean</td><td>3.00" in page
-    assert "completion tokens / s overall</td><td>273<" in page  # 12 x 500 tokens over 22 s
+    assert "completion tokens / s overall</td><td>250<" in page  # 11 x 500 tokens after the first, over 22 s
     assert "src=\"http" not in page and "<script" not in page  # self-contained
 
 
 def test_several_runs_overlay_in_one_page(tmp_path):
-    runs = [make_run(tmp_path, "no-sd", sd=False), make_run(tmp_path, "respec")]
+    runs = [make_run(tmp_path, "no-sd", sd=False), make_run(tmp_path, "respec", steps=6)]  # lengths differ
     out = tmp_path / "compare.html"
     assert main(["report", *map(str, runs), "--out", str(out)]) == 0
     page = out.read_text()
     assert list(images(page)) == PLOTS
     assert "<th>no-sd</th><th>respec</th>" in page
     assert "SD acceptance length, mean</td><td>SD off</td><td>3.00</td>" in page
+    assert "(10 each)</td><td>" in page and "(6 each)</td></tr>" in page
 
 
 def test_a_directory_without_metrics_is_a_one_line_error(tmp_path, capsys):

@@ -3,13 +3,16 @@ TensorBoard's own reader; the config as hyperparameters; a missing package is a 
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 
 from respec_async.config import ConfigError, config_from_dict
 from respec_async.tracking import hyperparameters, open_trackers, step_scalars
 from tests.runtime.test_metrics import record
 
-pytest.importorskip("tensorboard")
+needs_tensorboard = pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None,
+                                       reason="tensorboard not installed (pip install 'respec-async[tensorboard]')")
 
 
 def read_scalars(log_dir) -> dict[str, list[tuple[int, float]]]:
@@ -30,6 +33,7 @@ def test_step_scalars_are_grouped_and_leave_out_sd_that_did_not_run():
     assert sd["sd/history/acceptance_length"] == 4.0 and sd["sd/history/step_share"] == 0.3
 
 
+@needs_tensorboard
 def test_tensorboard_events_hold_each_step_and_the_config(tmp_path):
     config = config_from_dict({"tracking": {"backends": ["tensorboard"]}, "trainer": {"lr": 3e-4}})
     trackers = open_trackers(config, tmp_path)
@@ -55,6 +59,7 @@ def test_tensorboard_events_hold_each_step_and_the_config(tmp_path):
     assert events.Tags()["tensors"]  # the config's TOML as text
 
 
+@needs_tensorboard
 def test_a_shared_tracking_dir_keeps_runs_apart(tmp_path):
     config = config_from_dict({"tracking": {"backends": ["tensorboard"], "dir": str(tmp_path / "tb")}})
     for name in ("run-a", "run-b"):
@@ -70,8 +75,6 @@ def test_hyperparameters_flatten_tables_and_lists():
 
 
 def test_a_backend_whose_package_is_missing_is_a_config_error(monkeypatch):
-    import importlib.util
-
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
     with pytest.raises(ConfigError, match=r"tracking\.backends: tensorboard needs the tensorboard package: "

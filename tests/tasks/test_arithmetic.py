@@ -140,6 +140,8 @@ def test_chat_addition_asks_in_words_and_reads_the_last_number():
     assert arithmetic.last_number_reward("The sum is 1,234.", "1234") == 1.0
     assert arithmetic.last_number_reward("I cannot say.", "12") == 0.0
     assert arithmetic.last_number_reward("-12", "12") == 0.0
+    assert arithmetic.last_number_reward("It is 12.0.", "12") == 1.0
+    assert arithmetic.last_number_reward("12.5", "12") == 0.0
 
 
 def test_chat_prompts_need_a_pretrained_model_and_home_paths_expand(tmp_path):
