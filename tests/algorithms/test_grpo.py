@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from respec_async.algorithms.grpo import grpo_loss, group_advantages
@@ -53,3 +54,26 @@ def test_kl_penalty_is_zero_at_the_reference_and_positive_away_from_it():
     _, same = grpo_loss(lp, lp, lp, torch.zeros(2), mask, ref_logprobs=lp, kl_coef=0.1)
     _, away = grpo_loss(lp, lp, lp, torch.zeros(2), mask, ref_logprobs=lp - 0.5, kl_coef=0.1)
     assert abs(same.kl) < 1e-7 and away.kl > 0.1
+
+
+def test_loss_value_matches_a_hand_computation():
+    """Two samples of one group (rewards 1 and 0: advantages +1 and -1), three token slots, the
+    second sample one token shorter; the numbers worked out by hand from the module docstring."""
+    import math
+
+    adv = group_advantages(torch.tensor([[1.0, 0.0]]))[0]
+    assert torch.allclose(adv, torch.tensor([1.0, -1.0]), atol=1e-5)
+    theta = torch.tensor([[-0.7, -0.5, -2.0], [-1.5, -0.2, 0.0]])
+    prox = torch.tensor([[-1.2, -0.5, -1.0], [-1.5, -0.6, 0.0]])
+    behaviour = torch.tensor([[-1.2, -2.0, -1.0], [-0.5, -0.6, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    loss, stats = grpo_loss(theta, prox, behaviour, adv, mask, clip_low=0.2, clip_high=0.28, is_cap=2.0)
+    # Sample 0, A = +1: ratios e^0.5 = 1.649 (clipped to 1.28), 1, e^-1 = 0.368 (below 0.8: the
+    # min keeps it); IS weights 1, min(e^1.5, 2) = 2, 1; pg = -1.28, -2, -0.368.
+    # Sample 1, A = -1: ratios 1, e^0.4 = 1.492 (above 1.28, but with A < 0 the min keeps the
+    # unclipped term); IS weights e^-1 = 0.368, 1; pg = 0.368, 1.492.
+    expected = (-1.28 - 2.0 - math.exp(-1.0) + math.exp(-1.0) + math.exp(0.4)) / 5
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    assert stats.num_tokens == 5 and stats.is_truncated_fraction == pytest.approx(1 / 5)
+    assert stats.is_weight_mean == pytest.approx((1 + 2 + 1 + math.exp(-1.0) + 1) / 5, rel=1e-5)
+    assert stats.clip_fraction == pytest.approx(1 / 5)  # sample 0's first token only
