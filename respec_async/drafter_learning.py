@@ -39,7 +39,8 @@ import torch
 from safetensors.torch import load_file
 
 from respec_async.algorithms.distill import DistillStats, reward_weights, unrolled_distill_loss
-from respec_async.checkpoints import latest_step_dir, prune_step_dirs, replace_dir
+from respec_async.checkpoints import (CheckpointError, prune_step_dirs, replace_dir, step_dirs, verify_manifest,
+                                      write_manifest)
 from respec_async.config import Config
 from respec_async.engine.drafter import WEIGHTS_NAME, DrafterConfig
 
@@ -51,8 +52,17 @@ def drafter_checkpoints_dir(run_dir: Path) -> Path:
     return run_dir / "drafter_checkpoints"
 
 
-def latest_drafter_checkpoint(run_dir: Path) -> Path | None:
-    return latest_step_dir(drafter_checkpoints_dir(run_dir), COUNTERS_NAME)
+def latest_drafter_checkpoint(run_dir: Path, warn=None) -> Path | None:
+    """The newest drafter checkpoint whose manifest verifies; each newer one that does not is
+    reported with warn(path, reason)."""
+    for _, path in reversed(step_dirs(drafter_checkpoints_dir(run_dir), COUNTERS_NAME)):
+        try:
+            verify_manifest(path)
+            return path
+        except CheckpointError as exc:
+            if warn is not None:
+                warn(path, str(exc))
+    return None
 
 
 class DrafterCheckpointError(RuntimeError):
@@ -194,6 +204,7 @@ class DrafterLearner:
             counters = {"num_steps": self.num_steps, "drafter_version": self.drafter_version,
                         "actor_version": self.actor_version}
             (staging / COUNTERS_NAME).write_text(json.dumps(counters))
+            write_manifest(staging)
 
         path = replace_dir(directory / f"step-{self.num_steps}", fill)
         prune_step_dirs(directory, COUNTERS_NAME, keep=NUM_CHECKPOINTS_KEPT)

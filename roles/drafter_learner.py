@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from pathlib import Path
 
 import msgspec
 import torch
@@ -75,7 +76,12 @@ class DrafterLearnerActor(Actor):
         drafter = await self.run_blocking(load_drafter, cfg, target)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.core = DrafterLearner(cfg, target, drafter, pad_id)
-        self.resumed_from = latest_drafter_checkpoint(self.ctx.run_dir)
+        unusable: list[tuple[Path, str]] = []
+        self.resumed_from = latest_drafter_checkpoint(self.ctx.run_dir, lambda path, why: unusable.append((path, why)))
+        for path, reason in unusable:
+            self.log.warning("drafter_learner.checkpoint_unusable", checkpoint=str(path), reason=reason)
+            await self.notify("drafter_learner.checkpoint_unusable", level="warning", checkpoint=path.name,
+                              reason=reason)
         if self.resumed_from is not None:
             await self.run_blocking(self.core.load_checkpoint, self.resumed_from)
             self.log.info("drafter_learner.resumed", checkpoint=str(self.resumed_from),

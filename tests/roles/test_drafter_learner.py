@@ -207,6 +207,12 @@ def test_only_the_newest_two_complete_drafter_checkpoints_are_kept_and_the_lates
     (directory / "step-40").mkdir()  # no counters file: not a (complete) checkpoint
     assert sorted(p.name for p in directory.iterdir()) == ["step-12", "step-3", "step-40"]
     assert latest_drafter_checkpoint(tmp_path) == directory / "step-12"
+    # A truncated newest one is passed over, with the file named: the previous one resumes.
+    weights = directory / "step-12" / "drafter" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    warned = []
+    assert latest_drafter_checkpoint(tmp_path, lambda p, why: warned.append((p, why))) == directory / "step-3"
+    assert warned == [(directory / "step-12", warned[0][1])] and str(weights) in warned[0][1]
 
 
 def test_a_checkpoint_of_another_drafter_fails_naming_the_path_and_the_mismatch(quick_zoo, tmp_path):
