@@ -216,11 +216,12 @@ class DrafterSection(Section):
     # replay_ratio * rollouts received, then waits for more (bounded CPU, no overfitting a
     # stale buffer while the actor is slow).
     replay_ratio: PosFloat = 2.0
-    # Pace by SD use: a rollout adds replay_ratio * max(pace_floor, its share of decode steps
-    # that were speculative) to that budget. 1 (the default) counts every rollout fully; below 1
-    # a learner whose generators mostly decode plainly (the adaptive server found that SD does
-    # not pay at their batch sizes) trains that much less, down to pace_floor of the full pace,
-    # and leaves the CPU to the RL loop.
+    # Pace by the drafter's use: a rollout adds replay_ratio * max(pace_floor, its share of
+    # decode steps that drafted with the drafter; history steps do not) to that budget. 1 (the
+    # default) counts every rollout fully; below 1 a learner whose generators mostly decode
+    # plainly or from history (the adaptive server found that the drafter does not pay at their
+    # batch sizes) trains that much less, down to pace_floor of the full pace, and leaves the
+    # CPU to the RL loop.
     pace_floor: Annotated[float, msgspec.Meta(ge=0, le=1)] = 1.0
     unroll_steps: PosInt = 4  # unrolled training-time-test steps of the KD loss (EAGLE-3 uses 7)
     step_decay: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.8  # weight of unrolled step j: step_decay**j

@@ -10,7 +10,8 @@ w(r) — its reward min-max normalised within the batch and clipped to [w_min, 1
 (`algorithms.distill.reward_weights`; w = 1 everywhere is plain KD) — and takes one AdamW step
 on the unrolled KD loss. Optimizer steps are paced by the data (`replay_ratio`): samples drawn
 stay below replay_ratio x rollouts received, so the learner never spins on a stale buffer; with
-`pace_floor` < 1 a rollout counts by the share of its decode steps that were speculative (at
+`pace_floor` < 1 a rollout counts by the share of its decode steps that drafted with the drafter
+(`drafter_step_share`: speculative steps less those that drafted from the rollout history; at
 least pace_floor), so a drafter the generators hardly use is hardly trained.
 
 Versions: the learner's actor version is the trainer's policy version it last swapped in; the
@@ -50,6 +51,13 @@ NUM_CHECKPOINTS_KEPT = 2
 
 def drafter_checkpoints_dir(run_dir: Path) -> Path:
     return run_dir / "drafter_checkpoints"
+
+
+def drafter_step_share(rollout) -> float:
+    """The share of a rollout's decode steps that drafted with the EAGLE drafter: a history
+    step drafts from earlier rollouts and says nothing of the drafter's use."""
+    eagle_steps = rollout.num_verify_steps - rollout.num_history_verify_steps
+    return max(eagle_steps, 0) / max(rollout.num_decode_steps, 1)
 
 
 def latest_drafter_checkpoint(run_dir: Path, warn=None) -> Path | None:
@@ -162,7 +170,8 @@ class DrafterLearner:
 
     def add_group(self, prompt_ids: list[int], completions: list[list[int]], rewards: list[float], group_id: int,
                   policy_versions: list[int], sd_shares: list[float] | None = None) -> None:
-        """sd_shares: each rollout's share of decode steps that were speculative (None: all of them)."""
+        """sd_shares: each rollout's share of decode steps that drafted with the drafter
+        (drafter_step_share; None: all of them)."""
         d = self.config.drafter
         for i, (completion, reward, version) in enumerate(zip(completions, rewards, policy_versions)):
             if not completion:

@@ -35,7 +35,8 @@ import torch
 
 from respec_async.actor import Actor, handles
 from respec_async.config import generator_uses_drafter
-from respec_async.drafter_learning import DrafterLearner, drafter_checkpoints_dir, latest_drafter_checkpoint
+from respec_async.drafter_learning import (DrafterLearner, drafter_checkpoints_dir, drafter_step_share,
+                                           latest_drafter_checkpoint)
 from respec_async.metrics import MetricsWriter
 from respec_async.models import load_drafter, load_target
 from respec_async.weight_sync import WeightMember, WeightOwner
@@ -111,7 +112,7 @@ class DrafterLearnerActor(Actor):
         self.core.add_group(message.group.prompt_ids, [r.completion_ids for r in message.rollouts],
                             message.rewards, message.group.group_id,
                             [r.min_policy_version for r in message.rollouts],
-                            [r.num_verify_steps / max(r.num_decode_steps, 1) for r in message.rollouts])
+                            [drafter_step_share(r) for r in message.rollouts])
         self.data_arrived.set()
 
     @handles

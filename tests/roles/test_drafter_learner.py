@@ -154,6 +154,23 @@ def test_a_learner_paced_by_sd_use_trains_in_proportion_to_speculative_decode_st
         learner_config(quick_zoo, pace_floor=1.5)
 
 
+def test_history_steps_do_not_count_as_use_of_the_drafter():
+    """A rollout whose speculative steps all drafted from the rollout history used the drafter
+    on none of them: the learner's pace must not rise with history SD."""
+    import torch
+
+    from respec_async.drafter_learning import drafter_step_share
+    from transport.schema import Rollout
+
+    def rollout(verify, history_verify, decode):
+        return Rollout(0, [1, 2], torch.zeros(2), 0, 0, "stop", num_verify_steps=verify,
+                       num_history_verify_steps=history_verify, num_decode_steps=decode)
+
+    assert drafter_step_share(rollout(8, 8, 10)) == 0.0
+    assert drafter_step_share(rollout(8, 2, 10)) == 0.6
+    assert drafter_step_share(rollout(0, 0, 0)) == 0.0
+
+
 # --- checkpoints -----------------------------------------------------------------------------
 
 
