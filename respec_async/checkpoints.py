@@ -46,6 +46,19 @@ def step_dirs(directory: Path, marker: str) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def newest_intact_step_dir(directory: Path, marker: str, warn=None) -> Path | None:
+    """The newest complete checkpoint whose manifest verifies; each newer one that does not is
+    reported with warn(path, reason)."""
+    for _, path in reversed(step_dirs(directory, marker)):
+        try:
+            verify_manifest(path)
+            return path
+        except CheckpointError as exc:
+            if warn is not None:
+                warn(path, str(exc))
+    return None
+
+
 def latest_step_dir(directory: Path, marker: str) -> Path | None:
     found = step_dirs(directory, marker)
     return found[-1][1] if found else None

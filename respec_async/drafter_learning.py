@@ -40,8 +40,7 @@ import torch
 from safetensors.torch import load_file
 
 from respec_async.algorithms.distill import DistillStats, reward_weights, unrolled_distill_loss
-from respec_async.checkpoints import (CheckpointError, prune_step_dirs, replace_dir, step_dirs, verify_manifest,
-                                      write_manifest)
+from respec_async.checkpoints import newest_intact_step_dir, prune_step_dirs, replace_dir, write_manifest
 from respec_async.config import Config
 from respec_async.engine.drafter import WEIGHTS_NAME, DrafterConfig
 
@@ -61,16 +60,8 @@ def drafter_step_share(rollout) -> float:
 
 
 def latest_drafter_checkpoint(run_dir: Path, warn=None) -> Path | None:
-    """The newest drafter checkpoint whose manifest verifies; each newer one that does not is
-    reported with warn(path, reason)."""
-    for _, path in reversed(step_dirs(drafter_checkpoints_dir(run_dir), COUNTERS_NAME)):
-        try:
-            verify_manifest(path)
-            return path
-        except CheckpointError as exc:
-            if warn is not None:
-                warn(path, str(exc))
-    return None
+    """The newest drafter checkpoint whose manifest verifies (warn: see newest_intact_step_dir)."""
+    return newest_intact_step_dir(drafter_checkpoints_dir(run_dir), COUNTERS_NAME, warn)
 
 
 class DrafterCheckpointError(RuntimeError):

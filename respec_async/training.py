@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from respec_async.algorithms.grpo import LossStats, completion_logprobs, group_advantages, grpo_loss
-from respec_async.checkpoints import (MANIFEST, CheckpointError, clear_dead_staging, replace_dir, step_dirs,
-                                      verify_manifest, write_manifest)
+from respec_async.checkpoints import (MANIFEST, CheckpointError, clear_dead_staging, newest_intact_step_dir,
+                                      replace_dir, step_dirs, verify_manifest, write_manifest)
 from respec_async.config import Config
 from respec_async.engine.checkpoint import load_pretrained, save_pretrained
 from respec_async.prompts import Example, PromptSource
@@ -31,13 +31,7 @@ def checkpoints_dir(run_dir: Path) -> Path:
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest checkpoint whose manifest verifies (the one a resume would load)."""
-    for path in checkpoints_newest_first(run_dir):
-        try:
-            verify_manifest(path)
-            return path
-        except CheckpointError:
-            continue
-    return None
+    return newest_intact_step_dir(checkpoints_dir(run_dir), "trainer.json")
 
 
 def checkpoints_newest_first(run_dir: Path) -> list[Path]:
