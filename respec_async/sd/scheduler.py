@@ -34,7 +34,8 @@ class AdaptiveScheduler:
                  window_rows: int = 64, probe_interval: int = 64, probe_margin: float = 0.75,
                  probe_max_plain_batch: int = 4, min_speedup: float = 1.0, history_ema: float = 0.5,
                  shadow_window_rows: int = 16, shadow_min_tests: int = 4, cost_ema: float = 0.3,
-                 cost_window_steps: int = 8, switch_margin: float = 0.1) -> None:
+                 cost_window_steps: int = 8, switch_margin: float = 0.1,
+                 chain_switch_margin: float = 0.03) -> None:
         self.model = model
         # History acceptance jumps (a new epoch brings a whole epoch of history): a faster EMA.
         self.history_ema = history_ema
@@ -61,6 +62,9 @@ class AdaptiveScheduler:
         self.cost_ratio: dict[tuple[str, int], float] = {}  # (plain or history key, bucket) -> observed / fitted
         self._cost_window: dict[tuple[str, int], list] = defaultdict(lambda: [0.0, 0.0, 0])  # [seconds, fitted, steps]
         self.switch_margin = switch_margin
+        # Between two history chains a smaller margin: both are priced from one per-position
+        # estimate (the shadows), so their noise is shared and only the deep positions differ.
+        self.chain_switch_margin = chain_switch_margin
         self._last_choice: dict[tuple[bool, int], str] = {}  # (refilling, B) -> the SD config chosen last
         self._probe_turn = 0
         self._steps_since_probe = 0
@@ -142,7 +146,9 @@ class AdaptiveScheduler:
             last = self._last_choice.get((refilling, batch_size))
             if last is not None and last != key and key != PLAIN:
                 kept = self.model.speedup(last, batch_size, estimates, refilling, scale)
-                if kept * (1 + self.switch_margin) >= value and kept > self.min_speedup:
+                chains = last in self.history_chains and key in self.history_chains
+                margin = self.chain_switch_margin if chains else self.switch_margin
+                if kept * (1 + margin) >= value and kept > self.min_speedup:
                     key, value = last, kept
             entry = self._plan[refilling, batch_size] = (self.model.configs.get(key), value)
         return entry

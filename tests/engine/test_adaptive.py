@@ -486,6 +486,35 @@ def test_a_history_chain_not_run_takes_the_packed_cost_of_one_that_ran():
     assert scheduler.choose(64) == long
 
 
+def test_a_longer_history_chain_takes_over_on_a_lead_within_the_general_margin():
+    """Both chains are priced from the same shadow estimate, so a lead of a few percent for
+    the 8-chain is not noise between them: it must switch under chain_switch_margin (3%)
+    although the lead is inside switch_margin (10%), which keeps the 4-chain."""
+    def run(chain_switch_margin):
+        profile = costly_history_profile()
+        profile.sd_s["history:8,1,8"] = [COSTS["4,1,4"](b) * 1.25e-3 for b in SIZES]
+        profile.acceptance["history:8,1,8"] = 3.2
+        model = SpeedupModel(profile)
+        short, long = model.configs["history:4,1,4"], model.configs["history:8,1,8"]
+        scheduler = AdaptiveScheduler(model, 64, cost_window_steps=4, probe_interval=0, history_ema=1.0,
+                                      shadow_window_rows=16, chain_switch_margin=chain_switch_margin)
+        for _ in range(40):
+            scheduler.observe(step(None, 64), model.step_seconds(PLAIN, 64))
+            scheduler.observe(step(short, 64, 2.2), model.step_seconds("history:4,1,4", 64) / 3)
+        assert scheduler.choose(64) == short
+        stats = step(None, 64)  # shadows: a draft matches 0.82 of the time
+        stats.shadow_tests, stats.shadow_hits = [50] * 8, [41] * 8
+        scheduler.observe(stats, model.step_seconds(PLAIN, 64))
+        lead = scheduler.predicted_speedup("history:8,1,8", 64) / scheduler.predicted_speedup("history:4,1,4", 64)
+        assert 1.03 < lead < 1.1
+        return scheduler.choose(64), short, long
+
+    choice, short, long = run(0.03)
+    assert choice == long
+    choice, short, long = run(0.1)
+    assert choice == short
+
+
 def test_a_near_tie_between_sd_configs_does_not_flip_the_choice():
     """Two configs predicted within switch_margin of each other: the last choice stays when
     noise moves the other slightly ahead; a clear lead switches."""
