@@ -22,7 +22,7 @@ from respec_async import zoo  # noqa: E402
 
 def default_zoo_is_cached() -> bool:
     try:
-        return zoo._is_complete(zoo.default_cache_dir(), zoo.ZooSpec())
+        return zoo.is_complete(zoo.default_cache_dir(), zoo.ZooSpec())
     except Exception:  # the zoo's cache layout is its own business: when in doubt, use the micro zoo
         return False
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from respec_async import zoo
+from respec_async.zoo import cache, command, training
 from respec_async.tasks import arithmetic
 from respec_async.engine.checkpoint import load_pretrained
 from respec_async.engine.drafter import Eagle3Drafter
@@ -20,14 +21,14 @@ from respec_async.engine.tokenizer import Tokenizer
 @pytest.fixture(scope="module")
 def quick_zoo(tmp_path_factory):
     cache_dir = tmp_path_factory.mktemp("zoo")
-    assert zoo.main(["--quick", "--out", str(cache_dir)]) == 0
+    assert command.main(["--quick", "--out", str(cache_dir)]) == 0
     return cache_dir
 
 
 def test_quick_zoo_reloads_target_tokenizer_and_drafter(quick_zoo):
     paths = zoo.ensure_zoo(quick_zoo, spec=zoo.QUICK_SPEC)
     tokenizer = Tokenizer.from_dir(paths.target_dir)
-    assert paths.tokenizer_path.is_file() and tokenizer.vocab_size == 3 + len(zoo.arithmetic.ALPHABET)
+    assert paths.tokenizer_path.is_file() and tokenizer.vocab_size == 3 + len(arithmetic.ALPHABET)
     target = load_pretrained(paths.target_dir)
     drafter = Eagle3Drafter.load_pretrained(paths.drafter_dir, target.embed_tokens)
     ids = torch.tensor([zoo.encode_prompt(tokenizer, "12+34=") + tokenizer.encode("2+4+0=6;")])
@@ -53,7 +54,7 @@ def forbid_training(monkeypatch, *names):
         raise AssertionError("a cached stage should have been reused")
 
     for name in names:
-        monkeypatch.setattr(zoo, name, fail)
+        monkeypatch.setattr(training, name, fail)
 
 
 def test_a_matching_zoo_is_reused_without_training(quick_zoo, monkeypatch):
@@ -74,14 +75,14 @@ def test_a_drafter_hyperparameter_change_retrains_only_the_drafter(quick_zoo, mo
 
 def test_a_different_target_spec_or_a_stale_stamp_does_not_match(quick_zoo, tmp_path):
     assert dataclasses.replace(zoo.QUICK_SPEC, seed=1).target_key() != zoo.QUICK_SPEC.target_key()
-    assert zoo._is_complete(quick_zoo, zoo.QUICK_SPEC)
+    assert zoo.is_complete(quick_zoo, zoo.QUICK_SPEC)
     copy = tmp_path / "copy"
     shutil.copytree(quick_zoo, copy)
-    target_root, _ = zoo._stage_dirs(copy, zoo.QUICK_SPEC)
+    target_root, _ = cache._stage_dirs(copy, zoo.QUICK_SPEC)
     stamp = json.loads((target_root / zoo.STAMP_NAME).read_text())
     stamp["key"] = "older"
     (target_root / zoo.STAMP_NAME).write_text(json.dumps(stamp))
-    assert not zoo._is_complete(copy, zoo.QUICK_SPEC)
+    assert not zoo.is_complete(copy, zoo.QUICK_SPEC)
 
 
 def test_a_failed_training_leaves_no_partial_zoo(tmp_path, monkeypatch):
@@ -89,7 +90,7 @@ def test_a_failed_training_leaves_no_partial_zoo(tmp_path, monkeypatch):
         (out_dir / "config.json").write_text("{}")
         raise RuntimeError("interrupted")
 
-    monkeypatch.setattr(zoo, "train_target_stage", crash)
+    monkeypatch.setattr(training, "train_target_stage", crash)
     with pytest.raises(RuntimeError, match="interrupted"):
         zoo.ensure_zoo(tmp_path, spec=zoo.QUICK_SPEC, log=lambda message: None)
     assert [p.name for p in tmp_path.iterdir()] == [".lock"]
@@ -125,20 +126,20 @@ def test_target_only_trains_no_drafter_and_a_later_call_adds_it(tmp_path, monkey
 
 def test_a_share_of_the_supervised_solutions_states_no_answer():
     spec = dataclasses.replace(zoo.QUICK_SPEC, unanswered_fraction=0.5)
-    tokenizer = zoo.build_tokenizer()
-    batches = zoo.TrainBatches(tokenizer, spec, batch_size=200, seed=0)
+    tokenizer = training.build_tokenizer()
+    batches = training.TrainBatches(tokenizer, spec, batch_size=200, seed=0)
     batch = batches.next()
     texts = [tokenizer.decode(row[1:length - 1].tolist()) for row, length in zip(batch.input_ids, batch.lengths)]
-    answered = [zoo.arithmetic.parse_answer(text.split("=", 1)[1]) is not None for text in texts]
+    answered = [arithmetic.parse_answer(text.split("=", 1)[1]) is not None for text in texts]
     # Binomial(200, 0.5): outside [70, 130] has probability < 1e-5.
     assert 70 <= sum(answered) <= 130
     # The cut solutions keep every column: only the answer line is gone.
-    problems = zoo.arithmetic.problems(200, seed=0, split="train", max_digits=spec.max_digits)
+    problems = arithmetic.problems(200, seed=0, split="train", max_digits=spec.max_digits)
     for text, problem, has_answer in zip(texts, problems, answered):
-        expected = problem.completion if has_answer else problem.completion.split(zoo.arithmetic.ANSWER_PREFIX)[0]
+        expected = problem.completion if has_answer else problem.completion.split(arithmetic.ANSWER_PREFIX)[0]
         assert text == problem.prompt + expected
     # Deterministic: the same stream again gives the same cut.
-    again = zoo.TrainBatches(tokenizer, spec, batch_size=200, seed=0).next()
+    again = training.TrainBatches(tokenizer, spec, batch_size=200, seed=0).next()
     assert torch.equal(again.input_ids, batch.input_ids)
 
 
@@ -146,7 +147,7 @@ def test_a_shipped_copy_with_a_matching_stamp_seeds_the_cache_without_training(q
     paths = zoo.ensure_zoo(quick_zoo, spec=zoo.QUICK_SPEC)
     shipped = tmp_path / "shipped"
     zoo.ship(paths, shipped)
-    monkeypatch.setattr(zoo, "SHIPPED_DIR", shipped)
+    monkeypatch.setattr(cache, "SHIPPED_DIR", shipped)
     forbid_training(monkeypatch, "train_target_stage", "train_drafter_stage")
     messages = []
     seeded = zoo.ensure_zoo(tmp_path / "cache", spec=zoo.QUICK_SPEC, log=messages.append)
@@ -160,7 +161,7 @@ def test_a_shipped_copy_with_a_matching_stamp_seeds_the_cache_without_training(q
 def test_a_shipped_copy_of_another_spec_is_ignored_and_force_retrains(quick_zoo, tmp_path, monkeypatch):
     shipped = tmp_path / "shipped"
     zoo.ship(zoo.ensure_zoo(quick_zoo, spec=zoo.QUICK_SPEC), shipped)
-    monkeypatch.setattr(zoo, "SHIPPED_DIR", shipped)
+    monkeypatch.setattr(cache, "SHIPPED_DIR", shipped)
     other = dataclasses.replace(zoo.QUICK_SPEC, seed=5, target_max_steps=1, drafter_steps=1)
     messages = []
     zoo.ensure_zoo(tmp_path / "cache", spec=other, log=messages.append, with_drafter=False)
@@ -189,9 +190,9 @@ def test_the_curriculum_caps_the_digits_of_early_problems():
     spec = zoo.ZooSpec(max_digits=20, target_curriculum_steps=10, curriculum_start_digits=3)
     assert [spec.curriculum_digits(step) for step in (1, 5, 9, 10, 50)] == [4, 11, 18, 20, 20]
     assert zoo.ZooSpec(max_digits=20).curriculum_digits(1) == 20  # off by default
-    tokenizer = zoo.build_tokenizer()
-    early = zoo.TrainBatches(tokenizer, spec, 64, seed=0).next(spec.curriculum_digits(1))
-    late = zoo.TrainBatches(tokenizer, spec, 64, seed=0).next(spec.curriculum_digits(10))
+    tokenizer = training.build_tokenizer()
+    early = training.TrainBatches(tokenizer, spec, 64, seed=0).next(spec.curriculum_digits(1))
+    late = training.TrainBatches(tokenizer, spec, 64, seed=0).next(spec.curriculum_digits(10))
     # Prompts are "a+b=" plus <bos>: 4-digit operands give at most 11 prompt tokens.
     prompt_lengths = (early.loss_mask.argmax(dim=1) + 1).tolist()
     assert max(prompt_lengths) <= 11 < int((late.loss_mask.argmax(dim=1) + 1).max())

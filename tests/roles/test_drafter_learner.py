@@ -351,7 +351,7 @@ def test_exact_sd_reward_curves_agree_for_no_sd_plain_kd_and_reward_weighted_kd(
     about 0.13 or more (n = 192: 3 steps x 8 prompts x 8 samples)."""
     paths = shipped_zoo()
     if paths is None:
-        pytest.skip("the trained zoo is not shipped in respec_async/zoo_shipped")
+        pytest.skip("the trained zoo is not shipped in respec_async/zoo/shipped")
     steps, groups, group_size = 3, 8, 8
     # Completions cut at 64 tokens (about a fifth of them) score 0 alike in every variant: the
     # comparison stays exact and generation is cheaper.
