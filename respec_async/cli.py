@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "reward-serve":
-        from respec_async import reward_server
+        from respec_async.rewards import server as reward_server
 
         return reward_server.main(args)
     if args.command == "report":

@@ -21,7 +21,8 @@ from respec_async.engine.checkpoint import load_pretrained
 from respec_async.engine.engine import Engine, Request
 from respec_async.engine.tokenizer import Tokenizer
 from respec_async.models import sampling_params
-from respec_async.prompts import PromptSource, rule_reward
+from respec_async.prompts import PromptSource
+from respec_async.tasks import rule_reward
 
 
 EVAL_SLOTS = 128

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from respec_async.config import Config
 from respec_async.engine.tokenizer import Tokenizer
-from respec_async.tasks import arithmetic, math
+from respec_async.tasks import arithmetic
 from respec_async.tasks.dataset import JsonlDataset
 
 
@@ -78,13 +78,3 @@ class PromptSource:
             raise ValueError("data.task = \"jsonl\": held-out evaluation needs the arithmetic task")
         p = arithmetic.problem(index, seed=self.config.run.seed, split="heldout", **self._digits())
         return self._arithmetic_example(p)
-
-
-def rule_reward(data_source: str, completion_text: str, answer: str) -> float:
-    if data_source == "arithmetic":
-        return arithmetic.reward(completion_text, answer)
-    if data_source == "addition":
-        return arithmetic.last_number_reward(completion_text, answer)
-    if data_source == "math":
-        return math.reward(completion_text, answer)
-    raise ValueError(f"no rule reward for data source {data_source!r}")

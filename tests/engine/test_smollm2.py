@@ -94,7 +94,8 @@ def test_smollm2_cpu_config_prompts_are_its_chat_template_around_the_question(sm
     from pathlib import Path
 
     from respec_async.config import load_config
-    from respec_async.prompts import PromptSource, rule_reward
+    from respec_async.prompts import PromptSource
+    from respec_async.tasks import rule_reward
 
     path, _, _, _, hf_tokenizer = smollm2
     config = load_config(Path(__file__).parents[2] / "configs" / "smollm2-cpu.toml", [f'model.path="{path}"'])

@@ -27,7 +27,8 @@ import zmq
 import zmq.asyncio
 
 from respec_async.config import RewardSection
-from respec_async.rewards import PythonScorer, ScoreRequest
+from respec_async.rewards.caller import ScoreRequest
+from respec_async.rewards.function import PythonScorer
 from transport.channels import Channel, Kind, open_channel
 from transport.schema import RewardRequest, RewardResponse
 from transport.security import Security, start_authenticator
