@@ -72,9 +72,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from rl_bench import (  # noqa: E402
-    config_zoo, events, launch_run, learner_records, moving_average, plot_curves, respec_cli, rl_arguments,
+    config_zoo, events, launch_run, learner_records, plot_curves, respec_cli, rl_arguments,
     save_figure, step_records,
 )
+
+from respec_async.metrics import moving_average  # noqa: E402
 
 ARMS = {
     "sync-no-sd": ['generator.sd="off"', "roles.drafter_learner=0", "trainer.max_staleness=0"],

@@ -30,7 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from rl_bench import events, launch_run, moving_average, save_figure, step_records  # noqa: E402
+from rl_bench import events, launch_run, save_figure, step_records  # noqa: E402
+
+from respec_async.metrics import moving_average  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "bench_smollm2_rl.json"
 

@@ -14,7 +14,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from respec_async.metrics import read_metrics  # noqa: E402
+from respec_async.metrics import moving_average, read_metrics  # noqa: E402
 
 
 def rl_arguments(description: str, steps: int, out_name: str) -> argparse.ArgumentParser:
@@ -94,14 +94,6 @@ def events(run_dir: Path, role: str, name: str) -> list[dict]:
 def window_means(values: list[float], window: int) -> list[float]:
     """Mean of each consecutive block of `window` values (the last block may be shorter)."""
     return [sum(values[i:i + window]) / len(values[i:i + window]) for i in range(0, len(values), window)]
-
-
-def moving_average(values: list[float], window: int) -> list[float]:
-    out = []
-    for i in range(len(values)):
-        chunk = values[max(0, i - window + 1): i + 1]
-        out.append(sum(chunk) / len(chunk))
-    return out
 
 
 def plot_curves(path: Path, title: str, ylabel: str, curves: dict[str, list[float]], smooth: int = 10,

@@ -59,11 +59,6 @@ def newest_intact_step_dir(directory: Path, marker: str, warn=None) -> Path | No
     return None
 
 
-def latest_step_dir(directory: Path, marker: str) -> Path | None:
-    found = step_dirs(directory, marker)
-    return found[-1][1] if found else None
-
-
 def prune_step_dirs(directory: Path, marker: str, keep: int) -> None:
     """Delete all but the newest `keep` complete checkpoints, and dead writers' staging."""
     found = step_dirs(directory, marker)

@@ -129,6 +129,15 @@ def step_metrics(*, step: int, version: int, batch: list[ScoredGroup], loss: Los
     )
 
 
+def moving_average(values: list[float], window: int) -> list[float]:
+    """The trailing mean over up to `window` values at each position (plots of noisy curves)."""
+    out = []
+    for i in range(len(values)):
+        chunk = values[max(0, i - window + 1): i + 1]
+        out.append(sum(chunk) / len(chunk))
+    return out
+
+
 def informative(rewards: list[float]) -> bool:
     """A group carries GRPO signal when its rewards are not all equal."""
     return bool(rewards) and max(rewards) - min(rewards) > 1e-9

@@ -19,17 +19,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from respec_async.metrics import StepRecord, read_metrics
+from respec_async.metrics import StepRecord, moving_average, read_metrics
 
 WINDOW = 10  # steps averaged for the table's first / last reward
-
-
-def _smooth(values: list[float], window: int = 5) -> list[float]:
-    out = []
-    for i in range(len(values)):
-        chunk = values[max(0, i - window + 1): i + 1]
-        out.append(sum(chunk) / len(chunk))
-    return out
 
 
 def _mean(values) -> float:
@@ -124,7 +116,7 @@ def _figures(runs: list[Run]):
             name = f"{run.name}: {label}" if overlay else label
             if raw and smooth:
                 ax.plot(steps, values, color=colour, alpha=0.25, linestyle=style)
-            ax.plot(steps, _smooth(values) if smooth else values, color=colour, linestyle=style,
+            ax.plot(steps, moving_average(values, 5) if smooth else values, color=colour, linestyle=style,
                     label=name + (" (5-step avg)" if smooth else ""))
 
     def figure(title, ylabel):

@@ -61,7 +61,8 @@ class TrainerActor(Actor):
         self.batch_arrived = asyncio.Event()
         self.issue_wanted = asyncio.Event()
         self.metrics = MetricsWriter(self.ctx.run_dir / "metrics.jsonl")
-        self.trackers = open_trackers(cfg, self.ctx.run_dir)
+        # The TensorBoard writer imports (seconds) and opens its files off the event loop.
+        self.trackers = await self.run_blocking(open_trackers, cfg, self.ctx.run_dir)
         self.num_returned = 0
         self.background: set[asyncio.Task[object]] = set()
 
