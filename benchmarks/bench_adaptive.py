@@ -49,7 +49,8 @@ from respec_async.sd.scheduler import AdaptiveScheduler  # noqa: E402
 from respec_async.sd.solver import SpeedupModel, format_profile  # noqa: E402
 from respec_async.engine.checkpoint import load_pretrained  # noqa: E402
 from respec_async.engine.drafter import Eagle3Drafter  # noqa: E402
-from respec_async.engine.engine import Engine, Request  # noqa: E402
+from respec_async.engine.engine import Engine  # noqa: E402
+from respec_async.engine.requests import Request  # noqa: E402
 from respec_async.engine.sampling import SamplingParams  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_adaptive.json"
@@ -132,7 +133,7 @@ class ModeRun:
         if not engine.has_unfinished or (self.full_only and not (active == self.batch_size and engine.waiting)):
             self.done = True
             return
-        refilling = len(engine.waiting) > len(engine.free_slots)
+        refilling = engine.refilling
         scheduler = self.scheduler
         sd = scheduler.choose(active, refilling) if scheduler is not None else self.static
         step_start = scheduler.clock() if scheduler is not None else 0.0

@@ -40,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_engine import load_zoo  # noqa: E402
 
-from respec_async.engine.engine import Engine, Request, SDConfig  # noqa: E402
+from respec_async.engine.engine import Engine  # noqa: E402
+from respec_async.engine.requests import Request, SDConfig  # noqa: E402
 from respec_async.engine.history import HistoryIndex, chain_tensors, draft_tensors  # noqa: E402
 from respec_async.engine.sampling import SamplingParams  # noqa: E402
 

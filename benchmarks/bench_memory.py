@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from respec_async.engine.checkpoint import load_pretrained  # noqa: E402
 from respec_async.engine.drafter import Eagle3Drafter  # noqa: E402
-from respec_async.engine.engine import Engine, Request, SDConfig  # noqa: E402
+from respec_async.engine.engine import Engine  # noqa: E402
+from respec_async.engine.requests import Request, SDConfig  # noqa: E402
 from respec_async.engine.model import KVCache  # noqa: E402
 from respec_async.engine.sampling import SamplingParams  # noqa: E402
 from respec_async.engine.tokenizer import Tokenizer  # noqa: E402

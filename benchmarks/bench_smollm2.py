@@ -37,7 +37,8 @@ from bench_engine import bench_engine, bench_hf  # noqa: E402
 
 from respec_async import pretrained  # noqa: E402
 from respec_async.engine.checkpoint import load_pretrained  # noqa: E402
-from respec_async.engine.engine import Engine, Request, SDConfig  # noqa: E402
+from respec_async.engine.engine import Engine  # noqa: E402
+from respec_async.engine.requests import Request, SDConfig  # noqa: E402
 from respec_async.engine.history import HistoryIndex  # noqa: E402
 from respec_async.engine.sampling import SamplingParams  # noqa: E402
 from respec_async.engine.tokenizer import Tokenizer  # noqa: E402

@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_engine import load_zoo  # noqa: E402
 
-from respec_async.engine.engine import Engine, Request  # noqa: E402
+from respec_async.engine.engine import Engine  # noqa: E402
+from respec_async.engine.requests import Request  # noqa: E402
 from respec_async.engine.sampling import SamplingParams  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_upkeep.json"

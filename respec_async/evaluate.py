@@ -18,7 +18,8 @@ import torch
 
 from respec_async.config import Config
 from respec_async.engine.checkpoint import load_pretrained
-from respec_async.engine.engine import Engine, Request
+from respec_async.engine.engine import Engine
+from respec_async.engine.requests import Request
 from respec_async.engine.tokenizer import Tokenizer
 from respec_async.models import sampling_params
 from respec_async.prompts import PromptSource

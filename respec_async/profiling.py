@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from respec_async.engine.engine import SDConfig
+from respec_async.engine.requests import SDConfig
 from respec_async.models import sampling_params
 from respec_async.prompts import PromptSource
 from respec_async.sd.grid import parse_grid

@@ -20,7 +20,8 @@ import torch
 
 from respec_async import profiling
 from respec_async.actor import Actor, handles
-from respec_async.engine.engine import Completion, Engine, Request, SDConfig
+from respec_async.engine.engine import Engine
+from respec_async.engine.requests import Completion, Request, SDConfig
 from respec_async.engine.speculative import RelaxedAcceptance
 from respec_async.models import load_drafter, load_target, sampling_params
 from respec_async.sd.grid import engine_draft_budget, history_index_for, shadow_length
@@ -173,7 +174,7 @@ class GeneratorActor(Actor):
         if self.scheduler is None:
             return self.static_sd
         # Requests left waiting after this step's admissions refill the slots its finished rows free.
-        return self.scheduler.choose(active, refilling=len(self.engine.waiting) > len(self.engine.free_slots))
+        return self.scheduler.choose(active, refilling=self.engine.refilling)
 
     def _step(self) -> list[Completion]:
         """One engine step, in the compute thread; swaps staged weights first."""

@@ -6,8 +6,11 @@
 Every sequence owns a slot of a static, preallocated KV cache (target and drafter). Each
 `step(sd)` admits waiting requests into free slots with one batched prefill, then runs one
 decode step for every active sequence: plain (one token) or speculative with the given
-SDConfig, chosen per step by the caller (ReSpec's adaptive scheduler reads `num_active`
-first). Nothing is reallocated when the mode or the SD config changes between steps.
+SDConfig, chosen per step by the caller (ReSpec's adaptive scheduler reads `num_active` and
+`refilling` first). Nothing is reallocated when the mode or the SD config changes between steps.
+Which request holds which slot, and what each sequence has emitted, is the slot scheduler's
+(engine/slots.py); the request, completion and SD-config types are in engine/requests.py. This
+module runs the models on the slots and keeps their device state.
 
 Per-slot state, all on the device:
     tokens[slot, :L+1]   the sequence; token L is the last one emitted and not yet in the
@@ -43,16 +46,17 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
 
 from respec_async.engine import fused
 from respec_async.engine.drafter import Eagle3Drafter
-from respec_async.engine.history import Cursor, HistoryIndex, chain_tensors, draft_tensors
+from respec_async.engine.history import HistoryIndex, chain_tensors, draft_tensors
 from respec_async.engine.model import KVCache, Transformer
-from respec_async.engine.sampling import SamplingParams, sample, sampling_logprobs, token_logprobs
+from respec_async.engine.requests import Completion, Request, SDConfig, SDPolicy, StepStats
+from respec_async.engine.sampling import sample, sampling_logprobs, token_logprobs
+from respec_async.engine.slots import Sequence, SlotScheduler
 from respec_async.engine.speculative import (
     DraftTree, RelaxedAcceptance, chain_accept, point_chain_accept, select_tree, tree_accept, tree_attention_mask)
 
@@ -63,116 +67,6 @@ MAX_PENDING_FEATURES = 32
 LAZY_PENDING_BYTES = 256 * 2**20
 # The largest target the engine runs through engine/fused.py by default (fused_inference=None).
 FUSED_MAX_PARAMETERS = 50_000_000
-
-
-SOURCES = ("eagle", "history")
-MAX_HISTORY_DRAFT_TOKENS = 64
-
-
-@dataclass(frozen=True)
-class SDConfig:
-    """One speculative-decoding configuration (ReSpec's (s, t, n)) and where its drafts come from.
-
-    num_steps s: tree depth (drafter forwards per step for "eagle"). top_k t: children per
-    expanded node; t = 1 is a chain of s drafts. num_draft_tokens n: drafted tokens verified per
-    sequence, the best n of the tree (the root is extra); a chain verifies exactly its s drafts,
-    so for t = 1 a larger n is clamped to s (and a smaller one is an error). source: "eagle"
-    (the neural drafter) or "history" (engine/history.py: earlier rollouts of the same prompt,
-    no model call; rows without a match get no drafts and decode one token).
-    """
-
-    num_steps: int
-    top_k: int = 1
-    num_draft_tokens: int | None = None
-    source: str = "eagle"
-
-    def __post_init__(self) -> None:
-        if self.source not in SOURCES:
-            raise ValueError(f"SDConfig source must be one of {SOURCES}, got {self.source!r}")
-        if self.num_draft_tokens is None:
-            object.__setattr__(self, "num_draft_tokens", self.num_steps if self.top_k == 1 else self.num_steps * self.top_k)
-        s, t, n = self.num_steps, self.top_k, self.num_draft_tokens
-        if s < 1 or t < 1 or n < 1:
-            raise ValueError(f"SDConfig needs num_steps, top_k, num_draft_tokens >= 1, got {self}")
-        if t == 1 and n < s:
-            raise ValueError(f"a chain (top_k 1) verifies its num_steps drafts: num_draft_tokens must be >= {s}, got {n}")
-        if t == 1:
-            n = s
-            object.__setattr__(self, "num_draft_tokens", n)
-        if self.source == "eagle" and n > t + (s - 1) * t * t:
-            raise ValueError(f"{self} drafts at most {t + (s - 1) * t * t} candidates, fewer than num_draft_tokens")
-        if self.source == "history" and n > MAX_HISTORY_DRAFT_TOKENS:
-            raise ValueError(f"{self}: a history tree has at most {MAX_HISTORY_DRAFT_TOKENS} draft tokens")
-
-    @property
-    def is_chain(self) -> bool:
-        return self.top_k == 1
-
-    @property
-    def uses_drafter(self) -> bool:
-        return self.source == "eagle"
-
-
-@dataclass
-class Request:
-    request_id: str | int
-    prompt_ids: list[int]
-    params: SamplingParams = field(default_factory=SamplingParams)
-
-
-@dataclass
-class Completion:
-    request_id: str | int
-    prompt_ids: list[int]
-    output_ids: list[int]
-    logprobs: list[float]  # behaviour log-prob of each output token
-    finish_reason: str  # "stop" (a stop token, included in output_ids) or "length"
-    num_drafted: int = 0
-    num_accepted: int = 0
-    num_verify_steps: int = 0
-    num_decode_steps: int = 0  # forwards after the prefill that emitted tokens for this sequence
-    acceptance_length: float = 0.0  # mean (accepted + 1) per verify step; 0 without SD
-    # The share of the three counts above that history drafts made (the rest: EAGLE's).
-    num_history_drafted: int = 0
-    num_history_accepted: int = 0
-    num_history_verify_steps: int = 0
-
-
-@dataclass
-class StepStats:
-    mode: str  # "plain", "sd" or "idle"
-    sd: SDConfig | None
-    num_active: int  # sequences decoded in this step
-    num_admitted: int
-    num_emitted: int
-    duration_s: float
-    num_accepted: int = 0  # drafts accepted in this step, summed over sequences (before any stop cut)
-    num_drafted: int = 0  # draft tokens verified in this step, summed over sequences
-    draft_s: float = 0.0  # seconds spent drafting from history (0 for EAGLE: its drafting is model calls)
-    # Shadow chains scored in this step (HistoryIndex.shadow_chains; an unverified history
-    # chain's acceptance, sampled for free): shadow_tests[j] drafts at position j were compared
-    # with the row's own token, shadow_hits[j] of them matched.
-    shadow_tests: list[int] = field(default_factory=list)
-    shadow_hits: list[int] = field(default_factory=list)
-
-
-@dataclass
-class _Sequence:
-    request: Request
-    slot: int
-    output_ids: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    num_drafted: int = 0
-    num_accepted: int = 0
-    num_verify_steps: int = 0
-    num_decode_steps: int = 0
-    num_history_drafted: int = 0
-    num_history_accepted: int = 0
-    num_history_verify_steps: int = 0
-    cursor: Cursor | None = None  # its place in the history index, if the engine keeps one
-
-
-SDPolicy = SDConfig | Callable[[int], SDConfig | None] | None
 
 
 class Engine:
@@ -240,28 +134,41 @@ class Engine:
                                                     dtype=self.dtype, device=self.device)
                 self.num_pending = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)
         self._step_draft: tuple[list[int], float] | None = None
-        self.waiting: list[Request] = []
-        self.running: dict[int, _Sequence] = {}  # slot -> sequence
-        self.free_slots = list(range(max_batch_size))
+        self.slots = SlotScheduler(max_batch_size, max_seq_len)
         # The most recent steps, for metrics; bounded so a long-lived generator does not grow.
         self.step_stats: deque[StepStats] = deque(maxlen=10_000)
 
     # ---- requests and weights -------------------------------------------------------------
 
     def add_request(self, request: Request) -> None:
-        if not 1 <= len(request.prompt_ids) < self.max_seq_len:
-            raise ValueError(f"request {request.request_id}: prompt of {len(request.prompt_ids)} tokens must be "
-                             f"non-empty and shorter than max_seq_len {self.max_seq_len}")
-        self.waiting.append(request)
+        self.slots.add(request)
 
+    # What a caller choosing the next step's SD config reads (the slot scheduler's state).
     @property
     def num_active(self) -> int:
         """Sequences the next step will decode: the running ones plus those it will admit."""
-        return len(self.running) + min(len(self.waiting), len(self.free_slots))
+        return self.slots.num_active
 
     @property
     def has_unfinished(self) -> bool:
-        return bool(self.running or self.waiting)
+        return self.slots.has_unfinished
+
+    @property
+    def refilling(self) -> bool:
+        """More requests wait than slots are free (slots freed now are refilled next step)."""
+        return self.slots.refilling
+
+    @property
+    def waiting(self) -> list[Request]:
+        return self.slots.waiting
+
+    @property
+    def running(self) -> dict[int, Sequence]:
+        return self.slots.running
+
+    @property
+    def free_slots(self) -> list[int]:
+        return self.slots.free_slots
 
     def load_target_state(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Copy new target weights into the existing parameters (call between steps)."""
@@ -371,13 +278,9 @@ class Engine:
     # ---- prefill ----------------------------------------------------------------------------
 
     def _admit(self, finished: list[Completion], sd: SDConfig | None = None) -> int:
-        admitted: list[_Sequence] = []
-        self.free_slots.sort()  # the lowest first, so the running slots stay 0..n-1
-        while self.waiting and self.free_slots:
-            request = self.waiting.pop(0)
-            sequence = _Sequence(request, self.free_slots.pop(0))
-            self.running[sequence.slot] = sequence
-            admitted.append(sequence)
+        admitted = self.slots.admit()
+        for sequence in admitted:
+            request = sequence.request
             params = request.params
             self.temperature[sequence.slot] = params.temperature
             self.top_p[sequence.slot] = params.top_p
@@ -427,11 +330,9 @@ class Engine:
         memory traffic once sequences are long). Holes only persist once no request waits to
         fill them (the tail of a generation phase); a move copies one sequence's valid cache
         entries and per-slot state, once."""
-        num_running = len(self.running)
-        holes = sorted(slot for slot in self.free_slots if slot < num_running)
+        movers, holes = self.slots.compaction()
         if not holes:
             return
-        movers = sorted(slot for slot in self.running if slot >= num_running)
         source = torch.tensor(movers, device=self.device)
         destination = torch.tensor(holes, device=self.device)
         num_keys = int(self.lengths[source].max()) + 1
@@ -447,11 +348,7 @@ class Engine:
             self.pending_features[destination, :num_pending] = self.pending_features[source, :num_pending]
         for buffer in per_slot:
             buffer[destination] = buffer[source]
-        for old, new in zip(movers, holes):
-            sequence = self.running.pop(old)
-            sequence.slot = new
-            self.running[new] = sequence
-        self.free_slots = sorted(set(self.free_slots) - set(holes) | set(movers))
+        self.slots.move(movers, holes)
 
     # ---- plain decoding -------------------------------------------------------------------
 
@@ -663,30 +560,11 @@ class Engine:
         num_emitted = 0
         for row, slot in enumerate(slots):
             sequence = self.running[slot]
-            params = sequence.request.params
             if not prefill:
-                sequence.num_decode_steps += 1
-                if sd is not None:
-                    drafted = self._step_draft[0][row] if self._step_draft else sd.num_draft_tokens
-                    sequence.num_verify_steps += 1
-                    sequence.num_drafted += drafted
-                    sequence.num_accepted += num_tokens[row] - 1
-                    if sd.source == "history":
-                        sequence.num_history_verify_steps += 1
-                        sequence.num_history_drafted += drafted
-                        sequence.num_history_accepted += num_tokens[row] - 1
+                drafted = self._step_draft[0][row] if self._step_draft else (sd.num_draft_tokens if sd else 0)
+                sequence.count_step(sd, drafted, num_tokens[row])
             new_tokens = tokens[row][:num_tokens[row]]
-            num_new, reason = len(new_tokens), None
-            if params.stop_token_ids:  # cut after the first stop token
-                stop_at = next((i for i, token in enumerate(new_tokens) if token in params.stop_token_ids), None)
-                if stop_at is not None:
-                    num_new, reason = stop_at + 1, "stop"
-            budget = min(params.max_new_tokens, self.max_seq_len - len(sequence.request.prompt_ids)) \
-                - len(sequence.output_ids)
-            if num_new > budget or (num_new == budget and reason is None):
-                num_new, reason = budget, "length"
-            sequence.output_ids += new_tokens[:num_new]
-            sequence.logprobs += logprobs[row][:num_new]
+            num_new, reason = self.slots.append(sequence, new_tokens, logprobs[row][:num_tokens[row]])
             if sequence.cursor is not None:
                 self.history.extend(sequence.cursor, new_tokens[:num_new])
             num_emitted += num_new
@@ -694,15 +572,7 @@ class Engine:
                 finished.append(self._finish(sequence, reason))
         return num_emitted
 
-    def _finish(self, sequence: _Sequence, reason: str) -> Completion:
-        del self.running[sequence.slot]
-        self.free_slots.append(sequence.slot)
+    def _finish(self, sequence: Sequence, reason: str) -> Completion:
         if sequence.cursor is not None:
             self.history.close(sequence.cursor)
-        request = sequence.request
-        acceptance_length = ((sequence.num_accepted + sequence.num_verify_steps) / sequence.num_verify_steps
-                             if sequence.num_verify_steps else 0.0)
-        return Completion(request.request_id, list(request.prompt_ids), sequence.output_ids, sequence.logprobs,
-                          reason, sequence.num_drafted, sequence.num_accepted, sequence.num_verify_steps,
-                          sequence.num_decode_steps, acceptance_length, sequence.num_history_drafted,
-                          sequence.num_history_accepted, sequence.num_history_verify_steps)
+        return self.slots.finish(sequence, reason)

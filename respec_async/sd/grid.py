@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from respec_async.engine.engine import SDConfig
+from respec_async.engine.requests import SDConfig
 
 PLAIN = "plain"
 HISTORY_PREFIX = "history:"

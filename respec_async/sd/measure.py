@@ -10,7 +10,7 @@ import time
 from collections import Counter, defaultdict
 from typing import Any, Callable, Sequence
 
-from respec_async.engine.engine import SDConfig
+from respec_async.engine.requests import SDConfig
 from respec_async.sd.grid import FULL_WIDTH, PLAIN, config_key, engine_draft_budget, history_index_for
 from respec_async.sd.profile import Profile, make_clock
 from respec_async.sd.solver import SpeedupModel
@@ -36,7 +36,8 @@ def measure_step_costs(target, drafter, configs: Sequence[SDConfig], batch_sizes
     Every repetition steps each batch size's live batch once in every mode, the mode order
     rotating between repetitions; a batch is restarted (fresh prompts, new engine) before its
     longest sequence would pass context_len, so no sequence ever finishes and B stays B."""
-    from respec_async.engine.engine import Engine, Request
+    from respec_async.engine.engine import Engine
+    from respec_async.engine.requests import Request
     from respec_async.engine.sampling import SamplingParams
 
     now = make_clock(clock)
@@ -94,7 +95,8 @@ def measure_acceptance(target, drafter, configs: Sequence[SDConfig], prompts: Se
     history config samples the same number of rollouts as RL groups (the first
     len(prompts) // group_size prompts, group_size times each) from an empty index: its figure
     is a first epoch's, which the scheduler re-estimates online."""
-    from respec_async.engine.engine import Engine, Request
+    from respec_async.engine.engine import Engine
+    from respec_async.engine.requests import Request
 
     max_seq_len = max(len(p) for p in prompts) + params.max_new_tokens + 1
     singles = [Request(i, list(p), params) for i, p in enumerate(prompts)]
@@ -124,7 +126,8 @@ def measure_admission(target, drafter, configs: Sequence[SDConfig], prompts: Seq
     """Extra cost of a step that admits k new requests (their prefill, target and drafter), fitted
     as a + b * k from k = 1 and k = min(4, max_batch_size): each sample times a step that admits
     k prompts into an empty engine and subtracts the next step (decoding the same k rows)."""
-    from respec_async.engine.engine import Engine, Request
+    from respec_async.engine.engine import Engine
+    from respec_async.engine.requests import Request
 
     now = make_clock(clock)
     ks = sorted({1, min(4, max_batch_size)})

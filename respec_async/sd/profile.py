@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from respec_async.engine.engine import SDConfig
+from respec_async.engine.requests import SDConfig
 from respec_async.sd.grid import parse_config
 
 PROFILE_FORMAT_VERSION = 1

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from typing import Any
 
-from respec_async.engine.engine import SDConfig, StepStats
+from respec_async.engine.requests import SDConfig, StepStats
 from respec_async.sd.grid import PLAIN, bucket_of, config_key, is_history
 from respec_async.sd.profile import make_clock
 from respec_async.sd.solver import SpeedupModel, plan_runs

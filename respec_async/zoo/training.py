@@ -254,7 +254,8 @@ def evaluate_generation(target, tokenizer, spec: ZooSpec, drafter=None, num_prob
                         sd_num_steps: int = 4) -> dict:
     """Held-out accuracy of real generations (temperature 1 and greedy) through the engine, and,
     with a drafter, the mean acceptance length of chain drafts of sd_num_steps at temperature 1."""
-    from respec_async.engine.engine import Engine, Request, SDConfig
+    from respec_async.engine.engine import Engine
+    from respec_async.engine.requests import Request, SDConfig
     from respec_async.engine.sampling import SamplingParams
 
     problems = arithmetic.problems(num_problems, seed=spec.seed + 7, split="heldout", **spec.problem_shape())

@@ -15,7 +15,8 @@ from respec_async.sd.profile import Profile
 from respec_async.sd.scheduler import AdaptiveScheduler
 from respec_async.sd.solver import CostFit, SpeedupModel, fit_cost
 from respec_async.config import ConfigError, config_from_dict
-from respec_async.engine.engine import Engine, Request, SDConfig, StepStats
+from respec_async.engine.engine import Engine
+from respec_async.engine.requests import Request, SDConfig, StepStats
 from respec_async.engine.history import HistoryIndex
 from respec_async.engine.sampling import SamplingParams
 from tests.engine.test_engine import tiny_models
@@ -238,7 +239,7 @@ def test_profiler_measures_every_cell_on_a_real_engine_and_the_scheduler_drives_
     # The scheduler's choices drive one engine through a whole generation, switching freely.
     scheduler = AdaptiveScheduler(SpeedupModel(profile), 4, probe_interval=2, probe_margin=0.0)
     engine = Engine(target, drafter, max_batch_size=4, max_seq_len=64, max_draft_tokens=engine_draft_budget(configs))
-    from respec_async.engine.engine import Request
+    from respec_async.engine.requests import Request
     for i, p in enumerate(prompts * 2):
         engine.add_request(Request(i, p, params))
     while engine.has_unfinished:

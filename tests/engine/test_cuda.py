@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from respec_async.endpoints import free_tcp_port
-from respec_async.engine.engine import Engine, Request
+from respec_async.engine.engine import Engine
+from respec_async.engine.requests import Request
 from respec_async.engine.model import KVCache
 from respec_async.engine.sampling import SamplingParams
 from respec_async.metrics import read_metrics

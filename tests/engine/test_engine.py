@@ -9,7 +9,8 @@ import torch
 from respec_async.engine import fused
 from respec_async.engine.drafter import Eagle3Drafter
 from respec_async.engine import engine as engine_module
-from respec_async.engine.engine import Completion, Engine, Request, SDConfig
+from respec_async.engine.engine import Engine
+from respec_async.engine.requests import Completion, Request, SDConfig
 from respec_async.engine.model import ModelConfig, Transformer
 from respec_async.engine.sampling import SamplingParams, sampling_logprobs
 

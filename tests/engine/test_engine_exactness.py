@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from respec_async.engine.drafter import Eagle3Drafter
-from respec_async.engine.engine import Engine, Request, SDConfig
+from respec_async.engine.engine import Engine
+from respec_async.engine.requests import Request, SDConfig
 from respec_async.engine import engine as engine_module
 from respec_async.engine import fused
 from respec_async.engine.sampling import SamplingParams, sample, sampling_logprobs, token_logprobs

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from respec_async.engine import fused
-from respec_async.engine.engine import Engine, Request, SDConfig
+from respec_async.engine.engine import Engine
+from respec_async.engine.requests import Request, SDConfig
 from respec_async.engine.model import KVCache
 from respec_async.engine.sampling import SamplingParams
 

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from respec_async.engine import fused
-from respec_async.engine.engine import Engine, Request, SDConfig
+from respec_async.engine.engine import Engine
+from respec_async.engine.requests import Request, SDConfig
 from respec_async.engine.history import DOC_BYTES, HistoryIndex
 from respec_async.engine.sampling import SamplingParams, sampling_logprobs
 from tests.engine.test_engine import PROMPTS, V as ENGINE_V, tiny_models

@@ -11,7 +11,8 @@ import transformers
 
 from respec_async import pretrained
 from respec_async.engine.checkpoint import load_pretrained
-from respec_async.engine.engine import Engine, Request
+from respec_async.engine.engine import Engine
+from respec_async.engine.requests import Request
 from respec_async.engine.sampling import SamplingParams
 from respec_async.engine.tokenizer import Tokenizer
 
