@@ -23,6 +23,7 @@ reported as such, and the supervisor fails the run at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import os
@@ -42,7 +43,7 @@ import zmq.asyncio
 from safetensors import SafetensorError
 
 from respec_async.config import Config
-from respec_async.endpoints import Endpoints, role_kind
+from respec_async.endpoints import Endpoints, RoleId
 from transport.channels import Channel, Kind, open_channel
 from transport.schema import Ping, Pong, Ready, RoleEvent, RoleFailed, Shutdown
 from transport.security import Security, start_authenticator
@@ -77,11 +78,11 @@ class RoleContext:
 
     @property
     def kind(self) -> str:
-        return role_kind(self.name)
+        return RoleId.parse(self.name).kind
 
     @property
     def index(self) -> int:
-        return int(self.name.rsplit("-", 1)[1])
+        return RoleId.parse(self.name).index
 
 
 class Actor:
@@ -108,6 +109,7 @@ class Actor:
         self._tasks: list[asyncio.Task[Any]] = []
         self.control: Channel | None = None
         self.inbox: Channel | None = None
+        self._cleanup = contextlib.AsyncExitStack()
 
     # --- what a role overrides --------------------------------------------------------
 
@@ -119,9 +121,21 @@ class Actor:
         await self.stopped.wait()
 
     async def teardown(self) -> None:
-        """Release resources after the I/O tasks have stopped."""
+        """Release resources after the I/O tasks have stopped (before the at_teardown ones)."""
 
     # --- what a role calls ------------------------------------------------------------
+
+    def at_teardown(self, callback: Callable[[], Any]) -> None:
+        """Run callback (sync or async) when the role stops, after its I/O tasks and teardown,
+        the last registered first. A role registers what it opens as it opens it, so a setup
+        that failed halfway releases what it had and no more."""
+
+        async def run() -> None:
+            result = callback()
+            if inspect.isawaitable(result):
+                await result
+
+        self._cleanup.push_async_callback(run)
 
     async def send(self, to: str, message: Any) -> None:
         """Push a message into another role's inbox (waits while its queue is full)."""
@@ -258,7 +272,10 @@ class Actor:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         try:
-            await self.teardown()
+            try:
+                await self.teardown()
+            finally:
+                await self._cleanup.aclose()
         finally:
             for executor in self._executors.values():
                 executor.shutdown(wait=False, cancel_futures=True)

@@ -13,6 +13,7 @@ import os
 import socket
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import msgspec
 
@@ -20,6 +21,24 @@ from respec_async.config import Config
 
 # Linux limits a unix socket path to 107 bytes; leave room for the socket file names.
 _MAX_SOCKET_DIR_LEN = 70
+
+
+class RoleId(NamedTuple):
+    """A role instance: its kind (the roles/ module it runs) and its index among that kind;
+    written "kind-index" ("generator-0") in endpoints, logs and the run directory."""
+
+    kind: str
+    index: int
+
+    @classmethod
+    def parse(cls, name: str) -> RoleId:
+        kind, sep, index = name.rpartition("-")
+        if not sep or not kind or not index.isdigit():
+            raise ValueError(f"not a role instance name (kind-index, e.g. generator-0): {name!r}")
+        return cls(kind, int(index))
+
+    def __str__(self) -> str:
+        return f"{self.kind}-{self.index}"
 
 
 class Endpoints(msgspec.Struct, kw_only=True):
@@ -35,16 +54,17 @@ class Endpoints(msgspec.Struct, kw_only=True):
     def load(cls, path: Path) -> Endpoints:
         return msgspec.json.decode(path.read_bytes(), type=cls)
 
+    def roles(self, kind: str) -> list[str]:
+        """The names of every instance of one role kind in this run, by index."""
+        found = [RoleId.parse(name) for name in self.inboxes]
+        return [str(role) for role in sorted(r for r in found if r.kind == kind)]
+
 
 def role_names(config: Config) -> list[str]:
     """Every role instance the config asks for, in start order (trainer last: it drives)."""
     counts = msgspec.to_builtins(config.roles)
     order = ["echo", "reward", "drafter_learner", "generator", "trainer"]
-    return [f"{kind}-{i}" for kind in order for i in range(counts.get(kind, 0))]
-
-
-def role_kind(name: str) -> str:
-    return name.rsplit("-", 1)[0]
+    return [str(RoleId(kind, i)) for kind in order for i in range(counts.get(kind, 0))]
 
 
 def free_tcp_port(host: str) -> int:

@@ -15,6 +15,7 @@ from respec_async.config import Config, generator_uses_drafter
 from respec_async.engine.checkpoint import load_pretrained
 from respec_async.engine.sampling import SamplingParams
 from respec_async.engine.tokenizer import Tokenizer
+from respec_async.endpoints import RoleId
 
 
 def resolve_models(config: Config) -> Config:
@@ -49,16 +50,16 @@ def role_device(device: str, role: str, num_gpus: int | None = None) -> str:
         num_gpus = torch.cuda.device_count()
     if num_gpus < 2:
         return device
-    kind, _, index = role.rpartition("-")
+    kind, index = RoleId.parse(role)
     if kind == "generator":
-        return f"cuda:{1 + int(index) % (num_gpus - 1)}"
+        return f"cuda:{1 + index % (num_gpus - 1)}"
     return "cuda:0"
 
 
 def place_role(config: Config, role: str) -> Config:
     """Set model.device to this role's device (see role_device) and make it the process's
     current CUDA device, so nothing lands on cuda:0 by default. A no-op on CPU."""
-    if not config.model.device.startswith("cuda") or role.rpartition("-")[0] not in MODEL_ROLES:
+    if not config.model.device.startswith("cuda") or RoleId.parse(role).kind not in MODEL_ROLES:
         return config
     config.model.device = role_device(config.model.device, role)
     if ":" in config.model.device:

@@ -17,7 +17,7 @@ import uvloop
 
 from respec_async.actor import RoleContext
 from respec_async.config import Config
-from respec_async.endpoints import Endpoints, role_kind
+from respec_async.endpoints import Endpoints, RoleId
 from respec_async.logs import configure_logging
 from transport.security import Security
 
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     keys = run_dir / "keys.json"
     security = Security.load(keys) if keys.exists() else Security(insecure=True)
     configure_logging(run_dir / "logs" / f"{args.name}.jsonl", role=args.name, level=config.run.log_level)
-    actor_class = load_actor_class(role_kind(args.name))
+    actor_class = load_actor_class(RoleId.parse(args.name).kind)
     try:
         import setproctitle  # optional nicety: `ps` shows the role name
 

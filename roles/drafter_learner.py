@@ -90,13 +90,15 @@ class DrafterLearnerActor(Actor):
             await self.notify("drafter_learner.resumed", version=self.core.drafter_version, step=self.core.num_steps,
                               checkpoint=self.resumed_from.name)
         self.checkpointed_step = self.core.num_steps
-        self.generators = sorted(n for n in self.ctx.endpoints.inboxes if n.startswith("generator-"))
+        self.generators = self.ctx.endpoints.roles("generator")
         members = self.generators if generator_uses_drafter(cfg) else []
         timeout = cfg.trainer.weight_sync_timeout_s
         self.actor_weights = WeightMember(self, "actor", "trainer-0", timeout, cfg.model.device)
         self.drafter_weights = WeightOwner(self, "drafter", members, timeout, cfg.model.device)
         self.data_arrived = asyncio.Event()
         self.metrics = MetricsWriter(self.ctx.run_dir / f"{self.name}.metrics.jsonl")
+        self.at_teardown(self.metrics.close)
+        self.at_teardown(self._checkpoint_on_clean_stop)
         self.published_version = 0  # generators start with the same drafter file: version 0
         self.published_at_actor = 0
         self.trained_since_publish = 0
@@ -226,10 +228,8 @@ class DrafterLearnerActor(Actor):
             for waiter in waiters:
                 waiter.cancel()
 
-    async def teardown(self) -> None:
+    async def _checkpoint_on_clean_stop(self) -> None:
         # A clean stop (the run finished, or a shutdown) keeps what was trained since the last
         # checkpoint; after a failure the learner's state is not trusted.
-        if self.exit_code == 0 and hasattr(self, "checkpointed_step"):
+        if self.exit_code == 0:
             await self._checkpoint()
-        if hasattr(self, "metrics"):
-            self.metrics.close()

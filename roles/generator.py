@@ -91,7 +91,8 @@ class GeneratorActor(Actor):
         self.num_groups_done = 0
         self.busy_s = 0.0  # stepping the engine
         self.idle_s = 0.0  # nothing to generate (waiting for prompts or for weights)
-        self.reward_roles = sorted(n for n in self.ctx.endpoints.inboxes if n.startswith("reward-"))
+        self.at_teardown(self._log_totals)
+        self.reward_roles = self.ctx.endpoints.roles("reward")
         await self.actor_weights.join()
         if self.drafter_weights is not None:
             await self.drafter_weights.join()
@@ -256,12 +257,10 @@ class GeneratorActor(Actor):
                 if flight is not None:
                     await self._finish(flight)
 
-    async def teardown(self) -> None:
-        if not hasattr(self, "busy_s"):
-            return  # setup did not get this far
+    def _log_totals(self) -> None:
         self.log.info("generator.utilization", busy_s=round(self.busy_s, 3), idle_s=round(self.idle_s, 3),
                       num_groups_done=self.num_groups_done, version=self.policy_version)
-        if getattr(self, "scheduler", None) is not None:
+        if self.scheduler is not None:
             self.log.info("generator.sd", total_steps=dict(self.scheduler.total_steps), **self.scheduler.report())
 
     async def _finish(self, flight: GroupInFlight) -> None:

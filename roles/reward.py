@@ -57,10 +57,11 @@ class RewardActor(Actor):
         cfg = self.ctx.config
         self.tokenizer = await self.run_blocking(load_tokenizer, cfg)
         self.scorer = make_scorer(cfg)
+        self.at_teardown(self.scorer.close)
         self.on_error = cfg.reward.on_error
         self.slots = asyncio.Semaphore(cfg.reward.max_concurrency)
         self.tasks: set[asyncio.Task[None]] = set()
-        self.consumers = ["trainer-0"] + [n for n in self.ctx.endpoints.inboxes if n.startswith("drafter_learner-")]
+        self.consumers = ["trainer-0"] + self.ctx.endpoints.roles("drafter_learner")
         self.started = time.perf_counter()
         self.num_active = 0
         self.busy_since = 0.0
@@ -69,6 +70,7 @@ class RewardActor(Actor):
         self.num_rollouts_scored = self.num_rollouts_failed = self.num_rollouts_zeroed = 0
         self.num_rollouts_dropped = 0
         self.metrics = MetricsWriter(self.ctx.run_dir / f"{self.name}.metrics.jsonl")
+        self.at_teardown(self._stop_scoring)
 
     async def main(self) -> None:
         if self.ctx.restart_count:
@@ -167,12 +169,9 @@ class RewardActor(Actor):
         scorer = fields.pop("scorer")
         self.log.info("reward.stats", **fields, **{f"scorer_{k}": v for k, v in scorer.items()})
 
-    async def teardown(self) -> None:
-        if not hasattr(self, "metrics"):
-            return
+    async def _stop_scoring(self) -> None:
         for task in list(self.tasks):
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         self._write_stats()
         self.metrics.close()
-        await self.scorer.close()

@@ -40,8 +40,8 @@ class TrainerActor(Actor):
     async def setup(self) -> None:
         cfg = self.ctx.config
         torch.set_num_threads(cfg.trainer.num_threads)
-        self.generators = [n for n in self.ctx.endpoints.inboxes if n.startswith("generator-")]
-        receivers = self.generators + [n for n in self.ctx.endpoints.inboxes if n.startswith("drafter_learner-")]
+        self.generators = self.ctx.endpoints.roles("generator")
+        receivers = self.generators + self.ctx.endpoints.roles("drafter_learner")
         self.core = await self.run_blocking(ActorTrainer, cfg, self.ctx.run_dir)
         # Attempts of this incarnation never collide with results of a previous one.
         self.admission = Admission(cfg.data.groups_per_step, cfg.trainer.max_staleness,
@@ -61,8 +61,10 @@ class TrainerActor(Actor):
         self.batch_arrived = asyncio.Event()
         self.issue_wanted = asyncio.Event()
         self.metrics = MetricsWriter(self.ctx.run_dir / "metrics.jsonl")
+        self.at_teardown(self.metrics.close)
         # The TensorBoard writer imports (seconds) and opens its files off the event loop.
         self.trackers = await self.run_blocking(open_trackers, cfg, self.ctx.run_dir)
+        self.at_teardown(self.trackers.close)
         self.num_returned = 0
         self.background: set[asyncio.Task[object]] = set()
 
@@ -190,11 +192,5 @@ class TrainerActor(Actor):
                 path = await self.run_blocking(self.core.save_checkpoint, self.admission.resume_position())
                 self.log.info("trainer.checkpoint", path=str(path), version=self.core.version)
         await self.notify("trainer.finished", version=self.core.version)
-
-    async def teardown(self) -> None:
-        if hasattr(self, "metrics"):
-            self.metrics.close()
-        if hasattr(self, "trackers"):
-            self.trackers.close()
 
 

@@ -128,3 +128,34 @@ def test_mailbox_is_bounded(tmp_path):
     ctx = make_ctx(tmp_path)
     actor = Tiny(ctx)
     assert actor.mailbox.maxsize == 2
+
+
+def test_a_setup_that_fails_halfway_releases_what_it_registered_last_first(tmp_path):
+    """at_teardown: sync and async callbacks run in reverse order of registration when the role
+    stops, after a failed setup too, and nothing registered after the failure point runs."""
+    released: list[str] = []
+
+    class HalfSetUp(Actor):
+        async def setup(self) -> None:
+            self.at_teardown(lambda: released.append("metrics"))
+
+            async def close_scorer() -> None:
+                await asyncio.sleep(0)
+                released.append("scorer")
+
+            self.at_teardown(close_scorer)
+            raise RuntimeError("the model did not load")
+            self.at_teardown(lambda: released.append("never"))  # noqa: unreachable on purpose
+
+    async def run() -> int:
+        ctx = make_ctx(tmp_path)
+        zctx = zmq.asyncio.Context()
+        control = open_channel(zctx, Kind.ROUTER, ctx.endpoints.supervisor, bind=True)
+        try:
+            return await asyncio.wait_for(HalfSetUp(ctx).run(), 30)
+        finally:
+            control.close()
+            zctx.destroy(linger=0)
+
+    assert asyncio.run(run()) == 1
+    assert released == ["scorer", "metrics"]

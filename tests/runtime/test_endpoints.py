@@ -1,0 +1,28 @@
+"""Role identity: "kind-index" names parsed into (kind, index), bad names refused, and a run's
+instances of one kind listed by index (numerically: generator-10 after generator-9)."""
+
+from __future__ import annotations
+
+import pytest
+
+from respec_async.endpoints import Endpoints, RoleId
+
+
+def test_role_names_round_trip_and_kinds_may_contain_underscores():
+    assert RoleId.parse("drafter_learner-3") == RoleId("drafter_learner", 3)
+    assert str(RoleId("generator", 12)) == "generator-12"
+    assert RoleId.parse(str(RoleId("reward", 0))) == ("reward", 0)
+
+
+@pytest.mark.parametrize("name", ["generator", "generator-", "-0", "generator-x", "generator-1a"])
+def test_a_name_that_is_not_kind_index_is_refused_by_name(name):
+    with pytest.raises(ValueError, match="not a role instance name"):
+        RoleId.parse(name)
+
+
+def test_roles_lists_one_kind_by_index():
+    names = ["trainer-0", "generator-10", "generator-9", "reward-0", "generator-0", "drafter_learner-0"]
+    endpoints = Endpoints(supervisor="ipc://s", inboxes={n: f"ipc://{n}" for n in names}, broadcasts={},
+                          torch_dist="tcp://127.0.0.1:1")
+    assert endpoints.roles("generator") == ["generator-0", "generator-9", "generator-10"]
+    assert endpoints.roles("drafter_learner") == ["drafter_learner-0"] and endpoints.roles("echo") == []
