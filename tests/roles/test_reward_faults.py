@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import collections
 import threading
-import time
 import zlib
 
 import msgspec
@@ -150,7 +149,9 @@ on_error = "drop"
     run = launch(rl_config(random_actor_dir, steps=steps, extra=extra))
     run.wait_event(lambda e: e.get("event") == "train.step" and e.get("step") == 1, timeout=240)
     server.kill()
-    time.sleep(3.0)  # long enough for groups in flight to exhaust their retries
+    # Until a group in flight has exhausted its retries and was dropped.
+    run.wait_event(lambda e: e.get("event") == "reward.failed" and e.get("on_error") == "drop", timeout=60,
+                   source="reward-0")
     server.start()
     records = finished(run)
     assert_each_group_trained_once(records, steps)
