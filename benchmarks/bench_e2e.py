@@ -5,6 +5,8 @@ for no SD, naive SD and full ReSpec, on the same workload and seed, in one run.
         [--arms no-sd naive-sd respec] [--profile offline|in-run] [--quick]
     .venv/bin/python benchmarks/bench_e2e.py --from-json benchmarks/results/bench_e2e.json
         [--target-reward 0.45]        (re-report a recorded run, e.g. at another threshold)
+    .venv/bin/python benchmarks/bench_e2e.py --from-json seed0.json seed1.json seed2.json
+                                      (runs with different --seed: curves averaged step by step)
 
 Full `respec launch` runs of configs/respec.toml, one after the other, that differ only in
 these switches (same seed, so the same prompts at every step; same workload: the config's own
@@ -100,12 +102,14 @@ def main() -> None:
     parser.add_argument("--profile", choices=("offline", "in-run"), default="offline",
                         help="respec's SD profile: measured by `respec profile` before the runs (default) or by "
                              "the generator inside the timed run")
-    parser.add_argument("--from-json", type=Path, help="re-report this recorded result (no runs)")
+    parser.add_argument("--from-json", type=Path, nargs="+",
+                        help="re-report this recorded result (no runs); several (runs with different --seed): "
+                             "each arm's reward and times averaged step by step over them")
     parser.add_argument("--train-size", type=int, default=240,
                         help="data.train_size: problems in the training set (0 = an endless stream)")
     args = parser.parse_args()
     if args.from_json:
-        recorded = json.loads(args.from_json.read_text())
+        recorded = combine_runs([json.loads(path.read_text()) for path in args.from_json])
         args.steps, args.arms = recorded["settings"]["steps"], list(recorded["results"])
         if "--window" not in sys.argv:
             args.window = recorded["settings"]["window"]
@@ -164,6 +168,40 @@ def main() -> None:
                      "overrides": common, "profile": args.profile},
         "total_wall_s": time.perf_counter() - started,
     })
+
+
+def combine_runs(runs: list[dict]) -> dict:
+    """Several recorded runs of this benchmark (the same workload, different seeds) as one: per
+    arm every step's reward, accuracy and time averaged over the runs, every other number
+    averaged (the first run's for the rest). Reward curves of single runs part by chance from
+    the first steps (different samples), so a time to a fixed reward from one seed measures
+    that chance as much as the arm's speed; the seed-mean curve measures the speed."""
+    if len(runs) == 1:
+        return runs[0]
+    settings = [{k: v for k, v in r["settings"].items() if k not in ("seed", "overrides")} for r in runs]
+    if any(s != settings[0] for s in settings):
+        raise SystemExit("--from-json: the runs differ in more than their seed: "
+                         + "; ".join(json.dumps(s, sort_keys=True) for s in settings))
+    arms = [a for a in runs[0]["results"] if all(a in r["results"] for r in runs)]
+    results = {}
+    for arm in arms:
+        each = [r["results"][arm] for r in runs]
+        combined = dict(each[0])
+        for key, value in each[0].items():
+            values = [e.get(key) for e in each]
+            if isinstance(value, list) and key in ("reward", "accuracy", "time_s", "acceptance_length"):
+                combined[key] = [statistics.mean(col) for col in zip(*values)]
+            elif isinstance(value, (int, float)) and not isinstance(value, bool) \
+                    and all(isinstance(v, (int, float)) for v in values):
+                combined[key] = statistics.mean(values)
+        combined["per_seed"] = {str(r["settings"]["seed"]): {
+            "wall_s": e["wall_s"], "time_to_target_s": e.get("time_to_target_s"),
+            "reward_end": e["reward_end"]} for r, e in zip(runs, each)}
+        results[arm] = combined
+    seeds = [r["settings"]["seed"] for r in runs]
+    print(f"combined {len(runs)} runs (seeds {seeds}): rewards and times averaged step by step")
+    return {**runs[0], "settings": {**runs[0]["settings"], "seed": seeds}, "results": results,
+            "combined_from": [r.get("command", "") for r in runs]}
 
 
 def run_profile(config: Path, overrides: list[str], out: Path) -> float:
