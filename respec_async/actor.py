@@ -105,7 +105,6 @@ class Actor:
         # engine keeps stepping and two groups never wait on each other.
         self._executors: dict[str, ThreadPoolExecutor] = {}
         self._outboxes: dict[str, Channel] = {}
-        self._broadcast: Channel | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self.control: Channel | None = None
         self.inbox: Channel | None = None
@@ -150,15 +149,6 @@ class Actor:
             )
             self._outboxes[to] = channel
         await channel.send(message)
-
-    async def publish(self, message: Any) -> None:
-        """Send to every subscriber of this role's broadcast socket."""
-        if self._broadcast is None:
-            self._broadcast = open_channel(
-                self.zmq, Kind.PUB, self.ctx.endpoints.broadcasts[self.name], bind=True,
-                security=self.ctx.security, hwm=self.ctx.config.transport.hwm, name=f"{self.name}.pub",
-            )
-        await self._broadcast.send(message)
 
     async def run_blocking(self, fn: Callable[..., T], *args: Any, thread: str = "compute", **kwargs: Any) -> T:
         """Run `fn` in the role's worker thread named `thread` (one thread per name, so calls on

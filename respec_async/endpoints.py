@@ -1,8 +1,7 @@
 """Where every role listens: assigned once by the supervisor, saved in the run directory.
 
 Each role instance ("generator-0", "trainer-0", ...) binds one PULL inbox that any peer can
-push typed messages to, and may bind one PUB socket for broadcasts (announcements such as new
-weight versions). The supervisor binds a ROUTER that roles connect to for the control plane
+push typed messages to (weights travel over torch.distributed, not here). The supervisor binds a ROUTER that roles connect to for the control plane
 (Ready, Ping/Pong, Shutdown). ipc:// endpoints live in a 0700 socket directory of the run;
 tcp:// endpoints get free ports on the configured host.
 """
@@ -44,7 +43,6 @@ class RoleId(NamedTuple):
 class Endpoints(msgspec.Struct, kw_only=True):
     supervisor: str
     inboxes: dict[str, str]
-    broadcasts: dict[str, str]
     torch_dist: str  # tcp://host:port rendezvous for torch.distributed weight broadcasts
 
     def save(self, path: Path) -> None:
@@ -96,7 +94,6 @@ def assign_endpoints(config: Config, run_dir: Path) -> Endpoints:
         return Endpoints(
             supervisor=f"ipc://{sock}/supervisor",
             inboxes={n: f"ipc://{sock}/{n}.in" for n in names},
-            broadcasts={n: f"ipc://{sock}/{n}.pub" for n in names},
             torch_dist=torch_dist,
         )
     host = config.transport.host
@@ -107,6 +104,5 @@ def assign_endpoints(config: Config, run_dir: Path) -> Endpoints:
     return Endpoints(
         supervisor=tcp(),
         inboxes={n: tcp() for n in names},
-        broadcasts={n: tcp() for n in names},
         torch_dist=f"tcp://{host}:{free_tcp_port(host)}",
     )

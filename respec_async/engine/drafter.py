@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from respec_async.engine import fused
-from respec_async.engine.model import ModelConfig, RMSNorm, apply_rope, eagle3_feature_layers, rope_inv_freq
+from respec_async.engine.model import MLP, ModelConfig, RMSNorm, apply_rope, eagle3_feature_layers, rope_inv_freq
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -136,17 +136,6 @@ class DraftAttention(nn.Module):
         return self.rope_table[:, positions].unsqueeze(2)
 
 
-class DraftMLP(nn.Module):
-    def __init__(self, config: DrafterConfig):
-        super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class DraftLayer(nn.Module):
     def __init__(self, config: DrafterConfig):
         super().__init__()
@@ -154,7 +143,7 @@ class DraftLayer(nn.Module):
         self.hidden_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = DraftAttention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = DraftMLP(config)
+        self.mlp = MLP(config.hidden_size, config.intermediate_size)
 
 
 class Eagle3Drafter(nn.Module):

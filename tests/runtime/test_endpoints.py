@@ -22,7 +22,7 @@ def test_a_name_that_is_not_kind_index_is_refused_by_name(name):
 
 def test_roles_lists_one_kind_by_index():
     names = ["trainer-0", "generator-10", "generator-9", "reward-0", "generator-0", "drafter_learner-0"]
-    endpoints = Endpoints(supervisor="ipc://s", inboxes={n: f"ipc://{n}" for n in names}, broadcasts={},
+    endpoints = Endpoints(supervisor="ipc://s", inboxes={n: f"ipc://{n}" for n in names},
                           torch_dist="tcp://127.0.0.1:1")
     assert endpoints.roles("generator") == ["generator-0", "generator-9", "generator-10"]
     assert endpoints.roles("drafter_learner") == ["drafter_learner-0"] and endpoints.roles("echo") == []
