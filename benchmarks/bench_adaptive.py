@@ -104,12 +104,14 @@ class ModeRun:
     that would not have every slot busy (the queue ran dry)."""
 
     def __init__(self, target, drafter, profile: Profile, mode: str, prompts: list[list[int]],
-                 params: SamplingParams, batch_size: int, full_only: bool, seed: int, min_speedup: float = 1.0) -> None:
+                 params: SamplingParams, batch_size: int, full_only: bool, seed: int, min_speedup: float = 1.0,
+                 spread_siblings: bool = False) -> None:
         configs = profile.configs
         self.engine = Engine(target, drafter, max_batch_size=batch_size,
                              max_seq_len=max(len(p) for p in prompts) + params.max_new_tokens + 1, seed=seed,
                              max_draft_tokens=engine_draft_budget(configs), history=history_index_for(configs),
-                             shadow_length=shadow_length(configs) if mode == ADAPTIVE else 0)
+                             shadow_length=shadow_length(configs) if mode == ADAPTIVE else 0,
+                             spread_siblings=spread_siblings)
         self.scheduler = (AdaptiveScheduler(SpeedupModel(profile), batch_size, min_speedup=min_speedup)
                           if mode == ADAPTIVE else None)
         self.static = None if mode in (PLAIN, ADAPTIVE) else next(c for c in configs if config_key(c) == mode)

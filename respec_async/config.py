@@ -134,6 +134,10 @@ class GeneratorSection(Section):
     history_max_rollouts_per_prompt: PosInt = 64
     # a draft source matching this many tokens is preferred to one matching 2 (the short key)
     history_match_depth: Annotated[int, msgspec.Meta(ge=2)] = 5
+    # Admit the samples of a wave of groups spread over the groups (a few of each first), so the
+    # rest start with siblings ahead of them to draft from (engine/slots.py). With history only;
+    # off by default: measured, it helps static history chains but not the adaptive server.
+    history_spread_siblings: bool = False
     sd_acceptance_ema: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.2  # adaptive: weight of each new acceptance window
     sd_probe_interval: NonNegInt = 64  # adaptive: every N decode steps try an unplanned config once (0 = never)
     # adaptive: SD only where its predicted speedup exceeds this (1.0 = wherever it is predicted

@@ -74,7 +74,7 @@ class GeneratorActor(Actor):
         self.engine = Engine(self.target, self.drafter, max_batch_size=g.max_batch_size, max_seq_len=g.max_seq_len,
                              seed=cfg.run.seed * 1000 + self.ctx.index, relaxed=relaxed,
                              max_draft_tokens=engine_draft_budget(configs), history=history,
-                             shadow_length=shadow_length(sd_grid))
+                             shadow_length=shadow_length(sd_grid), spread_siblings=g.history_spread_siblings)
         self.params = sampling_params(cfg, self.tokenizer)
         self.policy_version = -1  # nothing to generate with until the trainer's weights arrive
         self.actor_weights = WeightMember(self, "actor", "trainer-0", cfg.trainer.weight_sync_timeout_s,

@@ -74,7 +74,8 @@ class Engine:
                  max_seq_len: int = 512, seed: int = 0, relaxed: RelaxedAcceptance | None = None,
                  max_draft_tokens: int = 64, fused_inference: bool | None = None,
                  lazy_drafter: bool | None = None, history: HistoryIndex | None = None,
-                 shadow_length: int = 0, shadow_rows: int = 4, min_packed_saving: int = 32):
+                 shadow_length: int = 0, shadow_rows: int = 4, min_packed_saving: int = 32,
+                 spread_siblings: bool = False):
         self.target = target.eval()
         self.drafter = None if drafter is None else drafter.eval()
         # engine/fused.py: the same math in fewer ops, for about twice the weight memory. On by
@@ -134,7 +135,8 @@ class Engine:
                                                     dtype=self.dtype, device=self.device)
                 self.num_pending = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)
         self._step_draft: tuple[list[int], float] | None = None
-        self.slots = SlotScheduler(max_batch_size, max_seq_len)
+        # spread_siblings (engine/slots.py): only useful with a history index to draft from.
+        self.slots = SlotScheduler(max_batch_size, max_seq_len, spread_siblings and history is not None)
         # The most recent steps, for metrics; bounded so a long-lived generator does not grow.
         self.step_stats: deque[StepStats] = deque(maxlen=10_000)
 

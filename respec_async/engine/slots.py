@@ -4,12 +4,16 @@ preallocated caches, and what a sequence has emitted. Host-side bookkeeping only
 `compaction` relabels slots.
 
 Admission is first come, first served into the lowest free slots, so the running sequences
-stay in slots 0..n-1; a sequence finishes at a stop token (kept in its output), at
+stay in slots 0..n-1. With spread_siblings, a request whose prompt has fewer samples running
+goes first among the next 2 x (free slots) waiting, so a wave of RL groups (G samples of each
+prompt) starts a few samples of every group and the rest follow with siblings ahead of them:
+drafts for the history drafter. A sequence finishes at a stop token (kept in its output), at
 max_new_tokens, or when it would pass max_seq_len.
 """
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass, field
 
 from respec_async.engine.history import Cursor
@@ -46,8 +50,9 @@ class Sequence:
 
 
 class SlotScheduler:
-    def __init__(self, max_batch_size: int, max_seq_len: int) -> None:
+    def __init__(self, max_batch_size: int, max_seq_len: int, spread_siblings: bool = False) -> None:
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        self.spread_siblings = spread_siblings
         self.waiting: list[Request] = []
         self.running: dict[int, Sequence] = {}  # slot -> sequence
         self.free_slots = list(range(max_batch_size))
@@ -74,14 +79,34 @@ class SlotScheduler:
         return len(self.waiting) > len(self.free_slots)
 
     def admit(self) -> list[Sequence]:
-        """Waiting requests into free slots, the lowest first, in arrival order."""
+        """Waiting requests into free slots, the lowest first, in arrival order (spread_siblings:
+        see the module docstring)."""
         admitted = []
         self.free_slots.sort()
+        if self.spread_siblings and len(self.waiting) > len(self.free_slots):
+            self._spread()
         while self.waiting and self.free_slots:
             sequence = Sequence(self.waiting.pop(0), self.free_slots.pop(0))
             self.running[sequence.slot] = sequence
             admitted.append(sequence)
         return admitted
+
+    def _spread(self) -> None:
+        """Reorder the head of the queue (the next 2 x free requests; the rest keep their order,
+        so a later step's groups do not overtake this one's): repeatedly the request whose
+        prompt has the fewest samples running or already picked, the earliest on a tie."""
+        num_free = len(self.free_slots)
+        window = self.waiting[:2 * num_free]
+        keys = [tuple(r.prompt_ids) for r in window]
+        counts = collections.Counter(tuple(s.request.prompt_ids) for s in self.running.values())
+        order = []
+        remaining = list(range(len(window)))
+        for _ in range(num_free):
+            best = min(remaining, key=lambda i: (counts[keys[i]], i))
+            remaining.remove(best)
+            order.append(best)
+            counts[keys[best]] += 1
+        self.waiting[:len(window)] = [window[i] for i in order + remaining]
 
     def compaction(self) -> tuple[list[int], list[int]]:
         """(movers, holes): the running sequences in slots at or above the running count, and

@@ -3,6 +3,8 @@ length cuts, and freeing a finished sequence's slot."""
 
 from __future__ import annotations
 
+import collections
+
 import pytest
 
 from respec_async.engine.requests import Request, SDConfig
@@ -73,3 +75,26 @@ def test_a_prompt_as_long_as_max_seq_len_is_refused_with_its_length():
     slots = SlotScheduler(max_batch_size=1, max_seq_len=4)
     with pytest.raises(ValueError, match="prompt of 4 tokens"):
         slots.add(request(0, prompt_len=4))
+
+
+def group(prompt: int, size: int, start: int) -> list[Request]:
+    return [Request(start + i, [prompt, prompt + 1], SamplingParams()) for i in range(size)]
+
+
+def test_spread_siblings_starts_a_few_of_every_group_and_keeps_later_groups_behind():
+    slots = SlotScheduler(max_batch_size=6, max_seq_len=16, spread_siblings=True)
+    for g in range(3):  # three groups of 4, queued group by group, then a later group
+        for r in group(10 * g, 4, 4 * g):
+            slots.add(r)
+    for r in group(90, 4, 100):
+        slots.add(r)
+    admitted = slots.admit()
+    by_prompt = collections.Counter(s.request.prompt_ids[0] for s in admitted)
+    assert by_prompt == {0: 2, 10: 2, 20: 2}  # FIFO would start groups 0 and 10 whole, 20 not at all
+    # The later group stays behind this wave's second halves (the window is 2 x free slots).
+    assert [r.request_id for r in slots.waiting[:6]] == [2, 3, 6, 7, 10, 11]
+    plain = SlotScheduler(max_batch_size=6, max_seq_len=16)
+    for g in range(3):
+        for r in group(10 * g, 4, 4 * g):
+            plain.add(r)
+    assert [s.request.request_id for s in plain.admit()] == [0, 1, 2, 3, 4, 5]
