@@ -75,6 +75,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
     parser.add_argument("--min-speedup", type=float,
                         help="the adaptive scheduler's generator.sd_min_speedup (default: configs/respec.toml's)")
+    parser.add_argument("--spread-siblings", action="store_true",
+                        help="RL phase: every mode's engine spreads a wave over the groups (generator.history_spread_siblings)")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     if args.min_speedup is None:
@@ -158,12 +160,12 @@ class ModeRun:
 
 def run_modes(target, drafter, profile: Profile, modes: list[str], prompts: list[list[int]],
               params: SamplingParams, batch_size: int, full_only: bool, seed: int,
-              min_speedup: float = 1.0, epochs: int = 1) -> list[dict[str, dict]]:
+              min_speedup: float = 1.0, epochs: int = 1, spread_siblings: bool = False) -> list[dict[str, dict]]:
     """Every mode on the same prompts, interleaved step by step (a round robin over the modes'
     engines), so a change of load on a shared machine hits every mode alike; per epoch (the
     same prompts again, each engine keeping its history), each mode's result."""
-    runs = {mode: ModeRun(target, drafter, profile, mode, prompts, params, batch_size, full_only, seed, min_speedup)
-            for mode in modes}
+    runs = {mode: ModeRun(target, drafter, profile, mode, prompts, params, batch_size, full_only, seed, min_speedup,
+                          spread_siblings) for mode in modes}
     results = []
     for epoch in range(epochs):
         if epoch:
@@ -246,7 +248,8 @@ def main() -> None:
     epochs: list[dict[str, dict]] = [{} for _ in range(args.epochs)]
     for rep in range(args.repeats):
         per_epoch = run_modes(target, drafter, profile, modes, stream_prompts, params, args.max_batch_size, False,
-                              seed=100 + rep, min_speedup=args.min_speedup, epochs=args.epochs)
+                              seed=100 + rep, min_speedup=args.min_speedup, epochs=args.epochs,
+                              spread_siblings=args.spread_siblings)
         for stream, results in zip(epochs, per_epoch):
             for mode, result in results.items():
                 accumulate(stream.setdefault(mode, {"tokens": 0, "steps": 0, "seconds": {"wall": 0.0, "cpu": 0.0}}),

@@ -465,24 +465,34 @@ def test_observed_step_costs_move_the_plan_and_a_uniform_slowdown_does_not():
     assert "history:4,1,4@B64" in scheduler.report()["cost_ratio"]
 
 
-def test_a_history_chain_not_run_takes_the_packed_cost_of_one_that_ran():
-    """Two history chains priced at full width; only the 4-chain runs (at a third of its
-    price, packed). The 8-chain, which accepts more, must get the same saving and take over,
-    or the first chain chosen would stay whatever the estimates say."""
+def four_chain_chosen(**kwargs):
+    """Two history chains priced at full width (the 8-chain 1.25x the 4-chain); only the
+    4-chain has run, at a third of its price (packed): the scheduler has chosen it."""
     profile = costly_history_profile()
     profile.sd_s["history:8,1,8"] = [COSTS["4,1,4"](b) * 1.25e-3 for b in SIZES]
     profile.acceptance["history:8,1,8"] = 3.2
     model = SpeedupModel(profile)
     short, long = model.configs["history:4,1,4"], model.configs["history:8,1,8"]
     scheduler = AdaptiveScheduler(model, 64, cost_window_steps=4, probe_interval=0, history_ema=1.0,
-                                  shadow_window_rows=16)
+                                  shadow_window_rows=16, **kwargs)
     for _ in range(40):
         scheduler.observe(step(None, 64), model.step_seconds(PLAIN, 64))
         scheduler.observe(step(short, 64, 2.2), model.step_seconds("history:4,1,4", 64) / 3)
     assert scheduler.choose(64) == short
-    stats = step(None, 64)  # shadows: a draft matches 0.95 of the time (acceptance 4.7 vs 7.3)
-    stats.shadow_tests, stats.shadow_hits = [20] * 8, [19] * 8
+    return scheduler, model, short, long
+
+
+def shadows(scheduler, model, tests: int, hits: int) -> None:
+    stats = step(None, 64)
+    stats.shadow_tests, stats.shadow_hits = [tests] * 8, [hits] * 8
     scheduler.observe(stats, model.step_seconds(PLAIN, 64))
+
+
+def test_a_history_chain_not_run_takes_the_packed_cost_of_one_that_ran():
+    """The 8-chain, which accepts more, must get the 4-chain's packed saving and take over, or
+    the first chain chosen would stay whatever the estimates say."""
+    scheduler, model, short, long = four_chain_chosen()
+    shadows(scheduler, model, 20, 19)  # a draft matches 0.95 of the time (acceptance 4.7 vs 7.3)
     assert scheduler._cost_scale(64)["history:8,1,8"] == pytest.approx(scheduler._cost_scale(64)["history:4,1,4"])
     assert scheduler.choose(64) == long
 
@@ -491,29 +501,12 @@ def test_a_longer_history_chain_takes_over_on_a_lead_within_the_general_margin()
     """Both chains are priced from the same shadow estimate, so a lead of a few percent for
     the 8-chain is not noise between them: it must switch under chain_switch_margin (3%)
     although the lead is inside switch_margin (10%), which keeps the 4-chain."""
-    def run(chain_switch_margin):
-        profile = costly_history_profile()
-        profile.sd_s["history:8,1,8"] = [COSTS["4,1,4"](b) * 1.25e-3 for b in SIZES]
-        profile.acceptance["history:8,1,8"] = 3.2
-        model = SpeedupModel(profile)
-        short, long = model.configs["history:4,1,4"], model.configs["history:8,1,8"]
-        scheduler = AdaptiveScheduler(model, 64, cost_window_steps=4, probe_interval=0, history_ema=1.0,
-                                      shadow_window_rows=16, chain_switch_margin=chain_switch_margin)
-        for _ in range(40):
-            scheduler.observe(step(None, 64), model.step_seconds(PLAIN, 64))
-            scheduler.observe(step(short, 64, 2.2), model.step_seconds("history:4,1,4", 64) / 3)
-        assert scheduler.choose(64) == short
-        stats = step(None, 64)  # shadows: a draft matches 0.82 of the time
-        stats.shadow_tests, stats.shadow_hits = [50] * 8, [41] * 8
-        scheduler.observe(stats, model.step_seconds(PLAIN, 64))
+    for margin, expected in ((0.03, "history:8,1,8"), (0.1, "history:4,1,4")):
+        scheduler, model, short, long = four_chain_chosen(chain_switch_margin=margin)
+        shadows(scheduler, model, 50, 41)  # a draft matches 0.82 of the time
         lead = scheduler.predicted_speedup("history:8,1,8", 64) / scheduler.predicted_speedup("history:4,1,4", 64)
         assert 1.03 < lead < 1.1
-        return scheduler.choose(64), short, long
-
-    choice, short, long = run(0.03)
-    assert choice == long
-    choice, short, long = run(0.1)
-    assert choice == short
+        assert scheduler.choose(64) == model.configs[expected]
 
 
 def test_a_near_tie_between_sd_configs_does_not_flip_the_choice():
