@@ -9,8 +9,10 @@ by construction rather than by dropping late work. k = 0 is synchronous on-polic
 groups of step s go out only once version s exists. Without dropped groups (below), group g
 belongs to step g // groups_per_step.
 
-A group lost with a generator, or returned by the reward role, is re-issued (a new attempt,
-at the current version, which only lowers its staleness). The first complete result of a
+Each outstanding attempt also has a place: the role that holds it, or the role it was sent to
+(`move`, from the roles' `GroupMoved` receipts, furthest hop first). A group whose holder
+restarted (`held_by`), that stays between roles too long (`in_transit`), or that the reward role
+returns, is re-issued (a new attempt, at the current version, which only lowers its staleness). The first complete result of a
 group is kept; later results (a lost attempt that turned up after all, or a duplicate) are
 counted and ignored, so no group is trained twice.
 
@@ -27,6 +29,8 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+from transport.schema import HOP_TO_GENERATOR, HOP_TO_REWARD
+
 
 @dataclass
 class IssuedGroup:
@@ -34,6 +38,10 @@ class IssuedGroup:
     attempt: int
     issued_version: int
     generator: str
+    issued_at: float = 0.0  # monotonic clock
+    hop: int = HOP_TO_GENERATOR  # the furthest GroupMoved hop of this attempt
+    holder: str = ""  # the role that holds it (HOP_AT_*) or that it was sent to (HOP_TO_*)
+    moved_at: float = 0.0
 
 
 @dataclass
@@ -65,13 +73,14 @@ class Admission:
     def can_issue(self, version: int) -> bool:
         return version >= self.fill_step - self.max_staleness
 
-    def issue(self, version: int, generator: str) -> IssuedGroup:
+    def issue(self, version: int, generator: str, now: float = 0.0) -> IssuedGroup:
         if not self.can_issue(version):
             raise RuntimeError(f"step {self.fill_step}'s groups are not admissible at version {version}")
         while self.next_group_id in self.skip:
             self.skip.discard(self.next_group_id)
             self.next_group_id += 1
-        issued = IssuedGroup(self.next_group_id, self.first_attempt, version, generator)
+        issued = IssuedGroup(self.next_group_id, self.first_attempt, version, generator, now,
+                             holder=generator, moved_at=now)
         self.outstanding[issued.group_id] = issued
         self.step_assignment[issued.group_id] = self.fill_step
         self.assigned[self.fill_step] += 1
@@ -80,15 +89,30 @@ class Admission:
             self.fill_step += 1
         return issued
 
-    def reissue(self, group_id: int, version: int, generator: str) -> IssuedGroup:
+    def reissue(self, group_id: int, version: int, generator: str, now: float = 0.0) -> IssuedGroup:
         previous = self.outstanding[group_id]
-        issued = IssuedGroup(group_id, previous.attempt + 1, version, generator)
+        issued = IssuedGroup(group_id, previous.attempt + 1, version, generator, now, holder=generator, moved_at=now)
         self.outstanding[group_id] = issued
         self.num_reissued += 1
         return issued
 
-    def outstanding_on(self, generator: str) -> list[int]:
-        return [g for g, issued in self.outstanding.items() if issued.generator == generator]
+    def move(self, group_id: int, attempt: int, hop: int, holder: str, now: float = 0.0) -> bool:
+        """A receipt: the current attempt reached `hop` at `holder`. Receipts of superseded
+        attempts, of groups no longer outstanding, and of hops already passed are ignored."""
+        issued = self.outstanding.get(group_id)
+        if issued is None or issued.attempt != attempt or hop <= issued.hop:
+            return False
+        issued.hop, issued.holder, issued.moved_at = hop, holder, now
+        return True
+
+    def held_by(self, role: str) -> list[int]:
+        """Outstanding groups that `role` holds or that were sent to it (lost if it restarted)."""
+        return sorted(g for g, issued in self.outstanding.items() if issued.holder == role)
+
+    def in_transit(self, now: float, timeout_s: float) -> list[int]:
+        """Outstanding groups sent to a role that has not said it received them for timeout_s."""
+        return sorted(g for g, issued in self.outstanding.items()
+                      if issued.hop in (HOP_TO_GENERATOR, HOP_TO_REWARD) and now - issued.moved_at > timeout_s)
 
     def complete(self, group_id: int, attempt: int, result: Any) -> bool:
         """Record a result; False (and counted) for duplicates and superseded attempts."""

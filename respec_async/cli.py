@@ -155,9 +155,13 @@ def main(argv: list[str] | None = None) -> int:
         print(path)
         return 0
     if args.command == "eval":
+        from respec_async.ledger import audit_run
         from respec_async.summary import print_eval
 
         print_eval(args.run_dir, args.num_prompts)
+        ledger = audit_run(args.run_dir)
+        if ledger is not None:
+            print(f"prompt groups: {ledger.summary()}")
         return 0
     if args.command == "launch" and args.resume is not None:
         if args.config:

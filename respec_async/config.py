@@ -51,10 +51,12 @@ class SupervisorSection(Section):
     shutdown_grace_s: PosFloat = 10.0  # after this, roles still alive are killed
     live_status: bool = True  # redraw a status table on the console (off when not a TTY)
     # Progress watchdog: no trainer step for this long while every role is up and answering
-    # pings is a stall: a run.stalled event names each role's mailbox and the messages it
-    # handled since the last step, and the run fails with that message (never a silent hang).
-    # 0 = off.
+    # pings is a stall: a run.stalled event names each role's mailbox, the messages it handled
+    # since the last step and the prompt groups it holds (the ledger), then stall_action:
+    # "fail" the run with that message, or "restart" the roles holding groups (their groups are
+    # re-issued; restarts count against max_restarts; nothing held: the run fails). 0 = off.
     stall_timeout_s: NonNegFloat = 900.0
+    stall_action: Literal["fail", "restart"] = "fail"
 
 
 class TransportSection(Section):
@@ -203,6 +205,9 @@ class TrainerSection(Section):
     dynamic_sampling: bool = False
     dynamic_sampling_max_factor: Annotated[float, msgspec.Meta(ge=1)] = 4.0
     weight_sync_timeout_s: PosFloat = 120.0
+    # A group sent to a role that has not acknowledged it (GroupMoved) for this long is in no
+    # live role's hands: re-issued (0 = never). Longer than a busy reward role's queue can hold it.
+    group_transit_timeout_s: NonNegFloat = 60.0
     num_threads: PosInt = 1  # torch intra-op threads in this role
 
 

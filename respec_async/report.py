@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+from respec_async.ledger import audit_run
 from respec_async.metrics import StepRecord, moving_average, read_metrics
 
 WINDOW = 10  # steps averaged for the table's first / last reward
@@ -96,7 +97,13 @@ def summary_rows(run: Run) -> dict[str, str]:
         "drafter lag, mean versions": f"{_mean(lags):.2f}" if lags else "no drafter",
         "groups filtered (dynamic sampling)": str(sum(x.num_filtered for x in r)),
         "role restarts": str(run.restarts),
+        "prompt groups (ledger)": _ledger_cell(run.run_dir),
     }
+
+
+def _ledger_cell(run_dir: Path) -> str:
+    result = audit_run(run_dir)
+    return "no ledger" if result is None else result.summary()
 
 
 def _figures(runs: list[Run]):

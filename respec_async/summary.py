@@ -2,7 +2,7 @@
 
 The summary states what a user wants to know first: did reward go up (mean of the first ten
 steps vs the last ten), did held-out accuracy go up (initial actor vs final checkpoint), how
-fast, how stale, and where the plots and logs are.
+fast, how stale, every prompt group's fate (the ledger's audit), and where the plots and logs are.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from respec_async.evaluate import EvalResult, evaluate_run
+from respec_async.ledger import audit_run
 from respec_async.metrics import read_metrics
 
 
@@ -49,6 +50,9 @@ def print_summary(run_dir: Path, final_eval: bool = True) -> None:
           f"({sum(r.num_tokens for r in records) / max(wall_s, 1e-9):.0f} completion tokens/s overall)")
     print(f"  mean reward      first 10 steps {first:.3f} -> last 10 steps {last:.3f} ({last - first:+.3f})")
     print(f"  staleness        max {max(r.staleness_max for r in records)} versions behind")
+    ledger = audit_run(run_dir)
+    if ledger is not None:
+        print(f"  groups           {ledger.summary()}")
     accept = [r.acceptance_length for r in records if r.acceptance_length]
     if accept:
         print(f"  SD acceptance    {_mean(accept):.2f} tokens per verify step")

@@ -304,15 +304,36 @@ class Supervisor:
             self.last_progress_at = now  # a role is (re)starting: give it a full timeout
             return
         waited = now - self.last_progress_at
+        held = self._groups_held()
         roles = {r.name: {"mailbox": r.mailbox_size, "handled_since_step": r.num_handled - r.handled_at_progress,
-                          "heartbeat_s": round(now - r.last_pong_at, 1), "restarts": r.num_restarts}
+                          "heartbeat_s": round(now - r.last_pong_at, 1), "restarts": r.num_restarts,
+                          "groups": held.get(r.name, 0)}
                  for r in self.roles.values()}
-        detail = "; ".join(f"{name}: mailbox {v['mailbox']}, handled {v['handled_since_step']} since the last step"
-                           for name, v in roles.items())
+        detail = "; ".join(f"{name}: mailbox {v['mailbox']}, handled {v['handled_since_step']} since the last step, "
+                           f"holds {v['groups']} groups" for name, v in roles.items())
         what = (f"no trainer step for {waited:.0f}s (supervisor.stall_timeout_s = {cfg.stall_timeout_s:g}) while "
                 f"every role answers pings: {detail}")
-        log.error("run.stalled", waited_s=round(waited, 1), roles=roles)
-        self.fail(what)
+        stuck = [self.roles[name] for name in sorted(held) if name in self.roles and held[name]]
+        action = cfg.stall_action if stuck else "fail"
+        log.error("run.stalled", waited_s=round(waited, 1), roles=roles, action=action)
+        if action == "fail":
+            self.fail(what)
+            return
+        self.last_progress_at = now
+        for role in stuck:
+            if role.popen is not None and role.popen.poll() is None:
+                role.popen.kill()
+                role.popen.wait()
+            self._restart_or_fail(role, f"held {held[role.name]} groups while the run stalled (restarted)")
+
+    def _groups_held(self) -> dict[str, int]:
+        """Prompt groups out per role, from the trainer's ledger (empty if it cannot be read)."""
+        from respec_async.ledger import LEDGER_FILE, holders, read_ledger
+
+        try:
+            return dict(holders(read_ledger(self.run_dir / LEDGER_FILE)))
+        except OSError:
+            return {}
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -357,6 +378,7 @@ class Supervisor:
             if sock.is_symlink():  # a private temp dir used because the run path was too long
                 shutil.rmtree(sock.resolve(), ignore_errors=True)
                 sock.unlink()
+        self._audit_ledger()
         if self.failure:
             log.error("run.finished", ok=False, reason=self.failure, run_dir=str(self.run_dir))
             return 1
@@ -373,6 +395,21 @@ class Supervisor:
             return 128 + self.stop_signal
         log.info("run.finished", ok=True, reason=self.stop_reason, run_dir=str(self.run_dir))
         return 0
+
+    def _audit_ledger(self) -> None:
+        """Every run with a trainer ends with the check that each prompt group has a fate."""
+        from respec_async.ledger import audit_run
+
+        try:
+            result = audit_run(self.run_dir)
+        except (OSError, msgspec.DecodeError) as exc:
+            log.error("run.ledger_unreadable", error=repr(exc))
+            return
+        if result is not None:
+            (log.info if result.balanced else log.error)(
+                "run.ledger", balanced=result.balanced, issued=result.num_issued, trained=result.num_trained,
+                dropped=result.num_dropped, in_flight=result.num_in_flight, lost=result.num_lost,
+                reissued=result.num_reissues, summary=result.summary())
 
     def _progress(self) -> dict[str, int]:
         """Steps the trainer recorded and the steps the run was for (empty without a trainer)."""

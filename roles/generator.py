@@ -29,8 +29,11 @@ from respec_async.sd.scheduler import AdaptiveScheduler
 from respec_async.weight_sync import WeightMember
 from transport.weights import weights_checksum
 from transport.schema import (
+    HOP_AT_GENERATOR,
+    HOP_TO_REWARD,
     GeneratorHello,
     GroupFormation,
+    GroupMoved,
     PromptGroup,
     Rollout,
     RolloutGroup,
@@ -102,6 +105,8 @@ class GeneratorActor(Actor):
     async def on_prompt_group(self, message: PromptGroup) -> None:
         self.pending.append(message)
         self.wake.set()
+        await self.send("trainer-0", GroupMoved(group_id=message.group_id, attempt=message.attempt,
+                                                hop=HOP_AT_GENERATOR, holder=self.name))
 
     def _member(self, group: str) -> WeightMember | None:
         if group == "drafter":
@@ -271,3 +276,5 @@ class GeneratorActor(Actor):
         self.num_groups_done += 1
         await self.send(reward_role, RolloutGroup(group=group, rollouts=rollouts, generator=self.name,
                                                   generation_s=time.perf_counter() - flight.started_at))
+        await self.send("trainer-0", GroupMoved(group_id=group.group_id, attempt=group.attempt, hop=HOP_TO_REWARD,
+                                                holder=reward_role))

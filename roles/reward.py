@@ -27,7 +27,7 @@ from respec_async.actor import Actor, handles
 from respec_async.metrics import MetricsWriter
 from respec_async.models import load_tokenizer
 from respec_async.rewards import ScorerStats, ScoreRequest, make_scorer
-from transport.schema import ReturnedGroup, RewardHello, RolloutGroup, ScoredGroup
+from transport.schema import HOP_AT_REWARD, GroupMoved, ReturnedGroup, RewardHello, RolloutGroup, ScoredGroup
 
 STATS_INTERVAL_S = 5.0
 
@@ -81,6 +81,8 @@ class RewardActor(Actor):
 
     @handles
     async def on_rollout_group(self, message: RolloutGroup) -> None:
+        await self.send("trainer-0", GroupMoved(group_id=message.group.group_id, attempt=message.group.attempt,
+                                                hop=HOP_AT_REWARD, holder=self.name))
         await self.slots.acquire()
         task = asyncio.create_task(self._score(message))
         self.tasks.add(task)
@@ -148,9 +150,13 @@ class RewardActor(Actor):
             self._busy(-1)
             self.slots.release()
 
+    def busy_seconds(self) -> float:
+        """Wall time with at least one group being scored (the source may be a remote server)."""
+        return self.busy_s + (time.perf_counter() - self.busy_since if self.num_active else 0.0)
+
     def record(self) -> RewardRecord:
         now = time.perf_counter()
-        busy_s = self.busy_s + (now - self.busy_since if self.num_active else 0.0)
+        busy_s = self.busy_seconds()
         wall_s = now - self.started
         return RewardRecord(
             time=time.time(), source=self.ctx.config.reward.source, on_error=self.on_error,

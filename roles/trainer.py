@@ -8,8 +8,11 @@ Loop (one optimizer step per policy version):
   4. bump the version, broadcast the new weights to generators (and the drafter learner),
      write metrics, checkpoint every `checkpoint_every` steps.
 With max_staleness k >= 1 the groups of step v+1 are already out while step v trains: that
-is the overlap. A restarted generator gets its outstanding groups re-issued; a restarted
-trainer resumes from its last checkpoint at the same version.
+is the overlap. The roles acknowledge each group as it reaches them (GroupMoved), so the
+trainer knows where every attempt is: the groups a restarted generator or reward role held, and
+those left between roles for trainer.group_transit_timeout_s, are re-issued; every issue, move
+and end goes to the run's ledger (respec_async.ledger). A restarted trainer resumes from its
+last checkpoint at the same version.
 """
 
 from __future__ import annotations
@@ -22,12 +25,14 @@ import torch
 
 from respec_async.actor import Actor, handles
 from respec_async.admission import Admission
+from respec_async.ledger import Ledger
 from respec_async.metrics import MetricsWriter, informative, step_metrics
 from respec_async.tracking import open_trackers
 from respec_async.training import ActorTrainer, load_newest_intact
 from respec_async.weight_sync import WeightOwner
 from transport.schema import (
     GeneratorHello,
+    GroupMoved,
     PromptGroup,
     ReturnedGroup,
     RewardHello,
@@ -57,6 +62,9 @@ class TrainerActor(Actor):
             await self.notify("trainer.resumed", version=self.core.version, checkpoint=checkpoint.name)
         position, consumed = self.core.data_position or (None, [])
         self.admission.reset_to_step(self.core.version, position, consumed)
+        self.ledger = Ledger(self.ctx.run_dir, self.ctx.restart_count)
+        self.at_teardown(self.ledger.close)
+        self.ledger.write("start", version=self.core.version)
         self.weights = WeightOwner(self, "actor", receivers, cfg.trainer.weight_sync_timeout_s, cfg.model.device)
         self.batch_arrived = asyncio.Event()
         self.issue_wanted = asyncio.Event()
@@ -82,21 +90,41 @@ class TrainerActor(Actor):
 
     @handles
     async def on_generator_hello(self, message: GeneratorHello) -> None:
-        await self._reissue(self.admission.outstanding_on(message.role), generator=message.role)
+        if message.restart_count == 0:
+            return  # its first start: what was sent to it is still on its way to it
+        await self._reissue(self.admission.held_by(message.role), "holder_restarted", message.role)
 
     @handles
     async def on_reward_hello(self, message: RewardHello) -> None:
-        # Which groups the dead role held is not known here: re-issue everything outstanding.
-        await self._reissue(sorted(self.admission.outstanding), reward=message.role)
+        await self._reissue(self.admission.held_by(message.role), "holder_restarted", message.role)
 
-    async def _reissue(self, lost: list[int], **lost_with) -> None:
-        """New attempts of groups a restarted role lost (the first result of each wins)."""
+    @handles
+    async def on_group_moved(self, message: GroupMoved) -> None:
+        if self.admission.move(message.group_id, message.attempt, message.hop, message.holder, time.monotonic()):
+            self.ledger.write("move", group_id=message.group_id, attempt=message.attempt, hop=message.hop,
+                              holder=message.holder)
+
+    async def _reissue(self, lost: list[int], reason: str, holder: str) -> None:
+        """New attempts of groups `holder` lost (the first result of each wins)."""
         if not lost:
             return
-        self.log.warning("trainer.reissue", num_groups=len(lost), **lost_with)
+        self.log.warning("trainer.reissue", num_groups=len(lost), reason=reason, holder=holder)
         for group_id in lost:
             if group_id in self.admission.outstanding:  # not completed while earlier ones were sent
-                await self._send_group(group_id, reissue=True)
+                await self._send_group(group_id, reissue=reason, lost_by=holder)
+
+    async def _watch_transit(self) -> None:
+        """Re-issue groups sent to a role that never acknowledged them (lost on the way, or to a
+        role that died before it could say so and has not restarted)."""
+        timeout_s = self.ctx.config.trainer.group_transit_timeout_s
+        while True:
+            await asyncio.sleep(min(5.0, timeout_s / 4))
+            now = time.monotonic()
+            by_holder: dict[str, list[int]] = {}
+            for group_id in self.admission.in_transit(now, timeout_s):
+                by_holder.setdefault(self.admission.outstanding[group_id].holder, []).append(group_id)
+            for holder, lost in by_holder.items():
+                await self._reissue(lost, "in_transit", holder)
 
     @handles
     async def on_scored(self, message: ScoredGroup) -> None:
@@ -104,8 +132,11 @@ class TrainerActor(Actor):
         if not self.admission.complete(group_id, message.group.attempt, message):
             self.log.info("trainer.ignored_result", group_id=group_id, attempt=message.group.attempt)
             return
+        self.ledger.write("complete", group_id=group_id, attempt=message.group.attempt)
         if self._drops(message):
+            step = self.admission.step_of(group_id)
             self.admission.drop(group_id)  # consumed: reported with its step; a new prompt takes its place
+            self.ledger.write("drop", group_id=group_id, step=step, reason="all rewards equal")
             await self._issue_admissible()
         else:
             self.batch_arrived.set()
@@ -126,7 +157,7 @@ class TrainerActor(Actor):
             return
         self.num_returned += 1
         self.log.warning("trainer.group_returned", group_id=group_id, reason=message.reason)
-        await self._send_group(group_id, reissue=True)
+        await self._send_group(group_id, reissue="returned", lost_by=self.admission.outstanding[group_id].holder)
 
     # --- the loop ---------------------------------------------------------------------
 
@@ -137,13 +168,20 @@ class TrainerActor(Actor):
                 load[issued.generator] += 1
         return min(load, key=lambda g: (load[g], g))
 
-    async def _send_group(self, group_id: int, reissue: bool = False) -> None:
+    async def _send_group(self, group_id: int, reissue: str = "", lost_by: str = "") -> None:
+        """Issue the next data position, or (reissue: the reason) a new attempt of `group_id`."""
         generator = self._pick_generator()
         version = self.core.version
+        now = time.monotonic()
         if reissue:
-            issued = self.admission.reissue(group_id, version, generator)
+            issued = self.admission.reissue(group_id, version, generator, now)
+            self.ledger.write("reissue", group_id=group_id, attempt=issued.attempt, version=version,
+                              holder=generator, reason=reissue, lost_by=lost_by,
+                              step=self.admission.step_of(group_id))
         else:
-            issued = self.admission.issue(version, generator)
+            issued = self.admission.issue(version, generator, now)
+            self.ledger.write("issue", group_id=issued.group_id, attempt=issued.attempt, version=version,
+                              holder=generator, step=self.admission.step_of(issued.group_id))
         example = self.core.train_example(issued.group_id)
         group = PromptGroup(
             group_id=issued.group_id, attempt=issued.attempt, prompt_ids=example.prompt_ids,
@@ -165,6 +203,9 @@ class TrainerActor(Actor):
         await self.weights.publish(self.core.snapshot)
         await self.notify("trainer.started", version=self.core.version, num_steps=cfg.trainer.num_steps,
                           device=cfg.model.device)
+        if cfg.trainer.group_transit_timeout_s:
+            watcher = asyncio.create_task(self._watch_transit(), name="transit")
+            self.at_teardown(watcher.cancel)
         while self.core.version < cfg.trainer.num_steps:
             step = self.core.version
             await self._issue_admissible()
@@ -175,6 +216,7 @@ class TrainerActor(Actor):
             wait_s = time.perf_counter() - waited
             batch: list[ScoredGroup] = self.admission.take_batch(step)
             dropped = self.admission.take_dropped(step)
+            self.ledger.write("train", step=step, group_ids=sorted(g.group.group_id for g in batch))
             train_started = time.perf_counter()
             stats = await self.run_blocking(self.core.train_step, batch)
             train_s = time.perf_counter() - train_started
@@ -191,6 +233,8 @@ class TrainerActor(Actor):
             if (every and self.core.version % every == 0) or self.core.version == cfg.trainer.num_steps:
                 path = await self.run_blocking(self.core.save_checkpoint, self.admission.resume_position())
                 self.log.info("trainer.checkpoint", path=str(path), version=self.core.version)
+        self.ledger.write("end", version=self.core.version,
+                          num_out=len(self.admission.outstanding) + len(self.admission.completed))
         await self.notify("trainer.finished", version=self.core.version)
 
 

@@ -135,6 +135,25 @@ class ReturnedGroup(Struct):
     reason: str
 
 
+# Where a group is on its way (GroupMoved.hop): the trainer's ledger keeps the furthest hop of
+# the current attempt, so receipts that overtake each other on different sockets still order.
+HOP_TO_GENERATOR = 0  # issued by the trainer, not yet acknowledged
+HOP_AT_GENERATOR = 1
+HOP_TO_REWARD = 2  # the generator sent the rollouts to a reward role
+HOP_AT_REWARD = 3
+
+
+class GroupMoved(Struct):
+    """A role tells the trainer where a group's attempt is: `holder` received it (HOP_AT_*), or
+    it was sent on to `holder` (HOP_TO_*). A group that stays between roles too long, or whose
+    holder restarts, is re-issued."""
+
+    group_id: int
+    attempt: int
+    hop: int
+    holder: str
+
+
 class GeneratorHello(Struct):
     """A generator (re)started: the trainer re-issues what it had outstanding there."""
 
@@ -144,8 +163,7 @@ class GeneratorHello(Struct):
 
 class RewardHello(Struct):
     """A reward role restarted: the groups it was scoring died with it. The trainer re-issues
-    every group it still has outstanding (the first result of each group wins, so re-issuing a
-    group that was alive elsewhere costs generation, never correctness)."""
+    the groups its ledger has at this role (received, or sent to it)."""
 
     role: str
     restart_count: int
@@ -246,7 +264,7 @@ class TensorMessage(Struct):
 
 Message = (
     Ready | Ping | Pong | Shutdown | RoleFailed | RoleEvent
-    | PromptGroup | Rollout | RolloutGroup | ScoredGroup | ReturnedGroup | GeneratorHello | RewardHello
+    | PromptGroup | Rollout | RolloutGroup | ScoredGroup | ReturnedGroup | GroupMoved | GeneratorHello | RewardHello
     | TensorSpec | WeightsJoin | WeightsRejoin | GroupFormation | WeightsUpdate
     | RewardSample | RewardRequest | RewardResponse
     | Echo | TensorMessage

@@ -17,7 +17,7 @@ from respec_async.actor import RoleContext
 from respec_async.config import Config, RewardSection, RolesSection
 from respec_async.endpoints import assign_endpoints
 from transport.channels import Kind, open_channel
-from transport.schema import PromptGroup, Ready, ReturnedGroup, Rollout, RolloutGroup, ScoredGroup, Shutdown
+from transport.schema import HOP_AT_REWARD, GroupMoved, PromptGroup, Ready, ReturnedGroup, Rollout, RolloutGroup, ScoredGroup, Shutdown
 from transport.security import Security
 
 
@@ -62,7 +62,13 @@ def run_role(tmp_path, monkeypatch, reward_file, on_error):
         inbox = open_channel(zctx, Kind.PUSH, ctx.endpoints.inboxes["reward-0"], bind=False)
         for group_id, completions in enumerate(GROUPS):
             await inbox.send(rollout_group(group_id, completions))
-        received = [(await asyncio.wait_for(trainer.recv(), 30)).message for _ in GROUPS]
+        received, receipts = [], []
+        while len(received) < len(GROUPS):
+            message = (await asyncio.wait_for(trainer.recv(), 30)).message
+            (receipts if isinstance(message, GroupMoved) else received).append(message)
+        # Each group is acknowledged to the trainer's ledger as it reaches the role.
+        assert sorted((m.group_id, m.hop, m.holder) for m in receipts) == [
+            (g, HOP_AT_REWARD, "reward-0") for g in range(len(GROUPS))]
         await control.send(Shutdown(reason="test"), b"reward-0")
         await asyncio.to_thread(thread.join, 30)
         zctx.destroy(linger=0)

@@ -30,13 +30,13 @@ def random_actor_dir(tmp_path_factory):
     return path
 
 
-def rl_config(actor_dir, *, steps: int = 6, k: int = 1, generators: int = 1, extra: str = "") -> str:
+def rl_config(actor_dir, *, steps: int = 6, k: int = 1, generators: int = 1, rewards: int = 1, extra: str = "") -> str:
     return f"""
 [run]
 final_eval = false
 [roles]
 generator = {generators}
-reward = 1
+reward = {rewards}
 trainer = 1
 [supervisor]
 live_status = false

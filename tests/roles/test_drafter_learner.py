@@ -23,8 +23,8 @@ from respec_async.drafter_learning import (
     latest_drafter_checkpoint,
 )
 from respec_async.engine.drafter import Eagle3Drafter
-from respec_async.metrics import read_metrics
 from respec_async.models import load_drafter, load_target
+from tests.roles.test_rl_loop import finished
 from transport.weights import weights_checksum
 
 
@@ -292,12 +292,6 @@ batch_size = 4
 weighting = "{weighting}"
 {extra}
 """
-
-
-def finished(run, timeout=240):
-    code = run.proc.wait(timeout=timeout)
-    assert code == 0, run.output()
-    return read_metrics(run.run_dir / "metrics.jsonl")
 
 
 def test_learner_run_publishes_every_interval_and_generators_apply_the_learners_drafter(launch, quick_zoo):

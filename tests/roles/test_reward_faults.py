@@ -13,19 +13,13 @@ import zlib
 import msgspec
 import pytest
 
-from respec_async.metrics import read_metrics
 from tests.rewards.conftest import HttpRewardServer, ServerThread, reward_serve, short_ipc  # noqa: F401
 from tests.roles.conftest import rl_config
+from tests.roles.test_rl_loop import finished
 
 pytestmark = pytest.mark.slow
 
 STEPS, GROUPS_PER_STEP, GROUP_SIZE = 6, 3, 2  # rl_config's shape
-
-
-def finished(run, timeout=300):
-    code = run.proc.wait(timeout=timeout)
-    assert code == 0, run.output()
-    return read_metrics(run.run_dir / "metrics.jsonl")
 
 
 def reward_record(run) -> dict:

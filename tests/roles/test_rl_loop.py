@@ -12,13 +12,18 @@ import sys
 
 import pytest
 
+from respec_async.ledger import audit_run
 from respec_async.metrics import read_metrics
 from tests.roles.conftest import rl_config
 
 
 def finished(run, timeout=240):
+    """Wait for a run to end well; every group it issued has a fate in the ledger's audit."""
     code = run.proc.wait(timeout=timeout)
     assert code == 0, run.output()
+    ledger = audit_run(run.run_dir)
+    assert ledger is not None and ledger.finished and ledger.balanced, ledger and ledger.summary()
+    assert ledger.num_in_flight == 0 and ledger.num_lost == 0
     return read_metrics(run.run_dir / "metrics.jsonl")
 
 
@@ -58,6 +63,8 @@ def test_staleness_never_exceeds_k(launch, random_actor_dir, k):
         assert lines[0].startswith("held-out accuracy on 6 prompts"), proc.stdout
         for label in ("initial actor", "last checkpoint", "change"):
             assert any(line.strip().startswith(label) for line in lines), (label, proc.stdout)
+        assert lines[-1].startswith("prompt groups: 18 issued, 18 trained, 0 dropped, 0 in flight, 0 lost"), lines
+        assert lines[-1].endswith("; balanced"), lines
         sampled = [float(line.split()[2].rstrip("%")) for line in lines if line.strip().startswith(("initial", "last"))]
         assert all(0.0 <= value <= 100.0 for value in sampled) and len(sampled) == 2
 

@@ -1,21 +1,27 @@
 """The progress watchdog: a run whose roles all answer pings but that makes no trainer step (here
-a reward function that hangs after two steps) fails with a run.stalled event naming every role's
-mailbox and work since the last step, within the stall timeout, instead of hanging."""
+a reward function that hangs after two steps) gets a run.stalled event naming every role's
+mailbox, work since the last step and the groups it holds, within the stall timeout, and then
+fails, or (stall_action = "restart") restarts the role holding the groups and completes."""
 
 from __future__ import annotations
 
 import time
 
+from respec_async.ledger import audit_run
 from tests.roles.conftest import rl_config
+from tests.roles.test_rl_loop import assert_each_group_trained_once, finished
 
 HANGS_AFTER_TWO_STEPS = """
 import os, time
+ONCE = {once}
 
 def compute_score(data_source, solution_str, ground_truth, extra_info=None):
     path = __file__ + ".calls"
     with open(path, "a") as f:
         f.write("x")
-    if os.path.getsize(path) > 12:  # 2 steps of 3 groups x 2 samples: then the backend hangs
+    if os.path.getsize(path) > 12 and not os.path.exists(path + ".hung"):  # after 2 steps of 3 x 2 samples
+        if ONCE:
+            open(path + ".hung", "w").close()
         time.sleep(3600)
     return float(solution_str.strip() == ground_truth)
 """
@@ -23,7 +29,7 @@ def compute_score(data_source, solution_str, ground_truth, extra_info=None):
 
 def test_a_run_that_stops_making_steps_fails_naming_what_waits(launch, random_actor_dir, tmp_path):
     reward_file = tmp_path / "hanging_reward.py"
-    reward_file.write_text(HANGS_AFTER_TWO_STEPS)
+    reward_file.write_text(HANGS_AFTER_TWO_STEPS.format(once=False))
     extra = f"""[reward]
 source = "python:{reward_file}:compute_score"
 timeout_s = 3600.0
@@ -43,3 +49,24 @@ timeout_s = 3600.0
     assert failed["reason"].startswith("no trainer step for ") and "supervisor.stall_timeout_s = 6" in failed["reason"]
     assert "reward-0: mailbox" in failed["reason"] and "trainer-0: mailbox" in failed["reason"]
     assert [e["step"] for e in run.events() if e.get("event") == "train.step"] == [0, 1]
+
+
+def test_a_stall_with_action_restart_restarts_the_role_holding_the_groups_and_the_run_completes(
+        launch, random_actor_dir, tmp_path):
+    reward_file = tmp_path / "hangs_once.py"
+    reward_file.write_text(HANGS_AFTER_TWO_STEPS.format(once=True))
+    extra = f"""[reward]
+source = "python:{reward_file}:compute_score"
+timeout_s = 3600.0
+"""
+    toml = rl_config(random_actor_dir, steps=5, extra=extra).replace(
+        "[supervisor]", '[supervisor]\nstall_timeout_s = 6.0\nstall_action = "restart"', 1)
+    run = launch(toml)
+    records = finished(run, timeout=180)
+    stalled = [e for e in run.events() if e.get("event") == "run.stalled"]
+    assert len(stalled) == 1 and stalled[0]["action"] == "restart"
+    assert stalled[0]["roles"]["reward-0"]["groups"] >= 1 and stalled[0]["roles"]["generator-0"]["groups"] == 0
+    assert len(run.role_pids()["reward-0"]) == 2 and len(run.role_pids()["generator-0"]) == 1
+    assert_each_group_trained_once(records, 5)
+    ledger = audit_run(run.run_dir)
+    assert ledger.balanced and ledger.reissue_reasons.get("holder_restarted", 0) >= 1, ledger.summary()

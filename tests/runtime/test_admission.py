@@ -7,6 +7,7 @@ import random
 import pytest
 
 from respec_async.admission import Admission
+from transport.schema import HOP_AT_GENERATOR, HOP_AT_REWARD, HOP_TO_REWARD
 
 
 @pytest.mark.parametrize("k", [0, 1, 2, 4])
@@ -122,3 +123,22 @@ def test_dropping_an_unknown_or_untrained_group_is_an_error():
     issued = adm.issue(0, "g")
     with pytest.raises(KeyError, match="not a completed"):
         adm.drop(issued.group_id)  # still outstanding
+
+
+def test_receipts_move_a_group_forward_only_and_locate_what_a_restarted_role_held():
+    adm = Admission(groups_per_step=4, max_staleness=1)
+    a, b, c = (adm.issue(0, "generator-0", now=0.0) for _ in range(3))
+    assert adm.move(a.group_id, a.attempt, HOP_AT_GENERATOR, "generator-0", now=1.0)
+    assert adm.move(b.group_id, b.attempt, HOP_AT_REWARD, "reward-1", now=1.0)
+    # The generator's "sent to reward-1" overtaken by reward-1's receipt: ignored, not a step back.
+    assert not adm.move(b.group_id, b.attempt, HOP_TO_REWARD, "reward-1", now=2.0)
+    assert not adm.move(a.group_id, a.attempt + 1, HOP_AT_REWARD, "reward-0", now=2.0)  # another attempt
+    assert adm.held_by("generator-0") == [a.group_id, c.group_id]  # c: sent there, never acknowledged
+    assert adm.held_by("reward-1") == [b.group_id]
+    # Only unacknowledged hops age: c after the timeout, a and b (held by a live role) never.
+    assert adm.in_transit(now=9.0, timeout_s=10.0) == []
+    assert adm.in_transit(now=11.0, timeout_s=10.0) == [c.group_id]
+    again = adm.reissue(c.group_id, 0, "generator-1", now=11.0)
+    assert adm.held_by("generator-1") == [c.group_id] and adm.in_transit(now=12.0, timeout_s=10.0) == []
+    assert not adm.move(c.group_id, c.attempt, HOP_AT_GENERATOR, "generator-0", now=12.0)  # the old attempt
+    assert adm.move(c.group_id, again.attempt, HOP_AT_GENERATOR, "generator-1", now=12.0)
