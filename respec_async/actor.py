@@ -95,6 +95,7 @@ class Actor:
         self.state = "starting"
         self.num_handled = 0
         self.num_handler_errors = 0
+        self.compute_s = 0.0  # time inside run_blocking calls on the "compute" thread
         self.handlers = self._collect_handlers()
         self.mailbox: asyncio.Queue[Any] = asyncio.Queue(maxsize=self.mailbox_size)
         self.stopped = asyncio.Event()
@@ -157,7 +158,22 @@ class Actor:
         if executor is None:
             executor = self._executors[thread] = ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-{thread}")
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(executor, functools.partial(fn, *args, **kwargs))
+        if thread != "compute":
+            return await loop.run_in_executor(executor, functools.partial(fn, *args, **kwargs))
+
+        def timed() -> T:  # timed in the thread: a call queued behind another does not count twice
+            started = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.compute_s += time.perf_counter() - started
+
+        return await loop.run_in_executor(executor, timed)
+
+    def busy_seconds(self) -> float:
+        """Seconds this incarnation spent working, for the supervisor's busy share: compute-thread
+        time by default; a role whose work is not there (the reward role's scoring) says its own."""
+        return self.compute_s
 
     async def notify(self, event: str, level: str = "info", **fields: str | int | float | bool) -> None:
         """Show one line on the supervisor's console (level "warning": also under the live view)."""
@@ -284,7 +300,7 @@ class Actor:
             if isinstance(message, Ping):
                 await self.control.send(Pong(
                     seq=message.seq, role=self.name, state=self.state, mailbox_size=self.mailbox.qsize(),
-                    num_handled=self.num_handled, num_dropped=self.num_dropped,
+                    num_handled=self.num_handled, num_dropped=self.num_dropped, busy_s=self.busy_seconds(),
                 ))
             elif isinstance(message, Shutdown):
                 self.log.info("role.shutdown_requested", reason=message.reason)

@@ -3,7 +3,7 @@
 On a terminal it is redrawn in place: a progress bar over RL steps (step / total, elapsed, ETA,
 steps/s), the latest step's reward, accuracy, response length, tokens/s, staleness and, where SD
 ran, its share and acceptance length; under it the role table (state, restarts, heartbeat,
-mailbox). Warnings and the run's milestones print above it as one-line events (logs.console_worthy);
+busy share of the last ~10 s, mailbox). Warnings and the run's milestones print above it as one-line events (logs.console_worthy);
 the full event stream goes to the log files, or to the console too with `respec launch --verbose`.
 Elsewhere (CI, a pipe) each step prints one compact line and the role states one line every
 `_PLAIN_EVERY_S` seconds.
@@ -105,13 +105,15 @@ class StatusView:
 
     def table(self) -> Table:
         table = Table(title=f"run {self.supervisor.run_dir.name}", expand=False)
-        for column in ("role", "pid", "state", "restarts", "last heartbeat", "mailbox", "handled", "dropped"):
+        for column in ("role", "pid", "state", "restarts", "last heartbeat", "busy", "mailbox", "handled", "dropped"):
             table.add_column(column)
         now = time.monotonic()
         for role in self.supervisor.roles.values():
-            beat = f"{now - role.last_pong_at:.1f}s ago" if role.state == "running" else "-"
+            running = role.state == "running"
+            beat = f"{now - role.last_pong_at:.1f}s ago" if running else "-"
+            busy = f"{role.busy_share:.0%}" if running and role.busy_share is not None else "-"
             restarts = Text(str(role.num_restarts), style="bold red" if role.num_restarts else "")
-            table.add_row(role.name, str(role.pid or "-"), role.state, restarts, beat,
+            table.add_row(role.name, str(role.pid or "-"), role.state, restarts, beat, busy,
                           str(role.mailbox_size), str(role.num_handled), str(role.num_dropped))
         return table
 

@@ -39,6 +39,7 @@ from transport.security import Security, start_authenticator
 log = structlog.get_logger("supervisor")
 
 _PR_SET_PDEATHSIG = 1
+BUSY_WINDOW_S = 10.0  # the role table's busy share is over about this many recent seconds
 
 
 def _die_with_parent() -> None:
@@ -67,6 +68,23 @@ class RoleProcess:
     num_handled: int = 0
     num_dropped: int = 0
     handled_at_progress: int = 0  # num_handled at the last trainer step (the watchdog's baseline)
+    # (monotonic time, busy seconds) from this incarnation's recent pongs: the busy share's window
+    busy_samples: collections.deque[tuple[float, float]] = field(default_factory=collections.deque)
+
+    def on_busy(self, now: float, busy_s: float) -> None:
+        if self.busy_samples and busy_s < self.busy_samples[-1][1]:
+            self.busy_samples.clear()  # a new incarnation counts from zero
+        self.busy_samples.append((now, busy_s))
+        while len(self.busy_samples) > 2 and now - self.busy_samples[1][0] >= BUSY_WINDOW_S:
+            self.busy_samples.popleft()
+
+    @property
+    def busy_share(self) -> float | None:
+        """Share of the last ~BUSY_WINDOW_S seconds this role spent working (None: not known yet)."""
+        if len(self.busy_samples) < 2:
+            return None
+        (t0, b0), (t1, b1) = self.busy_samples[0], self.busy_samples[-1]
+        return min(max((b1 - b0) / (t1 - t0), 0.0), 1.0) if t1 > t0 else None
 
     @property
     def pid(self) -> int | None:
@@ -230,6 +248,7 @@ class Supervisor:
                 role.mailbox_size = message.mailbox_size
                 role.num_handled = message.num_handled
                 role.num_dropped = message.num_dropped
+                role.on_busy(role.last_pong_at, message.busy_s)
             elif isinstance(message, RoleFailed):
                 role.last_failure = f"failed: {message.error}"
                 log.error("role.failed", role=role.name, error=message.error, retryable=message.retryable)

@@ -43,6 +43,7 @@ class Pong(Struct):
     mailbox_size: int = 0
     num_handled: int = 0
     num_dropped: int = 0
+    busy_s: float = 0.0  # seconds this incarnation spent working (Actor.busy_seconds)
 
 
 class Shutdown(Struct):
