@@ -1,8 +1,9 @@
 """Chaos: a run under random SIGKILLs and a fuzzer on every socket, against an undisturbed run.
 
 Both runs use the same config and a slow async reward function (the rule reward after a sleep),
-so the reward role always holds groups when it is killed. In the chaos run a random live role
-(generator, reward, trainer, drafter learner) is SIGKILLed every 15-20 s, and a fuzzer pushes
+so the reward role always holds groups when it is killed. In the chaos run a live role is
+SIGKILLed every 15-20 s (every role once in a random order, then again: generator, reward,
+trainer, drafter learner), and a fuzzer pushes
 malformed frames (random bytes, truncated msgpack, msgpack of no known type) into every role's
 inbox and the supervisor's control socket. Reported: kills and restarts, the ledger's count of
 groups issued / trained / dropped / re-issued / lost (lost must be 0; the ledger must balance),
@@ -121,6 +122,7 @@ def run_once(config: Path, name: str, root: Path, overrides: list[str], chaos: b
     log = open(root / f"{name}.out", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     kills: list[dict] = []
+    order: list[str] = []
     fuzzer = None
     while not list(root.glob(f"{name}-*")) and proc.poll() is None:
         time.sleep(0.1)
@@ -134,8 +136,10 @@ def run_once(config: Path, name: str, root: Path, overrides: list[str], chaos: b
             if time.perf_counter() < next_kill:
                 continue
             live = {role: pid for role, pid in latest_pids(run_dir).items() if alive(pid)}
-            if live:
-                role = rng.choice(sorted(live))
+            if not order:  # every role once in a random order, then again: each is hit
+                order = rng.sample(sorted(latest_pids(run_dir)), k=len(latest_pids(run_dir)))
+            role = order.pop()
+            if role in live:
                 steps = len(read_metrics(run_dir / "metrics.jsonl")) if (run_dir / "metrics.jsonl").exists() else 0
                 try:
                     os.kill(live[role], signal.SIGKILL)
