@@ -107,7 +107,8 @@ def _ledger_cell(run_dir: Path) -> str:
 
 
 def _figures(runs: list[Run]):
-    """(title, figure) per plot; every plot overlays the runs, one colour each."""
+    """(title, figure) per plot, or (title, a line of text) where there is nothing to plot (SD off
+    in every run); every plot overlays the runs, one colour each."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -153,6 +154,10 @@ def _figures(runs: list[Run]):
     lines(ax, lambda r: float(r.staleness_max), "max", smooth=False, style=":")
     out.append(("Staleness", fig))
 
+    if not any(r.sd_step_share > 0 for run in runs for r in run.records):
+        # An empty chart with a made-up axis says less than this line.
+        out.append(("Speculative decoding", "SD off: no run here used speculative decoding."))
+        out.append(("Drafter lag", "No drafter: SD was off."))
     fig, (share_ax, accept_ax) = plt.subplots(1, 2, figsize=(13, 3.8) if overlay else (10, 3.6))
     for run, colour in zip(runs, colours):
         steps = [r.step for r in run.records]
@@ -171,11 +176,13 @@ def _figures(runs: list[Run]):
     accept_ax.set(title="Acceptance length (tokens per verify step)", xlabel="RL step", ylabel="tokens")
     for ax in (share_ax, accept_ax):
         ax.grid(alpha=0.3)
-    out.append(("Speculative decoding", fig))
-
-    fig, ax = figure("Drafter lag: actor versions the drafting drafter was behind", "versions")
+    fig_lag, ax = figure("Drafter lag: actor versions the drafting drafter was behind", "versions")
     lines(ax, lambda r: r.drafter_lag, "drafter lag", smooth=False, where=lambda v: v >= 0)
-    out.append(("Drafter lag", fig))
+    if not any(title == "Speculative decoding" for title, _ in out):
+        out += [("Speculative decoding", fig), ("Drafter lag", fig_lag)]
+    else:
+        plt.close(fig)
+        plt.close(fig_lag)
 
     fig, ax = figure("Trainer time per step", "seconds")
     if overlay:
@@ -214,6 +221,8 @@ def _figures(runs: list[Run]):
     out.append(("Role timeline", fig))
 
     for _, fig in out:
+        if isinstance(fig, str):
+            continue
         for ax in fig.axes:
             if ax.get_legend_handles_labels()[0] and ax.get_legend() is None:
                 # Overlaid runs: the legend beside the plot, where it hides no curve.
@@ -238,7 +247,8 @@ def render(runs: list[Run]) -> str:
     head = "".join(f"<th>{html.escape(run.name)}</th>" for run in runs)
     body = "".join(f"<tr><td>{html.escape(key)}</td>" + "".join(f"<td>{html.escape(row[key])}</td>" for row in rows)
                    + "</tr>" for key in rows[0])
-    plots = "".join(f'<h2>{html.escape(name)}</h2><img alt="{html.escape(name)}" src="data:image/png;base64,'
+    plots = "".join(f"<h2>{html.escape(name)}</h2><p>{html.escape(fig)}</p>" if isinstance(fig, str) else
+                    f'<h2>{html.escape(name)}</h2><img alt="{html.escape(name)}" src="data:image/png;base64,'
                     f'{_png(fig)}">' for name, fig in _figures(runs))
     where = "".join(f"<li>{html.escape(run.name)}: {html.escape(str(run.run_dir))}</li>" for run in runs)
     return f"""<!DOCTYPE html>

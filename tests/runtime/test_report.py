@@ -85,6 +85,15 @@ def test_several_runs_overlay_in_one_page(tmp_path):
     assert "(10 each)</td><td>" in page and "(6 each)</td></tr>" in page
 
 
+def test_a_run_without_sd_says_so_instead_of_drawing_empty_sd_plots(tmp_path):
+    page = (make_run(tmp_path, "no-sd", sd=False) / "report.html")
+    assert main(["report", str(page.parent)]) == 0
+    html = page.read_text()
+    assert list(images(html)) == [p for p in PLOTS if p not in ("Speculative decoding", "Drafter lag")]
+    assert "<h2>Speculative decoding</h2><p>SD off: no run here used speculative decoding.</p>" in html
+    assert "<h2>Drafter lag</h2><p>No drafter: SD was off.</p>" in html
+
+
 def test_a_directory_without_metrics_is_a_one_line_error(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 1
     assert capsys.readouterr().err.strip() == f"respec report: {tmp_path}: no metrics.jsonl (not a run directory, " \
