@@ -313,8 +313,10 @@ def test_learner_run_publishes_every_interval_and_generators_apply_the_learners_
             assert e["matches"] is True and e["checksum"] == published[e["version"]], (name, e)
     # A generator swaps in the newest drafter it holds at a step boundary: one that arrives while
     # a newer one is on its way may be skipped, but the swaps go on, in order, through the run.
+    # The last two drafters can come after a generator's last group (typically [2, 4, 6] of
+    # 2-8 here; [2, 4] once on a loaded CI machine), so the check stops one short of them.
     applied = [e["version"] for e in run.events("generator-0") if e.get("event") == "drafter.applied"]
-    assert applied == sorted(set(applied)) and len(applied) >= 2 and applied[-1] >= versions[-2], (applied, versions)
+    assert applied == sorted(set(applied)) and len(applied) >= 2 and applied[-1] >= versions[-3], (applied, versions)
     # The learner trained on every actor version it saw and followed the trainer's broadcasts.
     learner = [line for line in (run.run_dir / "drafter_learner-0.metrics.jsonl").read_text().splitlines() if line]
     assert any('"kind":"step"' in line for line in learner) and any('"kind":"publish"' in line for line in learner)
