@@ -252,14 +252,21 @@ class DrafterSection(Section):
 
 
 # tracking backend -> (the module it needs, the extra that installs it)
-TRACKING_BACKENDS = {"tensorboard": ("tensorboard", "tensorboard")}
+TRACKING_BACKENDS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),
+                     "mlflow": ("mlflow", "mlflow")}
 
 
 class TrackingSection(Section):
     """Experiment trackers fed the trainer's per-step metrics (respec_async/tracking.py)."""
 
-    backends: list[Literal["tensorboard"]] = []
+    backends: list[Literal["tensorboard", "wandb", "mlflow"]] = []
     dir: str = ""  # "" = <run dir>/tracking/<backend>; else <dir>/<run name> (one tree for many runs)
+    project: str = "respec-async"  # the wandb project / the MLflow experiment
+    # "offline" writes the run under the tracking dir with no network (`wandb sync DIR` uploads it
+    # later); "online" logs to the W&B server you are logged in to.
+    wandb_mode: Literal["offline", "online"] = "offline"
+    # "" = a file store under the tracking dir (no server); else a tracking server's URI.
+    mlflow_uri: str = ""
 
 
 class EchoSection(Section):

@@ -2,10 +2,13 @@
 named in `[tracking] backends`, with the resolved config as hyperparameters.
 
     [tracking]
-    backends = ["tensorboard"]      # pip install 'respec-async[tensorboard]'
+    backends = ["tensorboard"]      # and/or "wandb", "mlflow": pip install 'respec-async[wandb]' ...
     # dir = ""                      # "" = <run dir>/tracking/<backend>
+    # wandb_mode = "offline"        # no network; `wandb sync <dir>` uploads later
+    # mlflow_uri = ""               # "" = a file store under the tracking dir
 
     tensorboard --logdir runs/       # every run's curves side by side
+    MLFLOW_ALLOW_FILE_STORE=true mlflow ui --backend-store-uri <run dir>/tracking/mlflow
 
 Metrics are grouped by what they describe (`reward/`, `rollout/`, `train/`, `time/`, `sd/`,
 `drafter/`, `data/`), SD per draft source under `sd/<source>/`. Nothing here runs unless a
@@ -100,6 +103,67 @@ class TensorBoardTracker:
         self.writer.close()
 
 
+class WandbTracker:
+    """A Weights & Biases run (offline by default: files under `log_dir`, synced later with
+    `wandb sync`); the config flattened as its config, the TOML saved with the run."""
+
+    def __init__(self, log_dir: Path, name: str, config: Config) -> None:
+        import wandb
+
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.run = wandb.init(project=config.tracking.project, name=name, dir=str(log_dir),
+                              mode=config.tracking.wandb_mode, config=hyperparameters(config_to_dict(config)),
+                              reinit="create_new")
+        (log_dir / "config.toml").write_text(config_to_toml(config))
+        self.run.save(str(log_dir / "config.toml"), base_path=str(log_dir), policy="now")
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        self.run.log(scalars, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class MLflowTracker:
+    """An MLflow run in experiment `tracking.project`: the config as params (dotted keys), the
+    TOML as an artifact. Without `tracking.mlflow_uri` it writes a file store under `log_dir`
+    (MLflow keeps that backend in maintenance mode; a server or database URI is its future)."""
+
+    def __init__(self, log_dir: Path, name: str, config: Config) -> None:
+        import os
+
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+
+        uri = config.tracking.mlflow_uri
+        if not uri:
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+            uri = log_dir.resolve().as_uri()
+        self.client = MlflowClient(uri)
+        experiment = self.client.get_experiment_by_name(config.tracking.project)
+        experiment_id = (experiment.experiment_id if experiment is not None
+                         else self.client.create_experiment(config.tracking.project))
+        self.run_id = self.client.create_run(experiment_id, run_name=name).info.run_id
+        params = hyperparameters(config_to_dict(config))
+        names = sorted(params)
+        for i in range(0, len(names), 100):  # MLflow takes at most 100 params a call
+            self.client.log_batch(self.run_id, params=[Param(k, str(params[k])[:6000]) for k in names[i:i + 100]])
+        self.client.log_text(self.run_id, config_to_toml(config), "config.toml")
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(name, value, now, step) for name, value in scalars.items()]
+        for i in range(0, len(metrics), 1000):
+            self.client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
+
+    def close(self) -> None:
+        self.client.set_terminated(self.run_id)
+
+
 class Trackers:
     """Every configured tracker; the trainer calls `log(record)` once per step."""
 
@@ -121,9 +185,16 @@ def open_trackers(config: Config, run_dir: Path) -> Trackers:
     """The trackers `config.tracking` names, writing under tracking.dir or <run_dir>/tracking."""
     root = Path(config.tracking.dir) if config.tracking.dir else Path(run_dir) / "tracking"
     trackers: list[Tracker] = []
+    run_name = Path(run_dir).name
     for name in config.tracking.backends:
+        # One subdirectory per run under a shared dir, so `tensorboard --logdir` shows them apart.
+        log_dir = root / name / run_name if config.tracking.dir else root / name
         if name == "tensorboard":
-            # One subdirectory per run under a shared dir, so `tensorboard --logdir` shows them apart.
-            log_dir = root / Path(run_dir).name if config.tracking.dir else root / "tensorboard"
+            log_dir = root / run_name if config.tracking.dir else log_dir
             trackers.append(TensorBoardTracker(log_dir, config_to_dict(config), config_to_toml(config)))
+        elif name == "wandb":
+            trackers.append(WandbTracker(log_dir, run_name, config))
+        elif name == "mlflow":
+            # One store for every run of a shared dir: the experiment holds them side by side.
+            trackers.append(MLflowTracker(root / name if config.tracking.dir else log_dir, run_name, config))
     return Trackers(trackers)

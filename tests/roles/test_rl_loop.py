@@ -34,17 +34,31 @@ def assert_each_group_trained_once(records, steps, groups_per_step=3):
 
 @pytest.mark.parametrize("k", [0, 2])
 def test_staleness_never_exceeds_k(launch, random_actor_dir, k):
-    # k = 2 also writes TensorBoard events (where installed): the same values as metrics.jsonl.
-    tracked = k == 2 and importlib.util.find_spec("tensorboard") is not None
-    extra = '[tracking]\nbackends = ["tensorboard"]\n' if tracked else ""
+    # k = 2 also feeds every tracker that is installed, in the trainer process: the same values
+    # as metrics.jsonl.
+    backends = [b for b in ("tensorboard", "mlflow", "wandb") if k == 2 and importlib.util.find_spec(b) is not None]
+    extra = f"[tracking]\nbackends = {backends}\n".replace("'", '"') if backends else ""
     run = launch(rl_config(random_actor_dir, steps=6, k=k, extra=extra))
     records = finished(run)
-    if tracked:
+    expected = [(r.step, pytest.approx(r.reward_mean)) for r in records]
+    if "tensorboard" in backends:
         from tests.runtime.test_tracking import read_scalars
 
         scalars = read_scalars(run.run_dir / "tracking" / "tensorboard")
-        assert scalars["reward/mean"] == [(r.step, pytest.approx(r.reward_mean)) for r in records]
+        assert scalars["reward/mean"] == expected
         assert scalars["time/train_s"] == [(r.step, pytest.approx(r.train_s)) for r in records]
+    if "mlflow" in backends:
+        from mlflow.tracking import MlflowClient
+
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # reading MLflow's file store, as the trainer wrote it
+        client = MlflowClient((run.run_dir / "tracking" / "mlflow").as_uri())
+        (mlflow_run,) = client.search_runs([client.get_experiment_by_name("respec-async").experiment_id])
+        assert [(m.step, m.value) for m in client.get_metric_history(mlflow_run.info.run_id, "reward/mean")] == expected
+    if "wandb" in backends:
+        from tests.runtime.test_tracking import wandb_history
+
+        rows = wandb_history(run.run_dir / "tracking" / "wandb")
+        assert [(row["_step"], row["reward/mean"]) for row in rows] == expected
     assert [r.step for r in records] == list(range(6))
     for r in records:
         # staleness = trained version - version the rollout started under, per rollout

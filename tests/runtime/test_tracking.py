@@ -82,3 +82,82 @@ def test_a_backend_whose_package_is_missing_is_a_config_error(monkeypatch):
         config_from_dict({"tracking": {"backends": ["tensorboard"]}})
     with pytest.raises(ConfigError, match=r"tracking\.backends"):
         config_from_dict({"tracking": {"backends": ["neptune"]}})
+
+
+needs_mlflow = pytest.mark.skipif(importlib.util.find_spec("mlflow") is None,
+                                  reason="mlflow not installed (pip install 'respec-async[mlflow]')")
+needs_wandb = pytest.mark.skipif(importlib.util.find_spec("wandb") is None,
+                                 reason="wandb not installed (pip install 'respec-async[wandb]')")
+
+
+@needs_mlflow
+@pytest.mark.process  # mlflow runs `uname -p` for its run's system tags
+def test_mlflow_runs_hold_each_step_the_config_as_params_and_its_toml(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    config = config_from_dict({"tracking": {"backends": ["mlflow"], "project": "tests"}, "trainer": {"lr": 3e-4}})
+    records = [record(step=i, version=i + 1, reward_mean=0.1 * i, acceptance_length=2.0 + i, sd_step_share=0.5)
+               for i in range(4)]
+    trackers = open_trackers(config, tmp_path / "run-a")
+    for r in records:
+        trackers.log(r)
+    trackers.close()
+    client = MlflowClient((tmp_path / "run-a" / "tracking" / "mlflow").resolve().as_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+    assert run.info.run_name == "run-a" and run.info.status == "FINISHED"
+    history = client.get_metric_history(run.info.run_id, "reward/mean")
+    assert [(m.step, m.value) for m in history] == [(r.step, pytest.approx(r.reward_mean)) for r in records]
+    assert set(run.data.metrics) == set(step_scalars(records[0]))
+    assert float(run.data.params["trainer.lr"]) == pytest.approx(3e-4)
+    toml = client.download_artifacts(run.info.run_id, "config.toml", str(tmp_path))
+    assert "lr = 0.0003" in open(toml).read()
+
+
+def wandb_history(run_dir) -> list[dict]:
+    """The history rows of an offline W&B run, read from its .wandb file: LevelDB's log format
+    (32 KiB blocks of records with a 7-byte header; long records split FIRST/MIDDLE/LAST) after
+    a 7-byte W&B header, each record a wandb_internal Record."""
+    import json
+
+    from wandb.proto import wandb_internal_pb2
+
+    (path,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    pos, block, chunks, pending = 7, 32768, [], b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        chunk = data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind == 1:
+            chunks.append(chunk)
+        elif kind in (2, 3):
+            pending = (pending if kind == 3 else b"") + chunk
+        elif kind == 4:
+            chunks.append(pending + chunk)
+    rows = []
+    for chunk in chunks:
+        item = wandb_internal_pb2.Record.FromString(chunk)
+        if item.WhichOneof("record_type") == "history":
+            rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in item.history.item})
+    return rows
+
+
+@needs_wandb
+@pytest.mark.process  # wandb.init starts its wandb-core service
+def test_an_offline_wandb_run_holds_each_step_with_no_network(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    config = config_from_dict({"tracking": {"backends": ["wandb"], "project": "tests"}})
+    records = [record(step=i, version=i + 1, reward_mean=0.1 * i) for i in range(3)]
+    trackers = open_trackers(config, tmp_path / "run-a")
+    for r in records:
+        trackers.log(r)
+    trackers.close()
+    rows = wandb_history(tmp_path / "run-a" / "tracking" / "wandb")
+    assert [(row["_step"], row["reward/mean"]) for row in rows] == [(r.step, pytest.approx(r.reward_mean))
+                                                                   for r in records]
+    assert set(step_scalars(records[0])) <= set(rows[0])
+    assert "lr = " in (tmp_path / "run-a" / "tracking" / "wandb" / "config.toml").read_text()
