@@ -121,6 +121,8 @@ class WeightOwner:
                 except WeightSyncError as exc:
                     self.formed_tokens = {}
                     self.actor.log.error("weights.sync_failed", group=self.group_name, version=version, error=str(exc))
+                    await self.actor.notify("weights.sync_failed", level="warning", group=self.group_name,
+                                            version=version, error=str(exc)[:200])
                     # Give a dead member time to come back and rejoin before the next attempt.
                     self.changed.clear()
                     try:

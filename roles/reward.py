@@ -30,6 +30,7 @@ from respec_async.rewards import ScorerStats, ScoreRequest, make_scorer
 from transport.schema import HOP_AT_REWARD, GroupMoved, ReturnedGroup, RewardHello, RolloutGroup, ScoredGroup
 
 STATS_INTERVAL_S = 5.0
+WARN_EVERY_S = 5.0  # failed rewards: at most one console warning this often
 
 
 class RewardRecord(msgspec.Struct, kw_only=True):
@@ -71,6 +72,8 @@ class RewardActor(Actor):
         self.num_rollouts_dropped = 0
         self.metrics = MetricsWriter(self.ctx.run_dir / f"{self.name}.metrics.jsonl")
         self.at_teardown(self._stop_scoring)
+        self.warned_at = -WARN_EVERY_S
+        self.num_unwarned = 0
 
     async def main(self) -> None:
         if self.ctx.restart_count:
@@ -119,6 +122,8 @@ class RewardActor(Actor):
                 self.log.warning("reward.failed", server=result.source, error=result.error,
                                  rollout_id=request.rollout_id, on_error=self.on_error)
             self.num_rollouts_failed += len(failed)
+            if failed:
+                await self._warn_failed(len(failed), failed[0][1])
             if failed and self.on_error == "drop":
                 self.num_groups_dropped += 1
                 self.num_rollouts_dropped += len(requests)
@@ -149,6 +154,17 @@ class RewardActor(Actor):
         finally:
             self._busy(-1)
             self.slots.release()
+
+    async def _warn_failed(self, num_rollouts: int, first) -> None:
+        """One line above the live view per WARN_EVERY_S at most, counting the failures since."""
+        self.num_unwarned += num_rollouts
+        now = time.monotonic()
+        if now - self.warned_at < WARN_EVERY_S:
+            return
+        self.warned_at = now
+        await self.notify("reward.failed", level="warning", num_rollouts=self.num_unwarned, server=first.source,
+                          error=first.error[:200], on_error=self.on_error)
+        self.num_unwarned = 0
 
     def busy_seconds(self) -> float:
         """Wall time with at least one group being scored (the source may be a remote server)."""

@@ -109,6 +109,7 @@ class TrainerActor(Actor):
         if not lost:
             return
         self.log.warning("trainer.reissue", num_groups=len(lost), reason=reason, holder=holder)
+        await self.notify("trainer.reissue", level="warning", num_groups=len(lost), reason=reason, holder=holder)
         for group_id in lost:
             if group_id in self.admission.outstanding:  # not completed while earlier ones were sent
                 await self._send_group(group_id, reissue=reason, lost_by=holder)
@@ -157,7 +158,7 @@ class TrainerActor(Actor):
             return
         self.num_returned += 1
         self.log.warning("trainer.group_returned", group_id=group_id, reason=message.reason)
-        await self._send_group(group_id, reissue="returned", lost_by=self.admission.outstanding[group_id].holder)
+        await self._reissue([group_id], "returned", self.admission.outstanding[group_id].holder)
 
     # --- the loop ---------------------------------------------------------------------
 

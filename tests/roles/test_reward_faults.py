@@ -83,6 +83,12 @@ on_error = "drop"
     assert records[-1].num_returned == dropped and records[-1].num_reissued == dropped
     assert sum(r.num_reward_errors for r in records) == 0
     assert records[-1].version == STEPS
+    # On the supervisor's console: the failures (at most one line per 5 s) and the re-issues.
+    warned = [e for e in run.events() if e.get("event") == "reward.failed"]
+    assert warned and all(e["level"] == "warning" and e["role"] == "reward-0" for e in warned)
+    assert sum(e["num_rollouts"] for e in warned) <= rec["num_rollouts_failed"] and "/batch" in warned[0]["server"]
+    reissued = [e for e in run.events() if e.get("event") == "trainer.reissue"]
+    assert sum(e["num_groups"] for e in reissued) == dropped and {e["reason"] for e in reissued} == {"returned"}
 
 
 ZERO_ON_BUCKET_0 = """

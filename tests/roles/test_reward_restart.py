@@ -51,5 +51,7 @@ def test_a_killed_reward_role_holding_groups_loses_none_of_them(launch, random_a
                 reissued.append(where[(e.group_id, e.attempt - 1)])
             where[(e.group_id, e.attempt)] = e.holder
     assert reissued and set(reissued) == {"reward-0"}, reissued
+    warned = [e for e in run.events() if e.get("event") == "trainer.reissue" and e.get("holder") == "reward-0"]
+    assert warned and warned[0]["level"] == "warning" and warned[0]["reason"] == "holder_restarted", warned
     lost_by = {e.lost_by for e in events if e.kind == "reissue"}
     assert "reward-0" in lost_by and lost_by <= {"reward-0", "generator-1"}, lost_by

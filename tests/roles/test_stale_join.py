@@ -36,3 +36,6 @@ def test_a_forged_weights_join_does_not_stall_the_run(launch, random_actor_dir):
     stale = [e for e in run.events("generator-0") if e.get("event") == "weights.stale_formation"]
     assert stale, "the forged join never reached a formation: the test did not exercise the fault"
     assert len(run.role_pids()["generator-0"]) == 1  # recovered without restarting anyone
+    # The failed formation's retry is a warning on the supervisor's console (above the live view).
+    retried = [e for e in run.events() if e.get("event") == "weights.sync_failed"]
+    assert retried and retried[0]["level"] == "warning" and retried[0]["role"] == "trainer-0", retried
