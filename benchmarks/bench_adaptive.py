@@ -134,7 +134,7 @@ class ModeRun:
     def step(self) -> None:
         engine = self.engine
         active = engine.num_active
-        if not engine.has_unfinished or (self.full_only and not (active == self.batch_size and engine.waiting)):
+        if not engine.has_unfinished or (self.full_only and not (active == self.batch_size and engine.slots.waiting)):
             self.done = True
             return
         refilling = engine.refilling
@@ -144,7 +144,7 @@ class ModeRun:
         self.timer.start()
         engine.step(sd)
         self.timer.stop()
-        stats = engine.step_stats[-1]
+        stats = engine.last_step
         if scheduler is not None:
             scheduler.observe(stats, scheduler.clock() - step_start)
         self.num_steps += 1

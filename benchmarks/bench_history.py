@@ -88,11 +88,11 @@ def drafting_cost(target, stored: HistoryIndex, prompts, args, params, batch_siz
     plain_s, draft_s = [], []
     for step in range(args.cost_steps):
         for mode, engine in engines.items():
-            if not engine.waiting:
+            if not engine.slots.waiting:
                 continue
-            refill = bool(engine.free_slots)  # this step admits (and prefills) new rows
+            refill = bool(engine.slots.free_slots)  # this step admits (and prefills) new rows
             drafted = 0.0
-            cursors = [engine.running[slot].cursor for slot in sorted(engine.running)]
+            cursors = [engine.slots.running[slot].cursor for slot in sorted(engine.slots.running)]
             if mode == "history" and cursors:
                 started = time.thread_time()
                 if sd.is_chain:  # the chain and its tensors, as Engine._history_step makes them
@@ -104,7 +104,7 @@ def drafting_cost(target, stored: HistoryIndex, prompts, args, params, batch_siz
             started = time.thread_time()
             engine.step(sd if mode == "history" else None)
             elapsed = time.thread_time() - started
-            if step < 2 or engine.step_stats[-1].num_active != batch_size:
+            if step < 2 or engine.last_step.num_active != batch_size:
                 continue
             if mode == "history":
                 draft_s.append(drafted)

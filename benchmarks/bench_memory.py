@@ -91,7 +91,7 @@ def main() -> None:
     last_sample = -1e9
     end_s = start_s + 60 * args.minutes
     while time.perf_counter() < end_s:
-        while engine.num_active + len(engine.waiting) < args.batch_size:
+        while engine.num_active + len(engine.slots.waiting) < args.batch_size:
             problem = arithmetic.problem(next_prompt, seed=0, split="heldout")
             engine.add_request(Request(next_prompt, [tokenizer.bos_token_id] + tokenizer.encode(problem.prompt),
                                        params))

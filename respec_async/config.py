@@ -204,6 +204,8 @@ class TrainerSection(Section):
     # that many (then it trains on what it has: uninformative groups get zero advantages).
     dynamic_sampling: bool = False
     dynamic_sampling_max_factor: Annotated[float, msgspec.Meta(ge=1)] = 4.0
+    # Every weight group's collective timeout: the trainer's actor group and the drafter learner's
+    # drafter group (owners and members alike) read it here.
     weight_sync_timeout_s: PosFloat = 120.0
     # A group sent to a role that has not acknowledged it (GroupMoved) for this long is in no
     # live role's hands: re-issued (0 = never). Longer than a busy reward role's queue can hold it.

@@ -40,6 +40,12 @@ class RoleId(NamedTuple):
         return f"{self.kind}-{self.index}"
 
 
+# The singleton roles every other role addresses by name: one trainer (it owns the data stream,
+# the optimizer and the policy version) and at most one drafter learner.
+TRAINER = str(RoleId("trainer", 0))
+DRAFTER_LEARNER = str(RoleId("drafter_learner", 0))
+
+
 class Endpoints(msgspec.Struct, kw_only=True):
     supervisor: str
     inboxes: dict[str, str]

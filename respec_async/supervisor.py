@@ -30,7 +30,7 @@ import zmq
 import zmq.asyncio
 
 from respec_async.config import Config, config_to_toml
-from respec_async.endpoints import Endpoints, assign_endpoints, role_names
+from respec_async.endpoints import TRAINER, Endpoints, assign_endpoints, role_names
 from respec_async.status import StatusView
 from transport.channels import Channel, Kind, open_channel
 from transport.schema import Ping, Pong, Ready, RoleEvent, RoleFailed, Shutdown
@@ -142,7 +142,7 @@ class Supervisor:
 
     def _driver_name(self) -> str | None:
         if self.config.roles.trainer:
-            return "trainer-0"
+            return TRAINER
         if self.config.roles.echo and self.config.echo.num_rounds:
             return "echo-0"
         return None
@@ -316,7 +316,7 @@ class Supervisor:
         role is the restart logic's; a role that is (re)starting, or just came back Ready,
         restarts the clock)."""
         cfg = self.config.supervisor
-        if (not cfg.stall_timeout_s or self.driver != "trainer-0" or self.last_progress_at is None
+        if (not cfg.stall_timeout_s or self.driver != TRAINER or self.last_progress_at is None
                 or self.stopping.is_set() or now - self.last_progress_at < cfg.stall_timeout_s):
             return
         if any(r.state not in ("running", "done") for r in self.roles.values()):

@@ -37,6 +37,7 @@ from respec_async.actor import Actor, handles
 from respec_async.config import generator_uses_drafter
 from respec_async.drafter_learning import (DrafterLearner, drafter_checkpoints_dir, drafter_step_share,
                                            latest_drafter_checkpoint)
+from respec_async.endpoints import TRAINER
 from respec_async.metrics import MetricsWriter
 from respec_async.models import load_drafter, load_target
 from respec_async.weight_sync import WeightMember, WeightOwner
@@ -93,7 +94,7 @@ class DrafterLearnerActor(Actor):
         self.generators = self.ctx.endpoints.roles("generator")
         members = self.generators if generator_uses_drafter(cfg) else []
         timeout = cfg.trainer.weight_sync_timeout_s
-        self.actor_weights = WeightMember(self, "actor", "trainer-0", timeout, cfg.model.device)
+        self.actor_weights = WeightMember(self, "actor", TRAINER, timeout, cfg.model.device)
         self.drafter_weights = WeightOwner(self, "drafter", members, timeout, cfg.model.device)
         self.data_arrived = asyncio.Event()
         self.metrics = MetricsWriter(self.ctx.run_dir / f"{self.name}.metrics.jsonl")

@@ -20,6 +20,7 @@ import torch
 
 from respec_async import profiling
 from respec_async.actor import Actor, handles
+from respec_async.endpoints import DRAFTER_LEARNER, TRAINER
 from respec_async.engine.engine import Engine
 from respec_async.engine.requests import Completion, Request, SDConfig
 from respec_async.engine.speculative import RelaxedAcceptance
@@ -80,13 +81,13 @@ class GeneratorActor(Actor):
                              shadow_length=shadow_length(sd_grid), spread_siblings=g.history_spread_siblings)
         self.params = sampling_params(cfg, self.tokenizer)
         self.policy_version = -1  # nothing to generate with until the trainer's weights arrive
-        self.actor_weights = WeightMember(self, "actor", "trainer-0", cfg.trainer.weight_sync_timeout_s,
+        self.actor_weights = WeightMember(self, "actor", TRAINER, cfg.trainer.weight_sync_timeout_s,
                                           cfg.model.device)
         # The drafter learner's "drafter" group: new drafters swap in at a step boundary too.
         self.drafter_version = 0  # the offline drafter counts as distilled from the initial actor
         self.drafter_weights = None
         if self.drafter is not None and cfg.roles.drafter_learner:
-            self.drafter_weights = WeightMember(self, "drafter", "drafter_learner-0",
+            self.drafter_weights = WeightMember(self, "drafter", DRAFTER_LEARNER,
                                                 cfg.trainer.weight_sync_timeout_s, cfg.model.device)
         self.pending: collections.deque[PromptGroup] = collections.deque()
         self.in_flight: dict[tuple[int, int], GroupInFlight] = {}
@@ -99,13 +100,13 @@ class GeneratorActor(Actor):
         await self.actor_weights.join()
         if self.drafter_weights is not None:
             await self.drafter_weights.join()
-        await self.send("trainer-0", GeneratorHello(role=self.name, restart_count=self.ctx.restart_count))
+        await self.send(TRAINER, GeneratorHello(role=self.name, restart_count=self.ctx.restart_count))
 
     @handles
     async def on_prompt_group(self, message: PromptGroup) -> None:
         self.pending.append(message)
         self.wake.set()
-        await self.send("trainer-0", GroupMoved(group_id=message.group_id, attempt=message.attempt,
+        await self.send(TRAINER, GroupMoved(group_id=message.group_id, attempt=message.attempt,
                                                 hop=HOP_AT_GENERATOR, holder=self.name))
 
     def _member(self, group: str) -> WeightMember | None:
@@ -189,7 +190,7 @@ class GeneratorActor(Actor):
             return self.engine.step(self._sd_choice(self.engine.num_active))
         started = self.scheduler.clock()
         completions = self.engine.step(self._sd_choice(self.engine.num_active))
-        self.scheduler.observe(self.engine.step_stats[-1], self.scheduler.clock() - started)
+        self.scheduler.observe(self.engine.last_step, self.scheduler.clock() - started)
         return completions
 
     async def _start_adaptive(self) -> None:
@@ -276,5 +277,5 @@ class GeneratorActor(Actor):
         self.num_groups_done += 1
         await self.send(reward_role, RolloutGroup(group=group, rollouts=rollouts, generator=self.name,
                                                   generation_s=time.perf_counter() - flight.started_at))
-        await self.send("trainer-0", GroupMoved(group_id=group.group_id, attempt=group.attempt, hop=HOP_TO_REWARD,
+        await self.send(TRAINER, GroupMoved(group_id=group.group_id, attempt=group.attempt, hop=HOP_TO_REWARD,
                                                 holder=reward_role))

@@ -24,6 +24,7 @@ import time
 import msgspec
 
 from respec_async.actor import Actor, handles
+from respec_async.endpoints import TRAINER
 from respec_async.metrics import MetricsWriter
 from respec_async.models import load_tokenizer
 from respec_async.rewards import ScorerStats, ScoreRequest, make_scorer
@@ -62,7 +63,7 @@ class RewardActor(Actor):
         self.on_error = cfg.reward.on_error
         self.slots = asyncio.Semaphore(cfg.reward.max_concurrency)
         self.tasks: set[asyncio.Task[None]] = set()
-        self.consumers = ["trainer-0"] + self.ctx.endpoints.roles("drafter_learner")
+        self.consumers = [TRAINER] + self.ctx.endpoints.roles("drafter_learner")
         self.started = time.perf_counter()
         self.num_active = 0
         self.busy_since = 0.0
@@ -77,14 +78,14 @@ class RewardActor(Actor):
 
     async def main(self) -> None:
         if self.ctx.restart_count:
-            await self.send("trainer-0", RewardHello(role=self.name, restart_count=self.ctx.restart_count))
+            await self.send(TRAINER, RewardHello(role=self.name, restart_count=self.ctx.restart_count))
         while True:
             await asyncio.sleep(STATS_INTERVAL_S)
             self._write_stats()
 
     @handles
     async def on_rollout_group(self, message: RolloutGroup) -> None:
-        await self.send("trainer-0", GroupMoved(group_id=message.group.group_id, attempt=message.group.attempt,
+        await self.send(TRAINER, GroupMoved(group_id=message.group.group_id, attempt=message.group.attempt,
                                                 hop=HOP_AT_REWARD, holder=self.name))
         await self.slots.acquire()
         task = asyncio.create_task(self._score(message))
@@ -128,7 +129,7 @@ class RewardActor(Actor):
                 self.num_groups_dropped += 1
                 self.num_rollouts_dropped += len(requests)
                 reason = f"reward failed for {len(failed)}/{len(requests)} rollouts: {failed[0][1].error}"
-                await self.send("trainer-0", ReturnedGroup(group=group, reason=reason[:500]))
+                await self.send(TRAINER, ReturnedGroup(group=group, reason=reason[:500]))
                 return
             for request, result in zip(requests, results):
                 if result.extra:  # the source's other keys (a dict's non-score keys, extra_logs)
@@ -150,7 +151,7 @@ class RewardActor(Actor):
             # An error of this role (not of the reward source): never lose the group.
             self.num_group_errors += 1
             self.log.error("reward.group_failed", group_id=group.group_id, error=repr(exc))
-            await self.send("trainer-0", ReturnedGroup(group=group, reason=repr(exc)[:500]))
+            await self.send(TRAINER, ReturnedGroup(group=group, reason=repr(exc)[:500]))
         finally:
             self._busy(-1)
             self.slots.release()

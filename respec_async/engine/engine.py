@@ -161,16 +161,9 @@ class Engine:
         return self.slots.refilling
 
     @property
-    def waiting(self) -> list[Request]:
-        return self.slots.waiting
-
-    @property
-    def running(self) -> dict[int, Sequence]:
-        return self.slots.running
-
-    @property
-    def free_slots(self) -> list[int]:
-        return self.slots.free_slots
+    def last_step(self) -> StepStats | None:
+        """What the latest `step()` did (mode, SD config, batch, tokens emitted and accepted)."""
+        return self.step_stats[-1] if self.step_stats else None
 
     def load_target_state(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Copy new target weights into the existing parameters (call between steps)."""
@@ -208,7 +201,7 @@ class Engine:
         finished: list[Completion] = []
         num_admitted = self._admit(finished, sd)
         self._compact()  # holes that admission left (fewer requests waited than slots were free)
-        slots = sorted(self.running)
+        slots = sorted(self.slots.running)
         num_emitted = num_accepted = 0
         mode = "idle"
         self._step_draft: tuple[list[int], float] | None = None  # history steps: drafts per row, seconds
@@ -227,7 +220,7 @@ class Engine:
             num_emitted = self._emit(slots, tokens, logprobs, num_tokens, sd if mode == "sd" else None, finished)
             if mode == "sd":
                 num_accepted = int(num_tokens.sum()) - len(slots)
-        if not self.waiting:
+        if not self.slots.waiting:
             self._compact()  # nothing will refill the freed slots: close the holes now
         if mode == "sd":
             num_drafted = sum(self._step_draft[0]) if self._step_draft else sd.num_draft_tokens * len(slots)
@@ -248,7 +241,7 @@ class Engine:
         start = self._shadow_turn % len(slots)
         chosen = [slots[(start + i) % len(slots)] for i in range(count)]
         self._shadow_turn = start + count
-        self.history.shadow_chains([self.running[slot].cursor for slot in chosen], self.shadow_length)
+        self.history.shadow_chains([self.slots.running[slot].cursor for slot in chosen], self.shadow_length)
 
     def _check_sd(self, sd: SDConfig) -> None:
         if sd.source == "history":
@@ -269,7 +262,7 @@ class Engine:
     def _sampling_args(self, slots: list[int], slot_ids: torch.Tensor) -> tuple:
         """(temperature, top_p, top_k) for sampling_logprobs: Python scalars when every sequence
         shares them (no per-row tensors on the hot path), else one value per row."""
-        distinct = {(p.temperature, p.top_p, p.top_k) for p in (self.running[slot].request.params for slot in slots)}
+        distinct = {(p.temperature, p.top_p, p.top_k) for p in (self.slots.running[slot].request.params for slot in slots)}
         if len(distinct) == 1:
             return distinct.pop()
         return self.temperature[slot_ids], self.top_p[slot_ids], self.top_k[slot_ids]
@@ -432,7 +425,7 @@ class Engine:
         if self.drafter is not None and int(self.num_pending[slots].max()) + sd.num_steps + 1 >= self.max_pending:
             self._drafter_catch_up(slots, keep_last=True)  # eager upkeep: room for the path's features
         started = time.perf_counter()
-        cursors = [self.running[slot].cursor for slot in slots.tolist()]
+        cursors = [self.slots.running[slot].cursor for slot in slots.tolist()]
         if not sd.is_chain:
             draft = self.history.draft(cursors, sd.num_steps, sd.top_k, sd.num_draft_tokens)
             tree = DraftTree(*draft_tensors(draft, self.device))
@@ -561,7 +554,7 @@ class Engine:
         tokens, logprobs, num_tokens = tokens.tolist(), logprobs.tolist(), num_tokens.tolist()
         num_emitted = 0
         for row, slot in enumerate(slots):
-            sequence = self.running[slot]
+            sequence = self.slots.running[slot]
             if not prefill:
                 drafted = self._step_draft[0][row] if self._step_draft else (sd.num_draft_tokens if sd else 0)
                 sequence.count_step(sd, drafted, num_tokens[row])

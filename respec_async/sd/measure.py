@@ -77,7 +77,7 @@ def measure_step_costs(target, drafter, configs: Sequence[SDConfig], batch_sizes
                 start = now()
                 engine.step(modes[index])
                 elapsed = now() - start
-                assert len(engine.running) == batch_size, "a profiled sequence finished early"
+                assert len(engine.slots.running) == batch_size, "a profiled sequence finished early"
                 if rep:
                     samples[index, batch_size].append(elapsed)
             if progress is not None and rep:

@@ -119,7 +119,7 @@ def test_more_requests_than_slots_match_running_each_alone(models):
     assert [c.output_ids for c in together] == alone
     assert [len(c.output_ids) for c in together] == [5 + 4 * i for i in range(7)]
     assert set(seen) == {1, 2, 3}
-    assert engine.num_active == 0 and sorted(engine.free_slots) == [0, 1, 2]
+    assert engine.num_active == 0 and sorted(engine.slots.free_slots) == [0, 1, 2]
     assert {stat.mode for stat in engine.step_stats} == {"sd", "plain"}
 
 
@@ -138,12 +138,12 @@ def test_running_sequences_move_down_into_freed_slots_and_decode_on_unchanged(mo
         engine.add_request(request)
     done, moved = {}, False
     while engine.has_unfinished:
-        before = {seq.request.request_id: slot for slot, seq in engine.running.items()}
+        before = {seq.request.request_id: slot for slot, seq in engine.slots.running.items()}
         for completion in engine.step(sd):
             done[completion.request_id] = completion
-        after = {seq.request.request_id: slot for slot, seq in engine.running.items()}
+        after = {seq.request.request_id: slot for slot, seq in engine.slots.running.items()}
         moved |= any(before.get(rid, slot) != slot for rid, slot in after.items())
-        assert sorted(engine.running) == list(range(len(engine.running)))  # nothing waits: no holes
+        assert sorted(engine.slots.running) == list(range(len(engine.slots.running)))  # nothing waits: no holes
     assert moved
     assert [done[i].output_ids for i in range(len(work))] == [c.output_ids for c in alone]
     # Greedy drafts are deterministic too: the moved drafter state drafts what it did alone.
@@ -165,8 +165,8 @@ def test_a_compaction_move_carries_every_piece_of_a_sequences_state(models):
         engine.add_request(request)
     for _ in range(3):
         engine.step(CHAIN)
-    engine._finish(engine.running[0], "stop")  # free the lowest slot under a running sequence
-    mover = engine.running[2]
+    engine._finish(engine.slots.running[0], "stop")  # free the lowest slot under a running sequence
+    mover = engine.slots.running[2]
     length, num_pending = int(engine.lengths[2]), int(engine.num_pending[2])
     assert num_pending >= 1
     caches = (engine.cache.k, engine.cache.v, engine.drafter_cache.k, engine.drafter_cache.v)
@@ -175,8 +175,8 @@ def test_a_compaction_move_carries_every_piece_of_a_sequences_state(models):
         engine.pending_features[2, :num_pending].clone()]  # the pending entries; the rest is stale anyway
     with torch.inference_mode():
         engine._compact()
-    assert engine.running[0] is mover and mover.slot == 0 and sorted(engine.running) == [0, 1]
-    assert engine.free_slots == [2]
+    assert engine.slots.running[0] is mover and mover.slot == 0 and sorted(engine.slots.running) == [0, 1]
+    assert engine.slots.free_slots == [2]
     moved = [buffer[:, 0, :, :length] for buffer in caches] + [
         buffer[0] for buffer in (engine.tokens, engine.lengths, engine.temperature, engine.num_pending)] + [
         engine.pending_features[0, :num_pending]]
@@ -238,7 +238,7 @@ def test_a_lazy_drafter_costs_nothing_until_sd_is_chosen(models):
         engine.add_request(request)
     for _ in range(20):
         engine.step(None)
-    running = sorted(engine.running)
+    running = sorted(engine.slots.running)
     assert calls == [] and int(engine.num_pending[running].min()) > 20  # prompt + 20 steps of features
     engine.step(CHAIN)
     assert len(calls) == 1 + CHAIN.num_steps - 1  # one catch-up, then the chain's drafts
@@ -259,7 +259,7 @@ def test_a_lazy_engine_prefills_the_drafter_for_requests_an_sd_step_admits():
     widths.clear()
     engine.add_request(Request("late", list(range(1, 13)) * 2, SamplingParams(max_new_tokens=8)))
     engine.step(None)  # admitted by a plain step: nothing for the drafter
-    assert widths == [] and len(engine.running) == 5
+    assert widths == [] and len(engine.slots.running) == 5
 
 
 def test_the_engine_buffers_whole_sequences_only_where_that_is_small(models, monkeypatch):
