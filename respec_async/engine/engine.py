@@ -53,7 +53,7 @@ import torch
 from respec_async.engine import fused
 from respec_async.engine.drafter import Eagle3Drafter
 from respec_async.engine.history import HistoryIndex, chain_tensors, draft_tensors
-from respec_async.engine.model import KVCache, Transformer
+from respec_async.engine.model import KVCache, ModelOutput, Transformer
 from respec_async.engine.requests import Completion, Request, SDConfig, SDPolicy, StepStats
 from respec_async.engine.sampling import sample, sampling_logprobs, token_logprobs
 from respec_async.engine.slots import Sequence, SlotScheduler
@@ -292,8 +292,7 @@ class Engine:
             ids[row, :len(sequence.request.prompt_ids)] = torch.tensor(sequence.request.prompt_ids)
         positions = torch.arange(max_len, device=self.device).expand(len(admitted), -1)
         # Padding past a prompt writes K/V beyond its length, which later steps overwrite.
-        out = self.target(ids, positions, self.cache, slots, positions, None, hidden_layers=self.feature_layers,
-                          logits_positions=(prompt_lens - 1)[:, None])
+        out = self._target(ids, positions, slots, logits_positions=(prompt_lens - 1)[:, None])
         sampling_args = self._sampling_args([sequence.slot for sequence in admitted], slots)
         logprobs = sampling_logprobs(out.logits[:, 0], *sampling_args)
         first = sample(logprobs, self.generator)
@@ -347,10 +346,19 @@ class Engine:
 
     # ---- plain decoding -------------------------------------------------------------------
 
+    def _target(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, *,
+                cache_positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                **kwargs) -> ModelOutput:
+        """The target over `ids` [B, T] at RoPE `positions`, written to the KV-cache rows `slots`
+        at `cache_positions` (default: the positions), attending by `mask` (default: causal by
+        cache index); returns the drafter's feature layers too. kwargs: logits_positions (where
+        logits are wanted; default every token), num_real (ragged rows)."""
+        return self.target(ids, positions, self.cache, slots, positions if cache_positions is None else cache_positions,
+                           mask, hidden_layers=self.feature_layers, **kwargs)
+
     def _plain_step(self, slots: torch.Tensor, sampling_args: tuple):
         lengths = self.lengths[slots]
-        out = self.target(self.tokens[slots, lengths][:, None], lengths[:, None], self.cache, slots, lengths[:, None],
-                          None, hidden_layers=self.feature_layers)
+        out = self._target(self.tokens[slots, lengths][:, None], lengths[:, None], slots)
         logprobs = sampling_logprobs(out.logits[:, 0], *sampling_args)
         tokens = sample(logprobs, self.generator)
         self.tokens[slots, lengths + 1] = tokens
@@ -463,8 +471,7 @@ class Engine:
         num_steps = drafts.shape[1]
         positions = lengths[:, None] + torch.arange(num_steps + 1, device=self.device)
         ids = torch.cat([self.tokens[slots, lengths][:, None], drafts], 1)
-        out = self.target(ids, positions, self.cache, slots, positions, None, hidden_layers=self.feature_layers,
-                          num_real=num_real)
+        out = self._target(ids, positions, slots, num_real=num_real)
         target_logprobs = sampling_logprobs(out.logits, *sampling_args)
         num_accepted, next_tokens = accept(target_logprobs)
         emitted = torch.cat([drafts, next_tokens[:, None]], 1)
@@ -523,8 +530,8 @@ class Engine:
         batch_size, num_nodes = tree.tokens.shape
         cache_positions = lengths[:, None] + torch.arange(num_nodes, device=self.device)
         mask = tree_attention_mask(tree, lengths, int(lengths.max()) + num_nodes)
-        out = self.target(tree.tokens, lengths[:, None] + tree.depths, self.cache, slots, cache_positions, mask,
-                          hidden_layers=self.feature_layers)
+        out = self._target(tree.tokens, lengths[:, None] + tree.depths, slots, cache_positions=cache_positions,
+                           mask=mask)
         target_logprobs = sampling_logprobs(out.logits, *sampling_args)
         path, num_accepted, next_tokens = tree_accept(tree, target_logprobs, self.generator, relaxed)
 
