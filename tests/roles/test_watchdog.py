@@ -27,16 +27,20 @@ def compute_score(data_source, solution_str, ground_truth, extra_info=None):
 """
 
 
-def test_a_run_that_stops_making_steps_fails_naming_what_waits(launch, random_actor_dir, tmp_path):
+def hanging_run_config(actor_dir, tmp_path, *, once: bool, steps: int, supervisor: str) -> str:
+    """A run whose reward hangs after two steps (for good, or once), with a 6 s stall timeout."""
     reward_file = tmp_path / "hanging_reward.py"
-    reward_file.write_text(HANGS_AFTER_TWO_STEPS.format(once=False))
+    reward_file.write_text(HANGS_AFTER_TWO_STEPS.format(once=once))
     extra = f"""[reward]
 source = "python:{reward_file}:compute_score"
 timeout_s = 3600.0
 """
-    toml = rl_config(random_actor_dir, steps=20, extra=extra).replace(
-        "[supervisor]", "[supervisor]\nstall_timeout_s = 6.0", 1)
-    run = launch(toml)
+    return rl_config(actor_dir, steps=steps, extra=extra).replace(
+        "[supervisor]", "[supervisor]\nstall_timeout_s = 6.0\n" + supervisor, 1)
+
+
+def test_a_run_that_stops_making_steps_fails_naming_what_waits(launch, random_actor_dir, tmp_path):
+    run = launch(hanging_run_config(random_actor_dir, tmp_path, once=False, steps=20, supervisor=""))
     run.wait_event(lambda e: e.get("event") == "train.step" and e.get("step") == 1, timeout=120)
     seen = time.monotonic()
     code = run.proc.wait(timeout=60)
@@ -53,15 +57,8 @@ timeout_s = 3600.0
 
 def test_a_stall_with_action_restart_restarts_the_role_holding_the_groups_and_the_run_completes(
         launch, random_actor_dir, tmp_path):
-    reward_file = tmp_path / "hangs_once.py"
-    reward_file.write_text(HANGS_AFTER_TWO_STEPS.format(once=True))
-    extra = f"""[reward]
-source = "python:{reward_file}:compute_score"
-timeout_s = 3600.0
-"""
-    toml = rl_config(random_actor_dir, steps=5, extra=extra).replace(
-        "[supervisor]", '[supervisor]\nstall_timeout_s = 6.0\nstall_action = "restart"', 1)
-    run = launch(toml)
+    run = launch(hanging_run_config(random_actor_dir, tmp_path, once=True, steps=5,
+                                    supervisor='stall_action = "restart"'))
     records = finished(run, timeout=180)
     stalled = [e for e in run.events() if e.get("event") == "run.stalled"]
     assert len(stalled) == 1 and stalled[0]["action"] == "restart"
