@@ -132,17 +132,17 @@ class GeneratorActor(Actor):
         if member is not None:
             await member.join()
 
-    def _swap_in_drafter(self) -> None:
-        staged = self.drafter_weights.take() if self.drafter_weights is not None else None
+    def _apply(self, member: WeightMember | None, load, module: torch.nn.Module,
+               kind: str) -> tuple[int, float, dict] | None:
+        """Load the newest version `member` staged into the engine: (version, seconds, the
+        checksum fields), or None when nothing new arrived."""
+        staged = member.take() if member is not None else None
         if staged is None:
-            return
+            return None
         version, tensors, checksum = staged
         started = time.perf_counter()
-        self.engine.load_drafter_state(tensors)
-        self.drafter_version = version
-        fields = self._verify("drafter", self.drafter, version, checksum)
-        self.log.info("drafter.applied", version=version, policy_version=self.policy_version,
-                      lag=self.policy_version - version, seconds=round(time.perf_counter() - started, 4), **fields)
+        load(tensors)
+        return version, round(time.perf_counter() - started, 4), self._verify(kind, module, version, checksum)
 
     def _verify(self, kind: str, module: torch.nn.Module, version: int, checksum: str) -> dict:
         """With generator.verify_weights, checksum what the engine now holds (not what arrived:
@@ -155,16 +155,16 @@ class GeneratorActor(Actor):
         return {"checksum": held[:12], "matches": held == checksum}
 
     def _swap_in_staged(self) -> None:
-        self._swap_in_drafter()
-        staged = self.actor_weights.take()
-        if staged is None:
-            return
-        version, tensors, checksum = staged
-        started = time.perf_counter()
-        self.engine.load_target_state(tensors)
-        self.policy_version = version
-        fields = self._verify("weights", self.target, version, checksum)
-        self.log.info("weights.applied", version=version, seconds=round(time.perf_counter() - started, 4), **fields)
+        """At a step boundary: the newest drafter, then the newest actor weights that arrived."""
+        applied = self._apply(self.drafter_weights, self.engine.load_drafter_state, self.drafter, "drafter")
+        if applied is not None:
+            self.drafter_version, seconds, fields = applied
+            self.log.info("drafter.applied", version=self.drafter_version, policy_version=self.policy_version,
+                          lag=self.policy_version - self.drafter_version, seconds=seconds, **fields)
+        applied = self._apply(self.actor_weights, self.engine.load_target_state, self.target, "weights")
+        if applied is not None:
+            self.policy_version, seconds, fields = applied
+            self.log.info("weights.applied", version=self.policy_version, seconds=seconds, **fields)
 
     def _admit(self) -> None:
         # A group admitted at version v may only be sampled by weights of version >= v (the
