@@ -166,6 +166,7 @@ def test_incremental_index_equals_one_rebuilt_from_scratch():
     assert table_snapshot(index) == incremental
 
 
+@pytest.mark.slow  # ~3.5 s: out of the quick tier
 def test_memory_cap_holds_under_a_stream_of_rollouts():
     """num_bytes bounds the index's real memory (tracemalloc) and stays under max_bytes."""
     rng = random.Random(1)

@@ -32,6 +32,7 @@ async def nothing_arrives(channel, timeout: float = REFUSED_WITHIN_S) -> bool:
     return False
 
 
+@pytest.mark.slow  # ~3.5 s each (refused handshakes wait out their timeouts): out of the quick tier
 @pytest.mark.parametrize("kind, peer_kind", [(Kind.ROUTER, Kind.DEALER), (Kind.PULL, Kind.PUSH)])
 def test_only_the_runs_client_key_gets_through(kind, peer_kind, tmp_path):
     keys = Security.generate()
