@@ -94,6 +94,9 @@ def socket_dir(run_dir: Path) -> Path:
 
 def assign_endpoints(config: Config, run_dir: Path) -> Endpoints:
     names = role_names(config)
+    # torch.distributed's rendezvous store takes no credentials, so it listens on loopback in
+    # both schemes: the supervisor starts every role on its own host, and the weights' own
+    # gloo / NCCL connections do not go through the store.
     torch_dist = f"tcp://127.0.0.1:{free_tcp_port('127.0.0.1')}"
     if config.transport.scheme == "ipc":
         sock = socket_dir(run_dir)
@@ -107,8 +110,4 @@ def assign_endpoints(config: Config, run_dir: Path) -> Endpoints:
     def tcp() -> str:
         return f"tcp://{host}:{free_tcp_port(host)}"
 
-    return Endpoints(
-        supervisor=tcp(),
-        inboxes={n: tcp() for n in names},
-        torch_dist=f"tcp://{host}:{free_tcp_port(host)}",
-    )
+    return Endpoints(supervisor=tcp(), inboxes={n: tcp() for n in names}, torch_dist=torch_dist)

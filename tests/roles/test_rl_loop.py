@@ -164,3 +164,12 @@ def test_a_start_up_error_a_restart_would_repeat_fails_the_run_at_once(launch, r
     assert broken == "empty_model_dir" or "not a readable safetensors file" in reason, reason
     assert all(len(pids) == 1 for pids in run.role_pids().values())  # nothing restarted
     assert elapsed < 30, elapsed
+
+
+def test_a_tcp_run_with_curve_completes_and_keeps_the_rendezvous_on_loopback(launch, random_actor_dir):
+    run = launch(rl_config(random_actor_dir, steps=4) + '[transport]\nscheme = "tcp"\nhost = "127.0.0.2"\n')
+    records = finished(run)  # and the ledger balanced
+    assert_each_group_trained_once(records, 4)
+    endpoints = (run.run_dir / "endpoints.json").read_text()
+    assert '"supervisor":"tcp://127.0.0.2:' in endpoints and '"torch_dist":"tcp://127.0.0.1:' in endpoints
+    assert (run.run_dir / "keys.json").exists()  # CURVE on: every ZeroMQ channel is encrypted

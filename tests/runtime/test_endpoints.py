@@ -1,11 +1,13 @@
 """Role identity: "kind-index" names parsed into (kind, index), bad names refused, and a run's
-instances of one kind listed by index (numerically: generator-10 after generator-9)."""
+instances of one kind listed by index (numerically: generator-10 after generator-9); where a
+run listens."""
 
 from __future__ import annotations
 
 import pytest
 
-from respec_async.endpoints import Endpoints, RoleId
+from respec_async.config import config_from_dict
+from respec_async.endpoints import Endpoints, RoleId, assign_endpoints
 
 
 def test_role_names_round_trip_and_kinds_may_contain_underscores():
@@ -26,3 +28,11 @@ def test_roles_lists_one_kind_by_index():
                           torch_dist="tcp://127.0.0.1:1")
     assert endpoints.roles("generator") == ["generator-0", "generator-9", "generator-10"]
     assert endpoints.roles("drafter_learner") == ["drafter_learner-0"] and endpoints.roles("echo") == []
+
+
+def test_the_rendezvous_store_is_on_loopback_whatever_host_the_roles_use(tmp_path):
+    config = config_from_dict({"transport": {"scheme": "tcp", "host": "127.0.0.2"}})
+    endpoints = assign_endpoints(config, tmp_path)
+    assert endpoints.supervisor.startswith("tcp://127.0.0.2:")
+    assert all(e.startswith("tcp://127.0.0.2:") for e in endpoints.inboxes.values())
+    assert endpoints.torch_dist.startswith("tcp://127.0.0.1:")  # it takes no credentials
