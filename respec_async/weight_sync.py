@@ -23,7 +23,7 @@ drafter weights never blocks the actor broadcast or the engine.
 from __future__ import annotations
 
 import asyncio
-import os
+import secrets
 import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
@@ -38,8 +38,9 @@ if TYPE_CHECKING:
 
 
 def incarnation_token() -> int:
-    """Unique per process incarnation (pid and start time), to tell restarts apart."""
-    return (os.getpid() << 20) | (time.time_ns() // 1_000_000 & 0xFFFFF)
+    """Unique per incarnation, to tell restarts apart; random (not pid and time), so a sender
+    that can reach a role's inbox cannot guess a live member's token."""
+    return secrets.randbits(62)
 
 
 class WeightOwner:
