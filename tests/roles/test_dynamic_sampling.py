@@ -11,10 +11,14 @@ from tests.roles.conftest import rl_config
 from tests.roles.test_rl_loop import finished
 
 # A coin per sample (crc32 of its text): with 2 samples a group is informative half the time.
-COIN_REWARD = """import zlib
+# The sleep keeps the run long enough for the test to kill the trainer midway (without it a
+# fast machine ran all 8 steps before the kill landed).
+COIN_REWARD = """import time
+import zlib
 
 
 def compute_score(data_source, solution_str, ground_truth, extra_info=None):
+    time.sleep(0.15)
     return float(zlib.crc32(solution_str.encode()) % 2)
 """
 
