@@ -95,7 +95,8 @@ class Actor:
         self.state = "starting"
         self.num_handled = 0
         self.num_handler_errors = 0
-        self.compute_s = 0.0  # time inside run_blocking calls on the "compute" thread
+        self.compute_s = 0.0  # time inside finished run_blocking calls on the "compute" thread
+        self._compute_since: float | None = None  # start of the one running there, if any
         self.handlers = self._collect_handlers()
         self.mailbox: asyncio.Queue[Any] = asyncio.Queue(maxsize=self.mailbox_size)
         self.stopped = asyncio.Event()
@@ -162,18 +163,20 @@ class Actor:
             return await loop.run_in_executor(executor, functools.partial(fn, *args, **kwargs))
 
         def timed() -> T:  # timed in the thread: a call queued behind another does not count twice
-            started = time.perf_counter()
+            self._compute_since = started = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
                 self.compute_s += time.perf_counter() - started
+                self._compute_since = None
 
         return await loop.run_in_executor(executor, timed)
 
     def busy_seconds(self) -> float:
         """Seconds this incarnation spent working, for the supervisor's busy share: compute-thread
         time by default; a role whose work is not there (the reward role's scoring) says its own."""
-        return self.compute_s
+        since = self._compute_since  # a call still running counts up to now
+        return self.compute_s + (time.perf_counter() - since if since is not None else 0.0)
 
     async def notify(self, event: str, level: str = "info", **fields: str | int | float | bool) -> None:
         """Show one line on the supervisor's console (level "warning": also under the live view)."""

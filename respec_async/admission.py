@@ -173,8 +173,10 @@ class Admission:
         issued again: their drop was never recorded."""
         pending = set(self.step_assignment).union(*self.dropped.values())
         start = min(pending, default=self.next_group_id)
-        consumed = sorted(g for g in range(start, self.next_group_id) if g not in pending)
-        return start, consumed
+        consumed = {g for g in range(start, self.next_group_id) if g not in pending}
+        # Positions a resumed predecessor recorded as consumed and this one has not reached yet.
+        consumed |= {g for g in self.skip if g >= start}
+        return start, sorted(consumed)
 
     def reset_to_step(self, step: int, data_position: int | None = None, consumed: list[int] = ()) -> None:
         """After resuming from a checkpoint at version `step`: everything from that step on is

@@ -88,7 +88,7 @@ def evaluate_run(run_dir: Path, num_prompts: int | None = None, greedy: bool = T
 
     config = msgspec.json.decode((run_dir / "config.json").read_bytes(), type=Config)
     checkpoint = latest_checkpoint(run_dir)
-    total = (num_prompts or config.data.eval_size) * (2 if greedy else 1)
+    total = min(num_prompts or config.data.eval_size, config.data.eval_size) * (2 if greedy else 1)
     with EvalProgress(show_progress) as bars:
         if checkpoint is None:
             task = bars.add("initial actor", total)
@@ -108,7 +108,10 @@ def evaluate_run(run_dir: Path, num_prompts: int | None = None, greedy: bool = T
                     bars.advance(*done.get(timeout=0.2))
                 except queue.Empty:
                     pass
-            return futures[0].result(), futures[1].result()
+            results = futures[0].result(), futures[1].result()
+            while done is not None and not done.empty():  # the last reports before the bars close
+                bars.advance(*done.get())
+            return results
 
 
 def _put(q, task: int, n: int) -> None:

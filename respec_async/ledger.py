@@ -9,11 +9,12 @@ count of groups still out when it finished (`end`).
 
 `audit_run` replays the file as the run's final lineage: a trainer that restarted from the
 checkpoint at version v discards what its predecessor trained or dropped at steps >= v and
-issues those groups again, so only the last word on each data position counts. It then checks
-the invariant issued = trained + dropped + in flight with nothing trained twice, every data
-position up to the last one issued accounted for, the ledger's trained and dropped groups equal
-to what metrics.jsonl recorded per step, and, for a finished run, nothing left in flight. A
-group in flight at the end of a finished run is a lost one.
+issues those groups again, so only the last word on each data position counts. Each group of
+the lineage is then trained, dropped or in flight (issued = trained + dropped + in flight by
+construction); what the audit checks is that nothing was trained twice, every data position up
+to the last one issued was issued, the ledger's trained and dropped groups equal what
+metrics.jsonl recorded per step, and, for a finished run, that nothing is left in flight and
+the trainer's own count agrees. A group in flight at the end of a finished run is a lost one.
 """
 
 from __future__ import annotations
@@ -53,7 +54,11 @@ class Ledger:
     """The trainer's writer; one line per event, flushed, so a killed trainer leaves a usable file."""
 
     def __init__(self, run_dir: Path, incarnation: int) -> None:
-        self.file = open(run_dir / LEDGER_FILE, "ab")
+        path = run_dir / LEDGER_FILE
+        cut_off = path.exists() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
+        self.file = open(path, "ab")
+        if cut_off:  # a killed predecessor's last line: end it, or this incarnation's first event joins it
+            self.file.write(b"\n")
         self.encoder = msgspec.json.Encoder()
         self.incarnation = incarnation
 

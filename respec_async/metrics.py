@@ -157,10 +157,16 @@ class MetricsWriter:
 
 
 def read_metrics(path: Path) -> list[StepRecord]:
-    """All step records; on a resumed run the latest record per step wins."""
+    """All step records; on a resumed run the latest record per step wins. A last line cut off
+    by a kill is skipped; a malformed line elsewhere is an error."""
     by_step: dict[int, StepRecord] = {}
-    for line in Path(path).read_bytes().splitlines():
-        if line.strip():
+    lines = [line for line in Path(path).read_bytes().splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        try:
             record = msgspec.json.decode(line, type=StepRecord)
-            by_step[record.step] = record
+        except msgspec.DecodeError:
+            if i == len(lines) - 1:
+                break
+            raise
+        by_step[record.step] = record
     return [by_step[s] for s in sorted(by_step)]

@@ -161,6 +161,7 @@ class Supervisor:
         role.state = "starting"
         role.started_at = role.last_pong_at = time.monotonic()
         role.num_handled = role.handled_at_progress = 0  # a new process counts from zero
+        role.busy_samples.clear()
         self.ready[role.name].clear()
         log.info("role.started", role=role.name, pid=role.popen.pid, restarts=role.num_restarts)
 

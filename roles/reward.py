@@ -75,10 +75,12 @@ class RewardActor(Actor):
         self.at_teardown(self._stop_scoring)
         self.warned_at = -WARN_EVERY_S
         self.num_unwarned = 0
+        if self.ctx.restart_count:
+            # Before any group reaches this incarnation: what the trainer re-issues is what the dead
+            # one held, not what is already on its way here.
+            await self.send(TRAINER, RewardHello(role=self.name, restart_count=self.ctx.restart_count))
 
     async def main(self) -> None:
-        if self.ctx.restart_count:
-            await self.send(TRAINER, RewardHello(role=self.name, restart_count=self.ctx.restart_count))
         while True:
             await asyncio.sleep(STATS_INTERVAL_S)
             self._write_stats()
@@ -87,7 +89,8 @@ class RewardActor(Actor):
     async def on_rollout_group(self, message: RolloutGroup) -> None:
         await self.send(TRAINER, GroupMoved(group_id=message.group.group_id, attempt=message.group.attempt,
                                                 hop=HOP_AT_REWARD, holder=self.name))
-        await self.slots.acquire()
+        # The slot is taken inside the task, so the mailbox drains and every group held here is
+        # acknowledged at once (admission bounds how many can be out).
         task = asyncio.create_task(self._score(message))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
@@ -102,6 +105,7 @@ class RewardActor(Actor):
             self.busy_s += now - self.busy_since
 
     async def _score(self, message: RolloutGroup) -> None:
+        await self.slots.acquire()
         group = message.group
         self.num_groups += 1
         self._busy(+1)

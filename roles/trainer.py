@@ -206,6 +206,7 @@ class TrainerActor(Actor):
                           device=cfg.model.device)
         if cfg.trainer.group_transit_timeout_s:
             watcher = asyncio.create_task(self._watch_transit(), name="transit")
+            watcher.add_done_callback(self._io_task_done)  # it failing is fatal, never silent
             self.at_teardown(watcher.cancel)
         while self.core.version < cfg.trainer.num_steps:
             step = self.core.version
@@ -228,7 +229,7 @@ class TrainerActor(Actor):
                                   num_duplicates=self.admission.num_duplicates + self.admission.num_stale_results,
                                   filtered_group_ids=dropped)
             self.metrics.write(record)
-            self.trackers.log(record)
+            await self.run_blocking(self.trackers.log, record, thread="tracking")  # a remote tracker may be slow
             await self.notify("train.step", **record.console_fields())
             every = cfg.trainer.checkpoint_every
             if (every and self.core.version % every == 0) or self.core.version == cfg.trainer.num_steps:

@@ -118,6 +118,32 @@ def test_resume_position_skips_recorded_fates_and_reissues_unrecorded_drops():
     assert plain.issue(3, "g").group_id == 6
 
 
+def test_a_second_resume_keeps_the_positions_a_first_resume_skipped():
+    """A drops 1 and 0 and trains 3 (0's replacement) at step 0: its checkpoint says (1, [3]).
+    B resumes there and checkpoints after step 1, before its stream reaches 3: 3 must still
+    count as consumed, or C issues it and trains it a second time (found by review)."""
+    a = Admission(groups_per_step=1, max_staleness=1)
+    g0, g1 = a.issue(0, "g"), a.issue(0, "g")  # 0 -> step 0, 1 -> step 1
+    a.complete(1, g1.attempt, 1)
+    a.drop(1)
+    a.issue(0, "g")  # 2 refills step 1
+    a.complete(0, g0.attempt, 0)
+    a.drop(0)
+    g3 = a.issue(0, "g")  # 3 refills step 0
+    a.complete(3, g3.attempt, 3)
+    assert a.take_batch(0) == [3] and a.take_dropped(0) == [0]
+    assert a.resume_position() == (1, [3])
+    b = Admission(groups_per_step=1, max_staleness=1)
+    b.reset_to_step(1, 1, [3])
+    assert [b.issue(1, "g").group_id for _ in range(2)] == [1, 2]  # steps 1 and 2
+    b.complete(1, 0, 1)
+    assert b.take_batch(1) == [1]
+    assert b.resume_position() == (2, [3])  # was (2, []): 3 would have been trained again
+    c = Admission(groups_per_step=1, max_staleness=1)
+    c.reset_to_step(2, *b.resume_position())
+    assert [c.issue(2, "g").group_id for _ in range(2)] == [2, 4]
+
+
 def test_dropping_an_unknown_or_untrained_group_is_an_error():
     adm = Admission(groups_per_step=1, max_staleness=0)
     issued = adm.issue(0, "g")

@@ -87,3 +87,16 @@ def test_reissues_are_counted_by_reason_and_a_cut_off_last_line_is_skipped(tmp_p
     assert result.balanced and result.num_reissues == 2
     assert result.reissue_reasons == {"holder_restarted": 1, "in_transit": 1}
     assert audit_run(tmp_path / "nowhere") is None
+
+
+def test_a_new_incarnation_after_a_cut_off_line_starts_on_a_line_of_its_own(tmp_path):
+    first = Ledger(tmp_path, incarnation=0)
+    for kind, fields in two_steps(end=False):
+        first.write(kind, **fields)
+    first.close()
+    with open(tmp_path / LEDGER_FILE, "ab") as f:
+        f.write(b'{"kind":"iss')  # the trainer was killed mid-line
+    result = write_run(tmp_path, [[], two_steps(start_version=1, groups=(2, 3, 4))],
+                       [record(0, [0, 1]), record(1, [3, 4], [2])])
+    # Joined to the cut-off line, the resume's start would be skipped: steps redone read as twice.
+    assert result.num_trainer_starts == 2 and result.balanced, result.summary()
