@@ -53,10 +53,11 @@ class SupervisorSection(Section):
     # Progress watchdog: no trainer step for this long while every role is up and answering
     # pings is a stall: a run.stalled event names each role's mailbox, the messages it handled
     # since the last step and the prompt groups it holds (the ledger), then stall_action:
-    # "fail" the run with that message, or "restart" the roles holding groups (their groups are
-    # re-issued; restarts count against max_restarts; nothing held: the run fails). 0 = off.
+    # "fail" the run with that message; "reissue" the groups the roles hold (new attempts, the
+    # stuck roles keep running); or "restart" the roles holding groups (their groups are
+    # re-issued; restarts count against max_restarts). Nothing held: the run fails. 0 = off.
     stall_timeout_s: NonNegFloat = 900.0
-    stall_action: Literal["fail", "restart"] = "fail"
+    stall_action: Literal["fail", "reissue", "restart"] = "fail"
 
 
 class TransportSection(Section):

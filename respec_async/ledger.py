@@ -30,8 +30,9 @@ from respec_async.metrics import read_metrics
 
 LEDGER_FILE = "ledger.jsonl"
 # Why an attempt was issued again: the role holding it (`holder`) restarted, it was sent to a
-# role that did not acknowledge it in time, or the reward role handed it back.
-REISSUE_REASONS = ("holder_restarted", "in_transit", "returned")
+# role that did not acknowledge it in time, the reward role handed it back, or the run stalled
+# with it there (supervisor.stall_action = "reissue").
+REISSUE_REASONS = ("holder_restarted", "in_transit", "returned", "stalled")
 
 
 class LedgerEvent(msgspec.Struct, kw_only=True, omit_defaults=True):

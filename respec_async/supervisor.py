@@ -33,7 +33,7 @@ from respec_async.config import Config, config_to_toml
 from respec_async.endpoints import TRAINER, Endpoints, assign_endpoints, role_names
 from respec_async.status import StatusView
 from transport.channels import Channel, Kind, open_channel
-from transport.schema import Ping, Pong, Ready, RoleEvent, RoleFailed, Shutdown
+from transport.schema import Ping, Pong, Ready, ReissueHeld, RoleEvent, RoleFailed, Shutdown
 from transport.security import Security, start_authenticator
 
 log = structlog.get_logger("supervisor")
@@ -340,11 +340,20 @@ class Supervisor:
             self.fail(what)
             return
         self.last_progress_at = now
+        if action == "reissue":
+            self._reissue_task = asyncio.get_running_loop().create_task(self._ask_reissue([r.name for r in stuck]))
+            return
         for role in stuck:
             if role.popen is not None and role.popen.poll() is None:
                 role.popen.kill()
                 role.popen.wait()
             self._restart_or_fail(role, f"held {held[role.name]} groups while the run stalled (restarted)")
+
+    async def _ask_reissue(self, names: list[str]) -> None:
+        try:
+            await self.control.send(ReissueHeld(roles=names), TRAINER.encode())
+        except zmq.ZMQError as exc:
+            self.fail(f"the run stalled and the trainer could not be asked to re-issue: {exc!r}")
 
     def _groups_held(self) -> dict[str, int]:
         """Prompt groups out per role, from the trainer's ledger (empty if it cannot be read)."""

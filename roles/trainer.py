@@ -34,6 +34,7 @@ from transport.schema import (
     GeneratorHello,
     GroupMoved,
     PromptGroup,
+    ReissueHeld,
     ReturnedGroup,
     RewardHello,
     ScoredGroup,
@@ -97,6 +98,13 @@ class TrainerActor(Actor):
     @handles
     async def on_reward_hello(self, message: RewardHello) -> None:
         await self._reissue(self.admission.held_by(message.role), "holder_restarted", message.role)
+
+    @handles
+    async def on_reissue_held(self, message: ReissueHeld) -> None:
+        """The supervisor saw the run stall (stall_action = "reissue"): new attempts of what the
+        stuck roles hold; a late result of an old attempt is ignored as superseded."""
+        for role in message.roles:
+            await self._reissue(self.admission.held_by(role), "stalled", role)
 
     @handles
     async def on_group_moved(self, message: GroupMoved) -> None:

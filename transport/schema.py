@@ -52,6 +52,13 @@ class Shutdown(Struct):
     reason: str
 
 
+class ReissueHeld(Struct):
+    """Supervisor -> trainer: the run stalled; re-issue the groups these roles hold
+    (supervisor.stall_action = "reissue")."""
+
+    roles: list[str]
+
+
 class RoleFailed(Struct):
     """A role reports a fatal error before exiting, so the supervisor can say why. retryable
     False: an error in start-up that a restart would repeat (a missing or malformed file, a
@@ -264,7 +271,7 @@ class TensorMessage(Struct):
 
 
 Message = (
-    Ready | Ping | Pong | Shutdown | RoleFailed | RoleEvent
+    Ready | Ping | Pong | Shutdown | ReissueHeld | RoleFailed | RoleEvent
     | PromptGroup | Rollout | RolloutGroup | ScoredGroup | ReturnedGroup | GroupMoved | GeneratorHello | RewardHello
     | TensorSpec | WeightsJoin | WeightsRejoin | GroupFormation | WeightsUpdate
     | RewardSample | RewardRequest | RewardResponse

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from respec_async.ledger import audit_run
 from tests.roles.conftest import rl_config
 from tests.roles.test_rl_loop import assert_each_group_trained_once, finished
@@ -55,15 +57,19 @@ def test_a_run_that_stops_making_steps_fails_naming_what_waits(launch, random_ac
     assert [e["step"] for e in run.events() if e.get("event") == "train.step"] == [0, 1]
 
 
-def test_a_stall_with_action_restart_restarts_the_role_holding_the_groups_and_the_run_completes(
-        launch, random_actor_dir, tmp_path):
+@pytest.mark.parametrize("action", ["restart", "reissue"])
+def test_a_stall_with_action_restart_or_reissue_frees_the_held_groups_and_the_run_completes(
+        launch, random_actor_dir, tmp_path, action):
     run = launch(hanging_run_config(random_actor_dir, tmp_path, once=True, steps=5,
-                                    supervisor='stall_action = "restart"'))
+                                    supervisor=f'stall_action = "{action}"'))
     records = finished(run, timeout=180)
     stalled = [e for e in run.events() if e.get("event") == "run.stalled"]
-    assert len(stalled) == 1 and stalled[0]["action"] == "restart"
+    assert len(stalled) == 1 and stalled[0]["action"] == action
     assert stalled[0]["roles"]["reward-0"]["groups"] >= 1  # the hung one holds what the step waits for
-    assert len(run.role_pids()["reward-0"]) == 2
+    # restart: a new reward-0 (its groups re-issued through its hello); reissue: the same one,
+    # whose other worker threads score the new attempts while one stays hung.
+    assert len(run.role_pids()["reward-0"]) == (2 if action == "restart" else 1)
     assert_each_group_trained_once(records, 5)
     ledger = audit_run(run.run_dir)
-    assert ledger.balanced and ledger.reissue_reasons.get("holder_restarted", 0) >= 1, ledger.summary()
+    why = "holder_restarted" if action == "restart" else "stalled"
+    assert ledger.balanced and ledger.reissue_reasons.get(why, 0) >= 1, ledger.summary()
