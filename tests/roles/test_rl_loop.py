@@ -175,3 +175,22 @@ def test_a_tcp_run_with_curve_completes_and_keeps_the_rendezvous_on_loopback(lau
     endpoints = (run.run_dir / "endpoints.json").read_text()
     assert '"supervisor":"tcp://127.0.0.2:' in endpoints and '"torch_dist":"tcp://127.0.0.1:' in endpoints
     assert (run.run_dir / "keys.json").exists()  # CURVE on: every ZeroMQ channel is encrypted
+
+
+def test_resume_past_a_truncated_latest_checkpoint_goes_on_from_the_intact_one(launch, random_actor_dir):
+    run = launch(rl_config(random_actor_dir, steps=4))  # checkpoint_every = 2: step-2, step-4
+    finished(run)
+    weights = run.run_dir / "checkpoints" / "step-4" / "actor" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    proc = subprocess.run([sys.executable, "-m", "respec_async.cli", "launch", "--resume", str(run.run_dir),
+                           "--set", "trainer.num_steps=6"], capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    unusable = [e for e in run.events() if e.get("event") == "trainer.checkpoint_unusable"]
+    assert unusable and unusable[0]["level"] == "warning" and unusable[0]["checkpoint"] == "step-4", unusable
+    resumed = [e for e in run.events() if e.get("event") == "trainer.resumed"]
+    assert [e["version"] for e in resumed] == [2] and resumed[0]["checkpoint"] == "step-2"
+    records = read_metrics(run.run_dir / "metrics.jsonl")
+    assert [r.step for r in records] == list(range(6)) and records[-1].version == 6
+    assert_each_group_trained_once(records, 6)
+    ledger = audit_run(run.run_dir)  # steps 2 and 3, trained twice on disk, count once
+    assert ledger.balanced and ledger.num_trainer_starts == 2 and ledger.num_trained == 18, ledger.summary()
