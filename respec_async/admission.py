@@ -38,7 +38,6 @@ class IssuedGroup:
     attempt: int
     issued_version: int
     generator: str
-    issued_at: float = 0.0  # monotonic clock
     hop: int = HOP_TO_GENERATOR  # the furthest GroupMoved hop of this attempt
     holder: str = ""  # the role that holds it (HOP_AT_*) or that it was sent to (HOP_TO_*)
     moved_at: float = 0.0
@@ -79,8 +78,7 @@ class Admission:
         while self.next_group_id in self.skip:
             self.skip.discard(self.next_group_id)
             self.next_group_id += 1
-        issued = IssuedGroup(self.next_group_id, self.first_attempt, version, generator, now,
-                             holder=generator, moved_at=now)
+        issued = IssuedGroup(self.next_group_id, self.first_attempt, version, generator, holder=generator, moved_at=now)
         self.outstanding[issued.group_id] = issued
         self.step_assignment[issued.group_id] = self.fill_step
         self.assigned[self.fill_step] += 1
@@ -91,7 +89,7 @@ class Admission:
 
     def reissue(self, group_id: int, version: int, generator: str, now: float = 0.0) -> IssuedGroup:
         previous = self.outstanding[group_id]
-        issued = IssuedGroup(group_id, previous.attempt + 1, version, generator, now, holder=generator, moved_at=now)
+        issued = IssuedGroup(group_id, previous.attempt + 1, version, generator, holder=generator, moved_at=now)
         self.outstanding[group_id] = issued
         self.num_reissued += 1
         return issued

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import msgspec
 
-from respec_async.metrics import read_metrics
+from respec_async.metrics import MetricsWriter, read_metrics
 
 LEDGER_FILE = "ledger.jsonl"
 # Why an attempt was issued again: the role holding it (`holder`) restarted, it was sent to a
@@ -52,24 +52,18 @@ class LedgerEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 
 class Ledger:
-    """The trainer's writer; one line per event, flushed, so a killed trainer leaves a usable file."""
+    """The trainer's writer: one flushed line per event (MetricsWriter's format and its care for
+    a line a killed predecessor cut off)."""
 
     def __init__(self, run_dir: Path, incarnation: int) -> None:
-        path = run_dir / LEDGER_FILE
-        cut_off = path.exists() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
-        self.file = open(path, "ab")
-        if cut_off:  # a killed predecessor's last line: end it, or this incarnation's first event joins it
-            self.file.write(b"\n")
-        self.encoder = msgspec.json.Encoder()
+        self.writer = MetricsWriter(run_dir / LEDGER_FILE)
         self.incarnation = incarnation
 
     def write(self, kind: str, **fields: object) -> None:
-        event = LedgerEvent(kind=kind, time=time.time(), incarnation=self.incarnation, **fields)
-        self.file.write(self.encoder.encode(event) + b"\n")
-        self.file.flush()
+        self.writer.write(LedgerEvent(kind=kind, time=time.time(), incarnation=self.incarnation, **fields))
 
     def close(self) -> None:
-        self.file.close()
+        self.writer.close()
 
 
 def read_ledger(path: Path) -> list[LedgerEvent]:

@@ -144,8 +144,14 @@ def informative(rewards: list[float]) -> bool:
 
 
 class MetricsWriter:
+    """Appends one JSON line per record, flushed, so a killed writer leaves a readable file."""
+
     def __init__(self, path: Path) -> None:
+        path = Path(path)
+        cut_off = path.exists() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
         self.file = open(path, "ab")
+        if cut_off:  # a killed predecessor's last line: end it, or the first new record joins it
+            self.file.write(b"\n")
         self.encoder = msgspec.json.Encoder()
 
     def write(self, record: msgspec.Struct) -> None:
@@ -157,16 +163,14 @@ class MetricsWriter:
 
 
 def read_metrics(path: Path) -> list[StepRecord]:
-    """All step records; on a resumed run the latest record per step wins. A last line cut off
-    by a kill is skipped; a malformed line elsewhere is an error."""
+    """All step records; on a resumed run the latest record per step wins. A line a killed
+    trainer cut off (MetricsWriter ends it before writing on) is skipped."""
     by_step: dict[int, StepRecord] = {}
-    lines = [line for line in Path(path).read_bytes().splitlines() if line.strip()]
-    for i, line in enumerate(lines):
+    for line in Path(path).read_bytes().splitlines():
         try:
-            record = msgspec.json.decode(line, type=StepRecord)
+            record = msgspec.json.decode(line, type=StepRecord) if line.strip() else None
         except msgspec.DecodeError:
-            if i == len(lines) - 1:
-                break
-            raise
-        by_step[record.step] = record
+            continue
+        if record is not None:
+            by_step[record.step] = record
     return [by_step[s] for s in sorted(by_step)]

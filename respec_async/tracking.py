@@ -18,6 +18,8 @@ backend is configured, and a configured backend whose package is missing is a co
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -130,8 +132,6 @@ class MLflowTracker:
     (MLflow keeps that backend in maintenance mode; a server or database URI is its future)."""
 
     def __init__(self, log_dir: Path, name: str, config: Config) -> None:
-        import os
-
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
@@ -151,8 +151,6 @@ class MLflowTracker:
         self.client.log_text(self.run_id, config_to_toml(config), "config.toml")
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
-        import time
-
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
