@@ -13,6 +13,9 @@ that took a stale or forged join in its name forms with the live incarnation at 
 attempt (after the failed one times out) instead of waiting for it forever. When a broadcast fails (a
 member died), the owner forms a new epoch as soon as every member has (re)joined and sends the
 current version again; a restarted generator thus starts from the trainer's current weights.
+A member that never reaches a formation's rendezvous within the timeout (alive but stuck) is
+dropped with a `weights.member_dropped` event, so the others get their weights; it joins again
+once its own attempt times out, and the next formation includes it.
 
 The trainer owns the "actor" group (members: generators, drafter learner); the drafter learner
 owns the "drafter" group (members: generators). Each group's collectives run on a worker thread
@@ -53,6 +56,7 @@ class WeightOwner:
         self.token = incarnation_token()  # names this owner's epochs in the rendezvous store
         self.tokens: dict[str, int] = {}  # member -> token of its latest join
         self.formed_tokens: dict[str, int] = {}  # the tokens the current epoch was formed with
+        self.dropped: set[str] = set()  # members left out until they join again
         self.epoch = -1
         self.lock = asyncio.Lock()
         self.changed = asyncio.Event()
@@ -70,30 +74,54 @@ class WeightOwner:
             self.actor.log.warning("weights.unexpected_join", group=self.group_name, role=message.role)
             return
         self.tokens[message.role] = message.token
+        self.dropped.discard(message.role)
         self.changed.set()
         self.actor.log.info("weights.join", group=self.group_name, role=message.role,
                             joined=len(self.tokens), expected=len(self.expected))
 
     @property
+    def members(self) -> list[str]:
+        """The members the next formation includes: every expected one not dropped."""
+        return [m for m in self.expected if m not in self.dropped]
+
+    @property
     def up_to_date(self) -> bool:
-        return self.epoch >= 0 and self.formed_tokens == self.tokens and len(self.tokens) == len(self.expected)
+        return self.epoch >= 0 and self.formed_tokens == self.tokens and len(self.tokens) == len(self.members)
 
     async def _form(self) -> None:
-        while len(self.tokens) < len(self.expected):
+        while any(m not in self.tokens for m in self.members):
             self.changed.clear()
             await self.changed.wait()
         self.epoch += 1
-        members = [self.actor.name, *self.expected]
-        tokens = [self.token, *(self.tokens[m] for m in self.expected)]
+        members = [self.actor.name, *self.members]
+        tokens = [self.token, *(self.tokens[m] for m in self.members)]
         formation = GroupFormation(group=self.group_name, epoch=self.epoch, members=members, tokens=tokens)
-        for member in self.expected:
+        for member in members[1:]:
             await self.actor.send(member, formation)
         started = time.perf_counter()
-        await self.actor.run_blocking(self.group.form, self.epoch, members, self.actor.name, str(self.token),
-                                      thread=self.group_name)
-        self.formed_tokens = dict(zip(self.expected, tokens[1:]))
+        try:
+            await self.actor.run_blocking(self.group.form, self.epoch, members, self.actor.name, str(self.token),
+                                          thread=self.group_name)
+        except WeightSyncError as exc:
+            await self._drop(exc.missing, dict(zip(members, tokens)))
+            raise
+        self.formed_tokens = dict(zip(members[1:], tokens[1:]))
         self.actor.log.info("weights.group_formed", group=self.group_name, epoch=self.epoch, members=members,
                             backend=self.group.backend, seconds=round(time.perf_counter() - started, 3))
+
+    async def _drop(self, missing: list[str], formed_with: dict[str, int]) -> None:
+        """Leave out the members that never reached a formation's rendezvous (alive but stuck, or
+        gone without a restart), so they cannot keep the others from their weights; one that
+        joined again meanwhile (a fresh token) stays. A dropped member's own formation attempt
+        times out, and it then joins again, which adds it back."""
+        for member in missing:
+            if member == self.actor.name or self.tokens.get(member) != formed_with.get(member):
+                continue
+            del self.tokens[member]
+            self.dropped.add(member)
+            self.actor.log.warning("weights.member_dropped", group=self.group_name, member=member, epoch=self.epoch)
+            await self.actor.notify("weights.member_dropped", level="warning", group=self.group_name, member=member,
+                                    epoch=self.epoch)
 
     async def publish(self, snapshot: Callable[[], tuple[int, Mapping[str, torch.Tensor]]]) -> BroadcastStats | None:
         """Broadcast the (version, weights) that `snapshot()` returns to every member, (re)forming
@@ -110,12 +138,16 @@ class WeightOwner:
             checksum = weights_checksum(state)
             manifest = manifest_of(state)
             while True:
+                if not self.members:
+                    # Every member was dropped: nobody to send to until one joins again.
+                    self.last_version = version
+                    return None
                 try:
                     if not self.up_to_date:
                         await self._form()
                     update = WeightsUpdate(group=self.group_name, epoch=self.epoch, version=version,
                                            manifest=manifest, checksum=checksum)
-                    for member in self.expected:
+                    for member in self.formed_tokens:
                         await self.actor.send(member, update)
                     stats = await self.actor.run_blocking(self.group.broadcast, state, version, thread=self.group_name)
                     break
@@ -124,6 +156,8 @@ class WeightOwner:
                     self.actor.log.error("weights.sync_failed", group=self.group_name, version=version, error=str(exc))
                     await self.actor.notify("weights.sync_failed", level="warning", group=self.group_name,
                                             version=version, error=str(exc)[:200])
+                    if exc.missing:
+                        continue  # those who never arrived are dropped: form without them now
                     # Give a dead member time to come back and rejoin before the next attempt.
                     self.changed.clear()
                     try:

@@ -15,6 +15,12 @@ import pytest
 PROCESS_DIRS = ("roles",)  # every test under tests/<dir>/ starts role processes
 
 
+def pytest_configure(config):
+    # matplotlib builds its font cache on first import by running fc-list: do it here, before the
+    # guard below, or the first plotting test of a fresh machine counts as starting a process.
+    import matplotlib.font_manager  # noqa: F401
+
+
 def pytest_collection_modifyitems(config, items):
     root = Path(__file__).resolve().parent
     for item in items:

@@ -42,7 +42,12 @@ DEFAULT_BUCKET_BYTES = 256 << 20
 
 
 class WeightSyncError(RuntimeError):
-    """A collective of a weight group failed or timed out; the message names who and what."""
+    """A collective of a weight group failed or timed out; the message names who and what.
+    `missing`: for a failed formation, the members that never reached its rendezvous."""
+
+    def __init__(self, message: str, missing: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.missing = list(missing or [])
 
 
 def manifest_of(state: Mapping[str, torch.Tensor]) -> list[TensorSpec]:
@@ -164,6 +169,8 @@ class WeightGroup:
         # from 0 again and must not meet the keys its predecessor left in the store.
         store = dist.PrefixStore(f"{self.name}/{namespace}/epoch{epoch}", self._store)
         try:
+            # Each member marks its arrival first, so a failed formation can name who never came.
+            store.set(f"arrived/{self.rank}", me)
             self.backend = self._agree_on_backend(store)
             if self.backend == "nccl":
                 options = dist.ProcessGroupNCCL.Options()
@@ -174,7 +181,15 @@ class WeightGroup:
         except Exception as exc:
             described = self.describe()
             self.epoch = -1
-            raise WeightSyncError(f"forming {described} failed as {me}: {exc}") from exc
+            missing = self._not_arrived(store)
+            who = f" (never arrived: {', '.join(missing)})" if missing else ""
+            raise WeightSyncError(f"forming {described} failed as {me}{who}: {exc}", missing=missing) from exc
+
+    def _not_arrived(self, store: dist.Store) -> list[str]:
+        try:
+            return [m for rank, m in enumerate(self.members) if not store.check([f"arrived/{rank}"])]
+        except Exception:  # the store itself is unreachable: nobody can be named
+            return []
 
     def _agree_on_backend(self, store: dist.Store) -> str:
         """The backend of this formation; on CUDA every member derives the same one from the

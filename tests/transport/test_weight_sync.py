@@ -106,6 +106,31 @@ def test_missing_member_fails_with_a_named_error_instead_of_hanging(rendezvous):
     assert time.monotonic() - started < 45
     assert what == "error"
     assert "'actor'" in message and "epoch 0" in message and "generator-0 (rank 1)" in message
+    assert "never arrived: generator-0" in message
+
+
+def test_a_failed_formation_names_exactly_the_members_that_never_arrived(rendezvous):
+    # generator-0 comes, generator-1 never does: only generator-1 may be dropped for it.
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    members = ["trainer-0", "generator-0", "generator-1"]
+    procs = [ctx.Process(target=formation_outcome, args=(rendezvous, me, members, results))
+             for me in members[:2]]
+    for p in procs:
+        p.start()
+    out = dict(results.get(timeout=60) for _ in procs)
+    for p in procs:
+        p.join(30)
+    assert out == {"trainer-0": ["generator-1"], "generator-0": ["generator-1"]}
+
+
+def formation_outcome(rendezvous: str, me: str, members: list[str], results: mp.Queue) -> None:
+    group = WeightGroup(rendezvous, name="actor", timeout_s=3.0)
+    try:
+        group.form(0, members, me)
+        results.put((me, "formed"))
+    except WeightSyncError as exc:
+        results.put((me, exc.missing))
 
 
 def test_bucket_plan_keeps_one_dtype_per_bucket_and_respects_the_size():
