@@ -49,7 +49,7 @@ DRAFTER_LEARNER = str(RoleId("drafter_learner", 0))
 class Endpoints(msgspec.Struct, kw_only=True):
     supervisor: str
     inboxes: dict[str, str]
-    torch_dist: str  # tcp://host:port rendezvous for torch.distributed weight broadcasts
+    torch_dist: str  # file:///path or tcp://host:port: the weight groups' rendezvous store
 
     def save(self, path: Path) -> None:
         path.write_bytes(msgspec.json.encode(self))
@@ -94,10 +94,10 @@ def socket_dir(run_dir: Path) -> Path:
 
 def assign_endpoints(config: Config, run_dir: Path) -> Endpoints:
     names = role_names(config)
-    # torch.distributed's rendezvous store takes no credentials, so it listens on loopback in
-    # both schemes: the supervisor starts every role on its own host, and the weights' own
-    # gloo / NCCL connections do not go through the store.
-    torch_dist = f"tcp://127.0.0.1:{free_tcp_port('127.0.0.1')}"
+    # torch.distributed's rendezvous store takes no credentials: in both schemes it is a file in
+    # the 0700 run directory (the supervisor starts every role on its own host), so only the
+    # run's user reaches it; the weights' own gloo / NCCL connections do not go through it.
+    torch_dist = f"file://{(run_dir / 'rendezvous.store').resolve()}"
     if config.transport.scheme == "ipc":
         sock = socket_dir(run_dir)
         return Endpoints(

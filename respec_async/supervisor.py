@@ -376,8 +376,8 @@ class Supervisor:
             self.zmq, Kind.ROUTER, self.endpoints.supervisor, bind=True, security=self.security,
             hwm=max(self.config.transport.hwm, 1000), name="supervisor.control",
         )
-        # The torch.distributed rendezvous store lives here: the supervisor outlives every role,
-        # so weight groups can be re-formed after any role restarts.
+        # The torch.distributed rendezvous store is hosted here (a file in the run directory, see
+        # assign_endpoints): the supervisor outlives every role, so groups re-form after restarts.
         from transport.weights import host_rendezvous_store
 
         self.store = host_rendezvous_store(self.endpoints.torch_dist)

@@ -134,10 +134,7 @@ class WeightGroup:
 
     def __init__(self, rendezvous: str, name: str = "weights", backend: str | None = None,
                  timeout_s: float = 60.0, device: str | torch.device = "cpu") -> None:
-        url = urlparse(rendezvous)
-        if url.scheme != "tcp" or not url.hostname or not url.port:
-            raise ValueError(f"weight group rendezvous must be tcp://host:port, got {rendezvous!r}")
-        self.host, self.port = url.hostname, url.port
+        self.rendezvous = parse_rendezvous(rendezvous)
         self.name = name
         self.device = torch.device(device)
         self.requested_backend = backend  # None: gloo on CPU, chosen per formation on CUDA
@@ -146,7 +143,7 @@ class WeightGroup:
         self.epoch = -1
         self.rank = -1
         self.members: list[str] = []
-        self._store: dist.TCPStore | None = None
+        self._store: dist.Store | None = None
         self._pg: dist.ProcessGroup | None = None
 
     def describe(self, version: int | None = None) -> str:
@@ -161,9 +158,7 @@ class WeightGroup:
             raise ValueError(f"{me} is not a member of {members}")
         self.leave()
         if self._store is None:
-            # The rendezvous store is hosted by the supervisor for the whole run.
-            self._store = dist.TCPStore(self.host, self.port, is_master=False, timeout=self.timeout,
-                                        wait_for_workers=False)
+            self._store = open_rendezvous_store(self.rendezvous, self.timeout)
         self.epoch, self.members, self.rank = epoch, list(members), members.index(me)
         # `namespace` tells incarnations of the owner apart: a restarted owner counts epochs
         # from 0 again and must not meet the keys its predecessor left in the store.
@@ -257,10 +252,37 @@ class WeightGroup:
             raise WeightSyncError(f"broadcast failed in {self.describe(version)} at rank {self.rank}: {exc}") from exc
 
 
-def host_rendezvous_store(rendezvous: str, timeout_s: float = 60.0) -> dist.TCPStore:
-    """The run's rendezvous store (the supervisor hosts it for the whole run), listening on the
-    rendezvous address only: a TCPStore binds every interface unless handed a bound socket,
-    and it takes no credentials, so on loopback it must not be reachable from the network."""
+def parse_rendezvous(rendezvous: str) -> tuple[str, str, int]:
+    """("file", path, 0) or ("tcp", host, port); anything else is refused by name."""
+    url = urlparse(rendezvous)
+    if url.scheme == "file" and not url.netloc and url.path.startswith("/"):
+        return "file", url.path, 0
+    if url.scheme == "tcp" and url.hostname and url.port:
+        return "tcp", url.hostname, url.port
+    raise ValueError(f"weight group rendezvous must be file:///absolute/path or tcp://host:port, got {rendezvous!r}")
+
+
+def open_rendezvous_store(where: tuple[str, str, int], timeout: timedelta) -> dist.Store:
+    """A member's connection to the run's rendezvous store (hosted by the supervisor)."""
+    kind, place, port = where
+    if kind == "file":
+        store = dist.FileStore(place, -1)  # -1: nobody deletes the file when a member exits
+        store.set_timeout(timeout)
+        return store
+    return dist.TCPStore(place, port, is_master=False, timeout=timeout, wait_for_workers=False)
+
+
+def host_rendezvous_store(rendezvous: str, timeout_s: float = 60.0) -> dist.Store:
+    """The run's rendezvous store, hosted by the supervisor for the whole run.
+
+    file:// (what a run on one host uses): a FileStore in the run directory, which is mode 0700,
+    so only the run's user can read or write its keys. tcp://: a TCPStore listening on the
+    rendezvous address only (a TCPStore binds every interface unless handed a bound socket);
+    it takes no credentials, so whoever reaches that address can read and overwrite its keys."""
+    kind, place, _ = parse_rendezvous(rendezvous)
+    if kind == "file":
+        os.close(os.open(place, os.O_CREAT | os.O_WRONLY, 0o600))
+        return open_rendezvous_store((kind, place, 0), timedelta(seconds=timeout_s))
     url = urlparse(rendezvous)
     family, kind, proto, _, address = socket.getaddrinfo(url.hostname, url.port, type=socket.SOCK_STREAM)[0]
     listener = socket.socket(family, kind, proto)

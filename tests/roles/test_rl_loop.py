@@ -168,12 +168,16 @@ def test_a_start_up_error_a_restart_would_repeat_fails_the_run_at_once(launch, r
     assert elapsed < 30, elapsed
 
 
-def test_a_tcp_run_with_curve_completes_and_keeps_the_rendezvous_on_loopback(launch, random_actor_dir):
+def test_a_tcp_run_with_curve_completes_and_keeps_the_rendezvous_private(launch, random_actor_dir):
     run = launch(rl_config(random_actor_dir, steps=4) + '[transport]\nscheme = "tcp"\nhost = "127.0.0.2"\n')
     records = finished(run)  # and the ledger balanced
     assert_each_group_trained_once(records, 4)
     endpoints = (run.run_dir / "endpoints.json").read_text()
-    assert '"supervisor":"tcp://127.0.0.2:' in endpoints and '"torch_dist":"tcp://127.0.0.1:' in endpoints
+    store = run.run_dir.resolve() / "rendezvous.store"
+    assert '"supervisor":"tcp://127.0.0.2:' in endpoints and f'"torch_dist":"file://{store}"' in endpoints
+    # The weight groups met in a file only the run's user can open: no port, no credentials needed.
+    assert store.stat().st_size > 0 and store.stat().st_mode & 0o777 == 0o600
+    assert run.run_dir.stat().st_mode & 0o777 == 0o700
     assert (run.run_dir / "keys.json").exists()  # CURVE on: every ZeroMQ channel is encrypted
 
 

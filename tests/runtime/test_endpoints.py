@@ -30,9 +30,12 @@ def test_roles_lists_one_kind_by_index():
     assert endpoints.roles("drafter_learner") == ["drafter_learner-0"] and endpoints.roles("echo") == []
 
 
-def test_the_rendezvous_store_is_on_loopback_whatever_host_the_roles_use(tmp_path):
-    config = config_from_dict({"transport": {"scheme": "tcp", "host": "127.0.0.2"}})
+@pytest.mark.parametrize("scheme", ["ipc", "tcp"])
+def test_the_rendezvous_store_is_a_file_in_the_run_directory_whatever_the_transport(tmp_path, scheme):
+    # It takes no credentials: a file in the 0700 run directory, not a port another user can reach.
+    config = config_from_dict({"transport": {"scheme": scheme, "host": "127.0.0.2"}})
     endpoints = assign_endpoints(config, tmp_path)
-    assert endpoints.supervisor.startswith("tcp://127.0.0.2:")
-    assert all(e.startswith("tcp://127.0.0.2:") for e in endpoints.inboxes.values())
-    assert endpoints.torch_dist.startswith("tcp://127.0.0.1:")  # it takes no credentials
+    if scheme == "tcp":
+        assert endpoints.supervisor.startswith("tcp://127.0.0.2:")
+        assert all(e.startswith("tcp://127.0.0.2:") for e in endpoints.inboxes.values())
+    assert endpoints.torch_dist == f"file://{tmp_path.resolve()}/rendezvous.store"

@@ -19,7 +19,7 @@ from respec_async.endpoints import free_tcp_port
 from transport.channels import Kind, open_channel
 from transport.schema import Ping
 from transport.security import Security, start_authenticator
-from transport.weights import host_rendezvous_store
+from transport.weights import host_rendezvous_store, open_rendezvous_store, parse_rendezvous
 
 REFUSED_WITHIN_S = 1.5
 
@@ -141,3 +141,14 @@ def test_the_rendezvous_store_listens_on_its_address_only():
         assert listening_addresses(port) == {"127.0.0.1"}
     finally:
         del store
+
+
+def test_a_file_rendezvous_store_is_private_to_the_user_and_shared_by_its_members(tmp_path):
+    path = tmp_path / "rendezvous.store"
+    host = host_rendezvous_store(f"file://{path}", timeout_s=5)
+    assert path.stat().st_mode & 0o777 == 0o600
+    member = open_rendezvous_store(parse_rendezvous(f"file://{path}"), timedelta(seconds=5))
+    member.set("arrived/1", "generator-0")
+    assert host.get("arrived/1") == b"generator-0"
+    with pytest.raises(ValueError, match="file:///absolute/path or tcp://host:port"):
+        parse_rendezvous("file://relative/store")
