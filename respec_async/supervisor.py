@@ -462,6 +462,13 @@ class Supervisor:
                     await self.control.send(Shutdown(reason=self.stop_reason), role.name.encode())
                 except zmq.ZMQError:
                     pass
+        # A role still starting has nothing to save and reads no Shutdown before it is ready:
+        # SIGTERM it now rather than after half the grace (a failed start then ends in seconds).
+        starting = [r for r in live if not self.ready[r.name].is_set()]
+        if starting:
+            log.info("roles.signal", signal="SIGTERM", roles=[r.name for r in starting], why="still starting")
+            for role in starting:
+                role.popen.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
         for sig, wait_s in ((None, grace / 2), (signal.SIGTERM, grace / 2), (signal.SIGKILL, 5.0)):
             live = [r for r in live if r.alive()]
             if not live:

@@ -165,7 +165,8 @@ def test_a_start_up_error_a_restart_would_repeat_fails_the_run_at_once(launch, r
     assert str(model) in reason, reason  # the file is named
     assert broken == "empty_model_dir" or "not a readable safetensors file" in reason, reason
     assert all(len(pids) == 1 for pids in run.role_pids().values())  # nothing restarted
-    assert elapsed < 30, elapsed
+    print(f"start-up error ({broken}) failed the run in {elapsed:.1f} s")
+    assert elapsed < 10, elapsed  # the bound; 4 s on 2 cores (CLI start included)
 
 
 def test_a_tcp_run_with_curve_completes_and_keeps_the_rendezvous_private(launch, random_actor_dir):
