@@ -279,13 +279,12 @@ def host_rendezvous_store(rendezvous: str, timeout_s: float = 60.0) -> dist.Stor
     so only the run's user can read or write its keys. tcp://: a TCPStore listening on the
     rendezvous address only (a TCPStore binds every interface unless handed a bound socket);
     it takes no credentials, so whoever reaches that address can read and overwrite its keys."""
-    kind, place, _ = parse_rendezvous(rendezvous)
+    kind, host, port = parse_rendezvous(rendezvous)
     if kind == "file":
-        os.close(os.open(place, os.O_CREAT | os.O_WRONLY, 0o600))
-        return open_rendezvous_store((kind, place, 0), timedelta(seconds=timeout_s))
-    url = urlparse(rendezvous)
-    family, kind, proto, _, address = socket.getaddrinfo(url.hostname, url.port, type=socket.SOCK_STREAM)[0]
-    listener = socket.socket(family, kind, proto)
+        os.close(os.open(host, os.O_CREAT | os.O_WRONLY, 0o600))
+        return open_rendezvous_store((kind, host, 0), timedelta(seconds=timeout_s))
+    family, sock_type, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    listener = socket.socket(family, sock_type, proto)
     try:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(address)
@@ -294,5 +293,5 @@ def host_rendezvous_store(rendezvous: str, timeout_s: float = 60.0) -> dist.Stor
         listener.close()
         raise
     # The store owns the descriptor from here on (detach: the socket object must not close it).
-    return dist.TCPStore(url.hostname, url.port, is_master=True, timeout=timedelta(seconds=timeout_s),
+    return dist.TCPStore(host, port, is_master=True, timeout=timedelta(seconds=timeout_s),
                          wait_for_workers=False, master_listen_fd=listener.detach())
