@@ -58,6 +58,10 @@ class SupervisorSection(Section):
     # re-issued; restarts count against max_restarts). Nothing held: the run fails. 0 = off.
     stall_timeout_s: NonNegFloat = 900.0
     stall_action: Literal["fail", "reissue", "restart"] = "fail"
+    # "local": every role a subprocess of the supervisor. "ray": every role a process on a node
+    # of a running Ray cluster, placed by the [ray] section (respec_async/launchers/ray_cluster.py).
+    launcher: Literal["local", "ray"] = "local"
+    ray_address: str = "auto"  # ray only: the cluster to join ("auto": the one `ray start` made here)
 
 
 class TransportSection(Section):
@@ -272,6 +276,33 @@ class TrackingSection(Section):
     mlflow_uri: str = ""
 
 
+class RayRoleResources(Section):
+    """What one instance of a role asks of its Ray node (one placement-group bundle)."""
+
+    num_cpus: NonNegFloat = 1.0
+    num_gpus: NonNegFloat = 0.0
+    # Custom resources, the way Ray pins work to nodes: start a node with
+    # `ray start --resources '{"trainer_node": 1}'` and ask for {trainer_node = 1} here.
+    resources: dict[str, PosFloat] = {}
+
+
+class RaySection(Section):
+    """Placement of the roles on a Ray cluster (supervisor.launcher = "ray")."""
+
+    strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    # Ray gets every role's bundle within this long, or the run fails naming what is missing.
+    placement_timeout_s: PosFloat = 60.0
+    # Each node's own run directory for the roles it runs: <local_dir>/<run>/<node id>. Logs and
+    # metrics are copied back to the supervisor's run directory as they grow; checkpoints stay
+    # here, so a trainer restarted on its node resumes. "" = <system temp dir>/respec-ray.
+    local_dir: str = ""
+    echo: RayRoleResources = msgspec.field(default_factory=RayRoleResources)
+    reward: RayRoleResources = msgspec.field(default_factory=RayRoleResources)
+    drafter_learner: RayRoleResources = msgspec.field(default_factory=RayRoleResources)
+    generator: RayRoleResources = msgspec.field(default_factory=RayRoleResources)
+    trainer: RayRoleResources = msgspec.field(default_factory=RayRoleResources)
+
+
 class EchoSection(Section):
     num_rounds: NonNegInt = 0  # echo-0 drives this many round trips, then finishes (0 = serve)
 
@@ -290,6 +321,7 @@ class Config(Section):
     trainer: TrainerSection = msgspec.field(default_factory=TrainerSection)
     drafter: DrafterSection = msgspec.field(default_factory=DrafterSection)
     tracking: TrackingSection = msgspec.field(default_factory=TrackingSection)
+    ray: RaySection = msgspec.field(default_factory=RaySection)
 
 
 class ConfigError(ValueError):
@@ -418,6 +450,18 @@ def check_config(config: Config, source: str) -> None:
     except ValueError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     s = config.supervisor
+    if s.launcher == "ray":
+        if config.transport.scheme != "tcp":
+            raise ConfigError(f"{source}: transport.scheme: supervisor.launcher = \"ray\" runs roles on several "
+                              f"machines, which ipc sockets cannot reach; set transport.scheme = \"tcp\"")
+        if importlib.util.find_spec("ray") is None:
+            raise ConfigError(f"{source}: supervisor.launcher: \"ray\" needs the ray package: "
+                              f"pip install 'respec-async[ray]'")
+        for kind in config.ray.__struct_fields__:
+            wants = getattr(config.ray, kind)
+            if isinstance(wants, RayRoleResources) and not (wants.num_cpus or wants.num_gpus or wants.resources):
+                raise ConfigError(f"{source}: ray.{kind}: asks for no resource at all; Ray needs at least one "
+                                  f"(num_cpus, num_gpus or resources) to place a role")
     if s.ping_timeout_s <= s.ping_interval_s:
         raise ConfigError(
             f"{source}: supervisor.ping_timeout_s: must be greater than supervisor.ping_interval_s "

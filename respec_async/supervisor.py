@@ -1,7 +1,7 @@
 """The supervisor: the one process a user starts (`respec launch CONFIG`).
 
 It creates the run directory, assigns endpoints, starts every configured role as its own OS
-process (`python -m roles NAME`), waits for each role's Ready, pings every role, restarts a
+process (`python -m roles NAME`; here, or on a Ray cluster's nodes: respec_async/launchers), waits for each role's Ready, pings every role, restarts a
 role that dies or stops answering (at most `max_restarts` within `restart_window_s`, with
 doubling backoff; past that the run fails and says why), and on SIGINT/SIGTERM stops all roles:
 a Shutdown message, then SIGTERM, then SIGKILL after the grace period. Children also get
@@ -14,11 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import ctypes
-import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -31,6 +28,7 @@ import zmq.asyncio
 
 from respec_async.config import Config, config_to_toml
 from respec_async.endpoints import TRAINER, Endpoints, assign_endpoints, role_names
+from respec_async.launchers import Launcher, LocalLauncher, RoleHandle
 from respec_async.status import StatusView
 from transport.channels import Channel, Kind, open_channel
 from transport.schema import Ping, Pong, Ready, ReissueHeld, RoleEvent, RoleFailed, Shutdown
@@ -38,16 +36,7 @@ from transport.security import Security, start_authenticator
 
 log = structlog.get_logger("supervisor")
 
-_PR_SET_PDEATHSIG = 1
 BUSY_WINDOW_S = 10.0  # the role table's busy share is over about this many recent seconds
-
-
-def _die_with_parent() -> None:
-    """preexec_fn: the kernel sends SIGKILL to the role if the supervisor dies first."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:
-        pass
 
 
 class RunFailed(RuntimeError):
@@ -57,7 +46,7 @@ class RunFailed(RuntimeError):
 @dataclass
 class RoleProcess:
     name: str
-    popen: subprocess.Popen[bytes] | None = None
+    popen: RoleHandle | None = None  # a subprocess.Popen, or its stand-in for a process on another node
     state: str = "pending"  # pending | starting | running | done | restarting | failed | stopped
     restart_times: collections.deque[float] = field(default_factory=collections.deque)
     num_restarts: int = 0
@@ -107,12 +96,13 @@ def create_run_dir(config: Config) -> Path:
     return run_dir.resolve()
 
 
-def prepare_run_dir(config: Config, run_dir: Path) -> Endpoints:
-    """Write what every role reads at start: resolved config, endpoints, keys."""
+def prepare_run_dir(config: Config, run_dir: Path, endpoints: Endpoints | None = None) -> Endpoints:
+    """Write what every role reads at start: resolved config, endpoints (assigned here unless
+    given), keys."""
     (run_dir / "logs").mkdir(exist_ok=True)
     (run_dir / "config.json").write_bytes(msgspec.json.encode(config))
     (run_dir / "config.toml").write_text(config_to_toml(config))
-    endpoints = assign_endpoints(config, run_dir)
+    endpoints = endpoints or assign_endpoints(config, run_dir)
     endpoints.save(run_dir / "endpoints.json")
     if config.transport.scheme == "tcp" and not config.transport.insecure:
         Security.generate().save(run_dir / "keys.json")
@@ -120,9 +110,10 @@ def prepare_run_dir(config: Config, run_dir: Path) -> Endpoints:
 
 
 class Supervisor:
-    def __init__(self, config: Config, run_dir: Path) -> None:
+    def __init__(self, config: Config, run_dir: Path, launcher: Launcher | None = None) -> None:
         self.config = config
         self.run_dir = run_dir
+        self.launcher = launcher or LocalLauncher(run_dir)
         self.endpoints = Endpoints.load(run_dir / "endpoints.json")
         keys = run_dir / "keys.json"
         self.security = Security.load(keys) if keys.exists() else Security(insecure=True)
@@ -150,20 +141,14 @@ class Supervisor:
     # --- processes --------------------------------------------------------------------
 
     def _spawn(self, role: RoleProcess) -> None:
-        log_path = self.run_dir / "logs" / f"{role.name}.log"
-        with open(log_path, "ab") as out:
-            role.popen = subprocess.Popen(
-                [sys.executable, "-m", "roles", role.name, "--run-dir", str(self.run_dir),
-                 "--restart-count", str(role.num_restarts)],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                preexec_fn=_die_with_parent, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
+        role.popen = self.launcher.spawn(role.name, role.num_restarts)
         role.state = "starting"
         role.started_at = role.last_pong_at = time.monotonic()
         role.num_handled = role.handled_at_progress = 0  # a new process counts from zero
         role.busy_samples.clear()
         self.ready[role.name].clear()
-        log.info("role.started", role=role.name, pid=role.popen.pid, restarts=role.num_restarts)
+        log.info("role.started", role=role.name, pid=role.popen.pid, restarts=role.num_restarts,
+                 **self.launcher.where(role.name))
 
     async def _wait_ready(self, names: list[str]) -> None:
         timeout = self.config.supervisor.ready_timeout_s
@@ -189,6 +174,12 @@ class Supervisor:
         while role.restart_times and now - role.restart_times[0] > cfg.restart_window_s:
             role.restart_times.popleft()
         role.last_failure = why
+        if role.popen is not None and role.popen.lost:
+            # Its inbox address belongs to the lost node, and every peer holds it: not moved.
+            role.state = "failed"
+            self.fail(f"{role.name} {role.popen.lost}; a role is not moved to another node (its peers know it by "
+                      f"its node's address), so the run cannot go on")
+            return
         if len(role.restart_times) >= cfg.max_restarts:
             role.state = "failed"
             self.fail(f"{role.name} {why}; it was restarted {len(role.restart_times)} times within "
@@ -263,6 +254,12 @@ class Supervisor:
                 if message.event == "train.step":
                     self.status.on_step(message.fields)
                     self._progressed()
+
+    async def _sync_loop(self) -> None:
+        """Remote roles' logs and metrics into this run directory (a no-op for local roles)."""
+        while True:
+            await asyncio.to_thread(self.launcher.sync)
+            await asyncio.sleep(1.0)
 
     async def _ping_loop(self) -> None:
         assert self.control is not None
@@ -377,12 +374,12 @@ class Supervisor:
             hwm=max(self.config.transport.hwm, 1000), name="supervisor.control",
         )
         # The torch.distributed rendezvous store is hosted here (a file in the run directory, see
-        # assign_endpoints): the supervisor outlives every role, so groups re-form after restarts.
-        from transport.weights import host_rendezvous_store
-
-        self.store = host_rendezvous_store(self.endpoints.torch_dist)
+        # assign_endpoints; on Ray, by the trainer's node): its host outlives every role's
+        # restarts, so groups re-form after them.
+        self.store = self.launcher.host_rendezvous(self.endpoints.torch_dist)
         log.info("run.started", run_dir=str(self.run_dir), roles=list(self.roles), driver=self.driver)
-        tasks = [asyncio.create_task(self._control_loop(), name="control")]
+        tasks = [asyncio.create_task(self._control_loop(), name="control"),
+                 asyncio.create_task(self._sync_loop(), name="sync")]
         try:
             for role in self.roles.values():
                 self._spawn(role)
@@ -401,6 +398,7 @@ class Supervisor:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await self._stop_all()
+            self.launcher.close()  # on Ray: the last copy of remote logs and metrics first
             self.status.close()
             self.zmq.destroy(linger=0)
             sock = self.run_dir / "sock"
@@ -501,14 +499,33 @@ def launch(config: Config, run_dir: Path | None = None, verbose: bool = False) -
         run_dir = create_run_dir(config)
     elif not (run_dir / "config.toml").exists():
         raise RunFailed(f"{run_dir} is not a run directory (no config.toml)")
-    prepare_run_dir(config, run_dir)
     from respec_async.logs import configure_logging, console_worthy
 
+    (run_dir / "logs").mkdir(exist_ok=True)
     live = config.supervisor.live_status and sys.stderr.isatty() and not verbose
     configure_logging(run_dir / "logs" / "supervisor.jsonl", role="supervisor", level=config.run.log_level,
                       console_filter=console_worthy if live else None)
+    launcher: Launcher
+    if config.supervisor.launcher == "ray":
+        from respec_async.launchers.ray_cluster import PlacementFailed, RayLauncher
+
+        try:
+            launcher = RayLauncher(config, run_dir)
+        except PlacementFailed as exc:
+            log.error("run.failed", reason=str(exc))
+            print(f"run failed: {exc}", file=sys.stderr)
+            return 1, run_dir
+        try:
+            prepare_run_dir(config, run_dir, launcher.endpoints())
+            launcher.deliver(run_dir)
+        except BaseException:
+            launcher.close(copy=False)
+            raise
+    else:
+        prepare_run_dir(config, run_dir)
+        launcher = LocalLauncher(run_dir)
 
     async def main() -> int:
-        return await Supervisor(config, run_dir).run()
+        return await Supervisor(config, run_dir, launcher).run()
 
     return uvloop.run(main()), run_dir

@@ -1,0 +1,335 @@
+"""Roles on a Ray cluster (`supervisor.launcher = "ray"`).
+
+The supervisor joins a running cluster as a Ray driver and reserves one placement-group bundle
+per role instance (the `[ray.<kind>]` resources), so a run gets all of its roles or fails at
+once naming what no node has. On each bundle a small actor, `RoleHost`, runs the role as its own
+OS process (the same `python -m roles NAME` as the local launcher), reports its exit status and
+takes the supervisor's signals. Heartbeats, restarts, the ledger and shutdown are the
+supervisor's, as on one machine.
+
+What each node needs and what it keeps:
+- A node-local run directory, `<ray.local_dir>/<run>/<node id>` (mode 0700): the actor writes
+  the config, the endpoints and the CURVE keys there (nothing goes through a shared disk); the
+  roles on that node write their logs, metrics, ledger and checkpoints there. The supervisor
+  copies logs and metrics back into its own run directory while they grow (every second, and
+  once more at the end); checkpoints stay on the node that wrote them.
+- The model and drafter paths of the config, readable at the same path (a shared filesystem
+  or the same files on every node).
+- Inboxes on each node's own address (as Ray reports it), CURVE on; the torch.distributed
+  rendezvous store is a TCPStore on the trainer's node, hosted by the trainer's actor (it
+  outlives the trainer's restarts). It takes no credentials: keep the cluster's network private.
+
+A node that dies takes its roles with it; their inbox addresses are fixed for the run, so a role
+is not moved to another node: the run fails, naming the node.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+
+import ray
+import structlog
+from ray.exceptions import RayError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from respec_async.config import Config, RayRoleResources
+from respec_async.endpoints import TRAINER, Endpoints, RoleId, free_tcp_port, role_names
+from respec_async.launchers import start_role
+
+log = structlog.get_logger("supervisor")
+
+CALL_TIMEOUT_S = 30.0  # a live actor answers within this long; past it the node counts as gone
+SYNC_INTERVAL_S = 1.0
+# Written by the supervisor, or not worth copying back (checkpoints stay on their node).
+_NOT_COPIED_FILES = {"config.json", "config.toml", "endpoints.json", "keys.json"}
+_NOT_COPIED_DIRS = {"checkpoints", "drafter_checkpoints", "tracking", "sock"}
+_APPENDED = (".log", ".jsonl")  # copied by their new tail; any other file whole when it changes
+_MAX_COPY_BYTES = 16 << 20
+
+
+class PlacementFailed(RuntimeError):
+    """Ray cannot give the run its roles; the message says what is missing."""
+
+
+@ray.remote(max_concurrency=8)  # threaded: a blocking wait() on the role does not stop signal() or changes()
+class RoleHost:
+    """One role instance's foothold on its node: starts, signals and waits for its process."""
+
+    def __init__(self, name: str, run_name: str, local_root: str) -> None:
+        self.name = name
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self.ip = ray.util.get_node_ip_address()
+        root = Path(local_root or Path(tempfile.gettempdir()) / "respec-ray") / run_name
+        self.run_dir = root / self.node_id[:12]
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        for directory in (root, self.run_dir):
+            os.chmod(directory, 0o700)
+        (self.run_dir / "logs").mkdir(exist_ok=True)
+        self.processes: dict[int, subprocess.Popen] = {}
+        self.copied: dict[str, tuple[int, int]] = {}  # path -> (bytes copied, mtime_ns when copied)
+        self.store = None
+
+    def info(self) -> dict[str, object]:
+        return {"node": self.ip, "node_id": self.node_id, "hostname": socket.gethostname(),
+                "dir": str(self.run_dir), "host_pid": os.getpid()}
+
+    def free_port(self) -> int:
+        return free_tcp_port(self.ip)
+
+    def host_rendezvous(self, rendezvous: str) -> None:
+        from transport.weights import host_rendezvous_store
+
+        self.store = host_rendezvous_store(rendezvous)
+
+    def deliver(self, files: dict[str, bytes]) -> None:
+        """The run's start files, each 0600 (the keys among them), replaced atomically (the
+        other hosts on this node write the same files at the same time: a part file each)."""
+        for name, data in files.items():
+            part = self.run_dir / f".{name}.{os.getpid()}.part"
+            fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(part, self.run_dir / name)
+
+    def start(self, restart_count: int) -> int:
+        process = start_role(self.name, self.run_dir, restart_count)
+        self.processes[process.pid] = process
+        return process.pid
+
+    def wait(self, pid: int) -> int:
+        return self.processes[pid].wait()
+
+    def signal(self, pid: int, sig: int) -> None:
+        process = self.processes[pid]
+        if process.poll() is None:
+            process.send_signal(sig)
+
+    def changes(self) -> list[tuple[str, int, bytes]]:
+        return changed_files(self.run_dir, self.copied)
+
+
+def changed_files(run_dir: Path, copied: dict[str, tuple[int, int]]) -> list[tuple[str, int, bytes]]:
+    """What grew or changed in a node's run directory since `copied` was last updated (by this
+    call): (path, offset, bytes); offset 0 replaces the file, any other appends at that offset."""
+    out = []
+    for path in sorted(run_dir.rglob("*")):
+        rel = path.relative_to(run_dir)
+        if (rel.parts[0] in _NOT_COPIED_DIRS or str(rel) in _NOT_COPIED_FILES or rel.name.startswith(".")
+                or not path.is_file()):
+            continue
+        stat = path.stat()
+        done, mtime = copied.get(str(rel), (0, 0))
+        if path.name.endswith(_APPENDED) and stat.st_size >= done:
+            if stat.st_size == done:
+                continue
+            start = done
+        elif mtime == stat.st_mtime_ns or stat.st_size > _MAX_COPY_BYTES:
+            continue
+        else:
+            start = 0
+        with open(path, "rb") as f:
+            f.seek(start)
+            data = f.read(_MAX_COPY_BYTES)
+        copied[str(rel)] = (start + len(data), stat.st_mtime_ns)
+        out.append((str(rel), start, data))
+    return out
+
+def _bundle(wants: RayRoleResources) -> dict[str, float]:
+    bundle = {"CPU": wants.num_cpus, "GPU": wants.num_gpus, **wants.resources}
+    return {k: v for k, v in bundle.items() if v}
+
+
+def _describe(resources: dict[str, float]) -> str:
+    return ", ".join(f"{k}: {v:g}" for k, v in sorted(resources.items()) if not k.startswith(("node:", "memory",
+                                                                                                 "object_store")))
+
+
+class RayRoleProcess:
+    """A role process on a Ray node, behind the slice of Popen's interface the supervisor uses;
+    started by its node's RoleHost (a host that cannot be reached makes it lost at once)."""
+
+    def __init__(self, host, where: dict[str, str], restart_count: int) -> None:
+        self.host = host
+        self.where = where
+        self.pid = -1
+        self.returncode: int | None = None
+        self.lost: str | None = None
+        try:
+            self.pid = ray.get(host.start.remote(restart_count), timeout=CALL_TIMEOUT_S)
+        except RayError as exc:
+            self._lose(exc)
+            return
+        self._exit = host.wait.remote(self.pid)
+
+    def _settle(self, timeout: float) -> int | None:
+        ready, _ = ray.wait([self._exit], timeout=timeout)
+        if ready:
+            try:
+                self.returncode = ray.get(self._exit)
+            except RayError as exc:
+                self._lose(exc)
+        return self.returncode
+
+    def poll(self) -> int | None:
+        return self.returncode if self.returncode is not None else self._settle(0)
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None and self._settle(CALL_TIMEOUT_S if timeout is None else timeout) is None:
+            if timeout is not None:
+                raise subprocess.TimeoutExpired("ray role", timeout)
+            self._lose(f"no exit status from its node within {CALL_TIMEOUT_S:g}s")
+        return self.returncode  # type: ignore[return-value]
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is not None:
+            return
+        try:
+            ray.get(self.host.signal.remote(self.pid, int(sig)), timeout=CALL_TIMEOUT_S)
+        except RayError as exc:
+            self._lose(exc)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def _lose(self, why: object) -> None:
+        node_id = self.where["node_id"]
+        alive = next((n["Alive"] for n in ray.nodes() if n["NodeID"] == node_id), False)
+        first_line = str(why).strip().splitlines()[0] if str(why).strip() else type(why).__name__
+        state = "unreachable; Ray does not list it dead yet" if alive else "dead"
+        self.lost = f"lost its node {self.where['node']} (Ray node {node_id}, {state}): {first_line[:300]}"
+        self.returncode = -signal.SIGKILL
+
+
+class RayLauncher:
+    """Joins the cluster, places every role of the run, and starts each on its bundle."""
+
+    def __init__(self, config: Config, run_dir: Path) -> None:
+        self.config = config
+        self.run_dir = run_dir
+        self.names = role_names(config)
+        address = config.supervisor.ray_address
+        try:
+            ray.init(address=address, namespace="respec-async", log_to_driver=False, logging_level="warning")
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise PlacementFailed(f"no Ray cluster at supervisor.ray_address = {address!r} ({exc}); start one with "
+                                  f"`ray start --head` or name its address") from None
+        self.pg = None
+        self.hosts: dict[str, object] = {}
+        try:
+            self._place()
+        except BaseException:
+            self.close(copy=False)
+            raise
+
+    def _wants(self, name: str) -> RayRoleResources:
+        return getattr(self.config.ray, RoleId.parse(name).kind)
+
+    def _place(self) -> None:
+        bundles = [_bundle(self._wants(name)) for name in self.names]
+        nodes = [n for n in ray.nodes() if n["Alive"]]
+        for name, bundle in zip(self.names, bundles):
+            if not any(all(n["Resources"].get(k, 0) >= v for k, v in bundle.items()) for n in nodes):
+                have = "; ".join(f"{n['NodeManagerAddress']} ({_describe(n['Resources'])})" for n in nodes)
+                raise PlacementFailed(f"no node of the Ray cluster has what {name} asks for ({_describe(bundle)}; "
+                                      f"ray.{RoleId.parse(name).kind}); its nodes: {have}")
+        timeout = self.config.ray.placement_timeout_s
+        self.pg = placement_group(bundles, strategy=self.config.ray.strategy, name=f"respec-{self.run_dir.name}")
+        try:
+            ray.get(self.pg.ready(), timeout=timeout)
+        except RayError:
+            asked = "; ".join(f"{n}: {_describe(b)}" for n, b in zip(self.names, bundles))
+            raise PlacementFailed(
+                f"Ray did not place the run's roles within {timeout:g}s (ray.placement_timeout_s, strategy "
+                f"{self.config.ray.strategy}): asked for {asked}; the cluster has "
+                f"{_describe(ray.cluster_resources())}, {_describe(ray.available_resources())} of it free") from None
+        for index, name in enumerate(self.names):
+            wants = self._wants(name)
+            self.hosts[name] = RoleHost.options(
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=index),
+                num_cpus=wants.num_cpus, num_gpus=wants.num_gpus, resources=dict(wants.resources),
+                name=f"{self.run_dir.name}/{name}",
+            ).remote(name, self.run_dir.name, self.config.ray.local_dir)
+        infos = ray.get([self.hosts[n].info.remote() for n in self.names], timeout=max(timeout, CALL_TIMEOUT_S))
+        self.info = dict(zip(self.names, infos))
+        for name in self.names:
+            log.info("role.placed", role=name, **self.info[name])
+        # One host per node copies that node's directory back (roles on a node share it).
+        self.copiers = {info["node_id"]: self.hosts[name] for name, info in reversed(self.info.items())}
+
+    def endpoints(self) -> Endpoints:
+        """Every inbox on its role's node; the control socket here; the rendezvous on the trainer's node."""
+        ports = dict(zip(self.names, ray.get([self.hosts[n].free_port.remote() for n in self.names],
+                                              timeout=CALL_TIMEOUT_S)))
+        here = ray.util.get_node_ip_address()
+        inboxes = {n: f"tcp://{self.info[n]['node']}:{ports[n]}" for n in self.names}
+        if TRAINER in self.hosts:
+            store_host = self.info[TRAINER]["node"]
+            port = ray.get(self.hosts[TRAINER].free_port.remote(), timeout=CALL_TIMEOUT_S)
+        else:
+            store_host, port = here, free_tcp_port(here)
+        self.torch_dist = f"tcp://{store_host}:{port}"
+        return Endpoints(supervisor=f"tcp://{here}:{free_tcp_port(here)}", inboxes=inboxes, torch_dist=self.torch_dist)
+
+    def deliver(self, run_dir: Path) -> None:
+        files = {name: (run_dir / name).read_bytes() for name in ("config.json", "config.toml", "endpoints.json",
+                                                                  "keys.json") if (run_dir / name).exists()}
+        ray.get([host.deliver.remote(files) for host in self.hosts.values()], timeout=CALL_TIMEOUT_S)
+
+    def host_rendezvous(self, rendezvous: str):
+        if TRAINER in self.hosts:
+            ray.get(self.hosts[TRAINER].host_rendezvous.remote(rendezvous), timeout=CALL_TIMEOUT_S)
+            return None
+        from transport.weights import host_rendezvous_store
+
+        return host_rendezvous_store(rendezvous)
+
+    def spawn(self, name: str, restart_count: int) -> RayRoleProcess:
+        return RayRoleProcess(self.hosts[name], self.info[name], restart_count)
+
+    def where(self, name: str) -> dict[str, str]:
+        return {"node": self.info[name]["node"], "node_id": self.info[name]["node_id"][:12]}
+
+    def sync(self) -> None:
+        """Copy what each live node's roles wrote since the last call into the supervisor's run dir."""
+        pending = {node_id: host.changes.remote() for node_id, host in self.copiers.items()}
+        for node_id, ref in pending.items():
+            try:
+                changes = ray.get(ref, timeout=CALL_TIMEOUT_S)
+            except RayError:
+                continue  # a lost node: the role handles say so; what it copied before stays
+            for rel, offset, data in changes:
+                apply_change(self.run_dir, rel, offset, data)
+
+    def close(self, copy: bool = True) -> None:
+        if copy and self.hosts:
+            self.sync()
+        for host in self.hosts.values():
+            try:
+                ray.kill(host)
+            except RayError:
+                pass
+        if self.pg is not None:
+            remove_placement_group(self.pg)
+        ray.shutdown()
+
+
+def apply_change(run_dir: Path, rel: str, offset: int, data: bytes) -> None:
+    dest = (run_dir / rel).resolve()
+    if run_dir not in dest.parents:
+        raise ValueError(f"a node sent a file outside the run directory: {rel!r}")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if offset == 0:
+        part = dest.with_name(f".{dest.name}.part")
+        part.write_bytes(data)
+        os.replace(part, dest)
+        return
+    with open(dest, "r+b" if dest.exists() else "wb") as f:
+        f.seek(offset)
+        f.write(data)
+
