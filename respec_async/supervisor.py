@@ -1,8 +1,8 @@
 """The supervisor: the one process a user starts (`respec launch CONFIG`).
 
 It creates the run directory, assigns endpoints, starts every configured role as its own OS
-process (`python -m roles NAME`; here, or on a Ray cluster's nodes: respec_async/launchers), waits for each role's Ready, pings every role, restarts a
-role that dies or stops answering (at most `max_restarts` within `restart_window_s`, with
+process (`python -m roles NAME`, here or on a Ray cluster's nodes: respec_async/launchers),
+waits for each role's Ready, pings every role, restarts a role that dies or stops answering (at most `max_restarts` within `restart_window_s`, with
 doubling backoff; past that the run fails and says why), and on SIGINT/SIGTERM stops all roles:
 a Shutdown message, then SIGTERM, then SIGKILL after the grace period. Children also get
 PDEATHSIG, so even a SIGKILLed supervisor leaves no orphans.

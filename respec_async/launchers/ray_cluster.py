@@ -30,6 +30,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import ray
@@ -44,7 +45,7 @@ from respec_async.launchers import start_role
 
 log = structlog.get_logger("supervisor")
 
-CALL_TIMEOUT_S = 30.0  # a live actor answers within this long; past it the node counts as gone
+CALL_TIMEOUT_S = 10.0  # a live actor answers within this long; past it the node counts as gone
 SYNC_INTERVAL_S = 1.0
 # Written by the supervisor, or not worth copying back (checkpoints stay on their node).
 _NOT_COPIED_FILES = {"config.json", "config.toml", "endpoints.json", "keys.json"}
@@ -73,6 +74,7 @@ class RoleHost:
         (self.run_dir / "logs").mkdir(exist_ok=True)
         self.processes: dict[int, subprocess.Popen] = {}
         self.copied: dict[str, tuple[int, int]] = {}  # path -> (bytes copied, mtime_ns when copied)
+        self.copying = threading.Lock()
         self.store = None
 
     def info(self) -> dict[str, object]:
@@ -111,7 +113,8 @@ class RoleHost:
             process.send_signal(sig)
 
     def changes(self) -> list[tuple[str, int, bytes]]:
-        return changed_files(self.run_dir, self.copied)
+        with self.copying:
+            return changed_files(self.run_dir, self.copied)
 
 
 def changed_files(run_dir: Path, copied: dict[str, tuple[int, int]]) -> list[tuple[str, int, bytes]]:
@@ -221,6 +224,7 @@ class RayLauncher:
                                   f"`ray start --head` or name its address") from None
         self.pg = None
         self.hosts: dict[str, object] = {}
+        self.copying = threading.Lock()  # the periodic copy (a thread) and the last one at close
         try:
             self._place()
         except BaseException:
@@ -283,7 +287,8 @@ class RayLauncher:
 
     def host_rendezvous(self, rendezvous: str):
         if TRAINER in self.hosts:
-            ray.get(self.hosts[TRAINER].host_rendezvous.remote(rendezvous), timeout=CALL_TIMEOUT_S)
+            # The actor's first torch import: seconds on a busy node.
+            ray.get(self.hosts[TRAINER].host_rendezvous.remote(rendezvous), timeout=6 * CALL_TIMEOUT_S)
             return None
         from transport.weights import host_rendezvous_store
 
@@ -297,14 +302,15 @@ class RayLauncher:
 
     def sync(self) -> None:
         """Copy what each live node's roles wrote since the last call into the supervisor's run dir."""
-        pending = {node_id: host.changes.remote() for node_id, host in self.copiers.items()}
-        for node_id, ref in pending.items():
-            try:
-                changes = ray.get(ref, timeout=CALL_TIMEOUT_S)
-            except RayError:
-                continue  # a lost node: the role handles say so; what it copied before stays
-            for rel, offset, data in changes:
-                apply_change(self.run_dir, rel, offset, data)
+        with self.copying:
+            pending = [host.changes.remote() for host in self.copiers.values()]
+            for ref in pending:
+                try:
+                    changes = ray.get(ref, timeout=CALL_TIMEOUT_S)
+                except RayError:
+                    continue  # a lost node: the role handles say so; what it copied before stays
+                for rel, offset, data in changes:
+                    apply_change(self.run_dir, rel, offset, data)
 
     def close(self, copy: bool = True) -> None:
         if copy and self.hosts:
