@@ -45,7 +45,7 @@ from safetensors import SafetensorError
 from respec_async.config import Config
 from respec_async.endpoints import Endpoints, RoleId
 from transport.channels import Channel, Kind, open_channel
-from transport.schema import Ping, Pong, Ready, RoleEvent, RoleFailed, Shutdown
+from transport.schema import InboxMoved, Ping, Pong, Ready, RoleEvent, RoleFailed, Shutdown
 from transport.security import Security, start_authenticator
 
 T = TypeVar("T")
@@ -150,7 +150,23 @@ class Actor:
                 hwm=self.ctx.config.transport.hwm, name=f"{self.name}->{to}",
             )
             self._outboxes[to] = channel
-        await channel.send(message)
+        try:
+            await channel.send(message)
+        except (asyncio.CancelledError, zmq.ZMQError):
+            task = asyncio.current_task()
+            if self._outboxes.get(to) is channel or (task is not None and task.cancelling()):
+                raise
+            # The peer moved while this send waited (its old channel closed under it): resend.
+            await self.send(to, message)
+
+    def _peer_moved(self, message: InboxMoved) -> None:
+        """A peer restarted elsewhere: the next message to it goes to its new address; whatever
+        queued for the old one is dropped with its channel (the trainer re-issues the groups)."""
+        self.ctx.endpoints.inboxes[message.role] = message.endpoint
+        channel = self._outboxes.pop(message.role, None)
+        if channel is not None:
+            channel.close()
+        self.log.info("peer.moved", role=message.role, endpoint=message.endpoint)
 
     async def run_blocking(self, fn: Callable[..., T], *args: Any, thread: str = "compute", **kwargs: Any) -> T:
         """Run `fn` in the role's worker thread named `thread` (one thread per name, so calls on
@@ -308,6 +324,8 @@ class Actor:
             elif isinstance(message, Shutdown):
                 self.log.info("role.shutdown_requested", reason=message.reason)
                 self.stop(0)
+            elif isinstance(message, InboxMoved):
+                self._peer_moved(message)
             else:
                 await self.mailbox.put(message)
 

@@ -28,10 +28,10 @@ import zmq.asyncio
 
 from respec_async.config import Config, config_to_toml
 from respec_async.endpoints import TRAINER, Endpoints, assign_endpoints, role_names
-from respec_async.launchers import Launcher, LocalLauncher, RoleHandle
+from respec_async.launchers import Launcher, LocalLauncher, PlacementFailed, RoleHandle
 from respec_async.status import StatusView
 from transport.channels import Channel, Kind, open_channel
-from transport.schema import Ping, Pong, Ready, ReissueHeld, RoleEvent, RoleFailed, Shutdown
+from transport.schema import InboxMoved, Ping, Pong, Ready, ReissueHeld, RoleEvent, RoleFailed, Shutdown
 from transport.security import Security, start_authenticator
 
 log = structlog.get_logger("supervisor")
@@ -130,6 +130,7 @@ class Supervisor:
         self.status = StatusView(self, live=config.supervisor.live_status,
                                  num_steps=config.trainer.num_steps if config.roles.trainer else 0)
         self._ping_seq = 0
+        self._moves: set[asyncio.Task] = set()  # roles being started on another node
 
     def _driver_name(self) -> str | None:
         if self.config.roles.trainer:
@@ -174,12 +175,7 @@ class Supervisor:
         while role.restart_times and now - role.restart_times[0] > cfg.restart_window_s:
             role.restart_times.popleft()
         role.last_failure = why
-        if role.popen is not None and role.popen.lost:
-            # Its inbox address belongs to the lost node, and every peer holds it: not moved.
-            role.state = "failed"
-            self.fail(f"{role.name} {role.popen.lost}; a role is not moved to another node (its peers know it by "
-                      f"its node's address), so the run cannot go on")
-            return
+        lost = role.popen.lost if role.popen is not None else None
         if len(role.restart_times) >= cfg.max_restarts:
             role.state = "failed"
             self.fail(f"{role.name} {why}; it was restarted {len(role.restart_times)} times within "
@@ -189,8 +185,33 @@ class Supervisor:
         role.restart_times.append(now)
         role.num_restarts += 1
         role.state = "restarting"
+        if lost:
+            log.warning("role.moving", role=role.name, why=lost, restarts=role.num_restarts)
+            self._moves.add(asyncio.get_running_loop().create_task(self._move(role, lost)))
+            return
         log.warning("role.restarting", role=role.name, why=why, delay_s=delay, restarts=role.num_restarts)
         asyncio.get_running_loop().call_later(delay, self._respawn, role)
+
+    async def _move(self, role: RoleProcess, lost: str) -> None:
+        """Start a role whose node was lost on another node, and tell every other role its new inbox."""
+        try:
+            try:
+                endpoint = await asyncio.to_thread(self.launcher.relocate, role.name, self.endpoints)
+            except PlacementFailed as exc:
+                role.state = "failed"
+                self.fail(f"{role.name} {lost}; not restarted elsewhere: {exc}")
+                return
+            if self.stopping.is_set():
+                return
+            for other in self.roles.values():
+                if other is not role and other.alive():
+                    try:
+                        await self.control.send(InboxMoved(role=role.name, endpoint=endpoint), other.name.encode())
+                    except zmq.ZMQError:
+                        pass
+            self._spawn(role)
+        finally:
+            self._moves.discard(asyncio.current_task())  # type: ignore[arg-type]
 
     def _respawn(self, role: RoleProcess) -> None:
         if self.stopping.is_set():
@@ -296,6 +317,7 @@ class Supervisor:
                         self.request_stop(f"{role.name} finished")
                     continue
                 how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+                how = role.popen.lost or how
                 if role.last_failure.startswith("failed:"):
                     how += f" ({role.last_failure})"
                 self._restart_or_fail(role, how)
@@ -507,7 +529,7 @@ def launch(config: Config, run_dir: Path | None = None, verbose: bool = False) -
                       console_filter=console_worthy if live else None)
     launcher: Launcher
     if config.supervisor.launcher == "ray":
-        from respec_async.launchers.ray_cluster import PlacementFailed, RayLauncher
+        from respec_async.launchers.ray_cluster import RayLauncher
 
         try:
             launcher = RayLauncher(config, run_dir)

@@ -59,6 +59,14 @@ class ReissueHeld(Struct):
     roles: list[str]
 
 
+class InboxMoved(Struct):
+    """Supervisor -> every role: `role` listens at `endpoint` from now on (restarted on another
+    node after its own was lost); messages for it go there."""
+
+    role: str
+    endpoint: str
+
+
 class RoleFailed(Struct):
     """A role reports a fatal error before exiting, so the supervisor can say why. retryable
     False: an error in start-up that a restart would repeat (a missing or malformed file, a
@@ -271,7 +279,7 @@ class TensorMessage(Struct):
 
 
 Message = (
-    Ready | Ping | Pong | Shutdown | ReissueHeld | RoleFailed | RoleEvent
+    Ready | Ping | Pong | Shutdown | ReissueHeld | InboxMoved | RoleFailed | RoleEvent
     | PromptGroup | Rollout | RolloutGroup | ScoredGroup | ReturnedGroup | GroupMoved | GeneratorHello | RewardHello
     | TensorSpec | WeightsJoin | WeightsRejoin | GroupFormation | WeightsUpdate
     | RewardSample | RewardRequest | RewardResponse

@@ -42,6 +42,11 @@ def start_role(name: str, run_dir: Path, restart_count: int, cls: type = subproc
         )
 
 
+class PlacementFailed(RuntimeError):
+    """The launcher cannot place a role (at start, or again after its node was lost); the
+    message says what is missing."""
+
+
 class RoleHandle(Protocol):
     pid: int
     returncode: int | None
@@ -56,6 +61,7 @@ class RoleHandle(Protocol):
 class Launcher(Protocol):
     def spawn(self, name: str, restart_count: int) -> RoleHandle: ...
     def host_rendezvous(self, rendezvous: str) -> object | None: ...
+    def relocate(self, name: str, endpoints: object) -> str: ...
     def where(self, name: str) -> dict[str, str]: ...
     def sync(self) -> None: ...
     def close(self) -> None: ...
@@ -80,6 +86,9 @@ class LocalLauncher:
         from transport.weights import host_rendezvous_store  # imports torch: not before a run starts
 
         return host_rendezvous_store(rendezvous)
+
+    def relocate(self, name: str, endpoints: object) -> str:
+        raise PlacementFailed("a local role has no other machine to go to")  # and is never lost
 
     def where(self, name: str) -> dict[str, str]:
         return {}

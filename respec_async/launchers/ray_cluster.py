@@ -19,8 +19,12 @@ What each node needs and what it keeps:
   rendezvous store is a TCPStore on the trainer's node, hosted by the trainer's actor (it
   outlives the trainer's restarts). It takes no credentials: keep the cluster's network private.
 
-A node that dies takes its roles with it; their inbox addresses are fixed for the run, so a role
-is not moved to another node: the run fails, naming the node.
+A node that dies takes its roles with it. A generator or a reward role (nothing of theirs is
+on the node's disk) starts again wherever Ray re-places its bundle, at a new inbox address that
+the supervisor sends every other role (`InboxMoved`); its groups are re-issued as after any
+restart. The trainer and the drafter learner keep checkpoints on their node (the trainer also
+hosts the rendezvous store), so their node's loss fails the run, naming the node; so does a
+role no live node can hold within `ray.placement_timeout_s`.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import socket
 import subprocess
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import ray
@@ -41,7 +46,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from respec_async.config import Config, RayRoleResources
 from respec_async.endpoints import TRAINER, Endpoints, RoleId, free_tcp_port, role_names
-from respec_async.launchers import start_role
+from respec_async.launchers import PlacementFailed, start_role
 
 log = structlog.get_logger("supervisor")
 
@@ -52,10 +57,8 @@ _NOT_COPIED_FILES = {"config.json", "config.toml", "endpoints.json", "keys.json"
 _NOT_COPIED_DIRS = {"checkpoints", "drafter_checkpoints", "tracking", "sock"}
 _APPENDED = (".log", ".jsonl")  # copied by their new tail; any other file whole when it changes
 _MAX_COPY_BYTES = 16 << 20
-
-
-class PlacementFailed(RuntimeError):
-    """Ray cannot give the run its roles; the message says what is missing."""
+# Roles that keep nothing on their node's disk: when their node is lost they start on another.
+MOVABLE = ("generator", "reward", "echo")
 
 
 @ray.remote(max_concurrency=8)  # threaded: a blocking wait() on the role does not stop signal() or changes()
@@ -252,17 +255,37 @@ class RayLauncher:
                 f"Ray did not place the run's roles within {timeout:g}s (ray.placement_timeout_s, strategy "
                 f"{self.config.ray.strategy}): asked for {asked}; the cluster has "
                 f"{_describe(ray.cluster_resources())}, {_describe(ray.available_resources())} of it free") from None
-        for index, name in enumerate(self.names):
-            wants = self._wants(name)
-            self.hosts[name] = RoleHost.options(
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=index),
-                num_cpus=wants.num_cpus, num_gpus=wants.num_gpus, resources=dict(wants.resources),
-                name=f"{self.run_dir.name}/{name}",
-            ).remote(name, self.run_dir.name, self.config.ray.local_dir)
+        for name in self.names:
+            self.hosts[name] = self._new_host(name)
         infos = ray.get([self.hosts[n].info.remote() for n in self.names], timeout=max(timeout, CALL_TIMEOUT_S))
         self.info = dict(zip(self.names, infos))
         for name in self.names:
             log.info("role.placed", role=name, **self.info[name])
+        self._pick_copiers()
+
+    def _new_host(self, name: str):
+        wants = self._wants(name)
+        return RoleHost.options(
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                self.pg, placement_group_bundle_index=self.names.index(name)),
+            num_cpus=wants.num_cpus, num_gpus=wants.num_gpus, resources=dict(wants.resources),
+        ).remote(name, self.run_dir.name, self.config.ray.local_dir)
+
+    def _place_again(self, name: str, deadline: float):
+        """(host, info, port) of a new host for `name` started before `deadline`, or None. Until
+        Ray marks the lost node dead its bundle still points there and a new host dies at once;
+        then Ray re-places the bundle, if some node can hold it, and the host starts."""
+        while time.monotonic() < deadline:
+            host = self._new_host(name)
+            try:
+                info = ray.get(host.info.remote(), timeout=max(deadline - time.monotonic(), 0.1))
+                return host, info, ray.get(host.free_port.remote(), timeout=CALL_TIMEOUT_S)
+            except RayError:
+                ray.kill(host)
+                time.sleep(1.0)
+        return None
+
+    def _pick_copiers(self) -> None:
         # One host per node copies that node's directory back (roles on a node share it).
         self.copiers = {info["node_id"]: self.hosts[name] for name, info in reversed(self.info.items())}
 
@@ -280,10 +303,44 @@ class RayLauncher:
         self.torch_dist = f"tcp://{store_host}:{port}"
         return Endpoints(supervisor=f"tcp://{here}:{free_tcp_port(here)}", inboxes=inboxes, torch_dist=self.torch_dist)
 
-    def deliver(self, run_dir: Path) -> None:
+    def deliver(self, run_dir: Path, strict: bool = True) -> None:
+        """The start files to every node (`strict`: every host must take them; else a lost one is skipped)."""
         files = {name: (run_dir / name).read_bytes() for name in ("config.json", "config.toml", "endpoints.json",
                                                                   "keys.json") if (run_dir / name).exists()}
-        ray.get([host.deliver.remote(files) for host in self.hosts.values()], timeout=CALL_TIMEOUT_S)
+        for ref in [host.deliver.remote(files) for host in self.hosts.values()]:
+            try:
+                ray.get(ref, timeout=CALL_TIMEOUT_S)
+            except RayError:
+                if strict:
+                    raise
+
+    def relocate(self, name: str, endpoints: Endpoints) -> str:
+        """A new host for a role whose node was lost: Ray re-places its bundle on a node that can
+        hold it; the role's new inbox goes into `endpoints` (saved in the run directory and sent to
+        every node). Only roles that keep nothing on their node's disk move."""
+        kind = RoleId.parse(name).kind
+        if kind not in MOVABLE:
+            raise PlacementFailed(f"a {kind} keeps its state on its node's disk (checkpoints"
+                                  f"{', the rendezvous store' if name == TRAINER else ''}), so it is not moved")
+        try:
+            ray.kill(self.hosts[name])
+        except RayError:
+            pass
+        timeout = self.config.ray.placement_timeout_s
+        placed = self._place_again(name, time.monotonic() + timeout)
+        if placed is None:
+            alive = "; ".join(f"{n['NodeManagerAddress']} ({_describe(n['Resources'])})"
+                              for n in ray.nodes() if n["Alive"])
+            raise PlacementFailed(f"no other node took it within {timeout:g}s (ray.placement_timeout_s); it asks "
+                                  f"for {_describe(_bundle(self._wants(name)))}; live nodes: {alive}")
+        host, info, port = placed
+        self.hosts[name], self.info[name] = host, info
+        self._pick_copiers()
+        log.info("role.placed", role=name, moved=True, **info)
+        endpoints.inboxes[name] = f"tcp://{info['node']}:{port}"
+        endpoints.save(self.run_dir / "endpoints.json")
+        self.deliver(self.run_dir, strict=False)
+        return endpoints.inboxes[name]
 
     def host_rendezvous(self, rendezvous: str):
         if TRAINER in self.hosts:

@@ -31,26 +31,30 @@ FAST_HEALTH = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 100
 
 
 class TwoNodes:
-    def __init__(self) -> None:
+    """A head and a second node (resources "head" and "second"); with `spare`, a third node that
+    can hold what the second holds (both also have "generator_node")."""
+
+    def __init__(self, spare: bool = False) -> None:
         self.cluster = ray_cluster_utils.Cluster(
             initialize_head=True, connect=False,
             head_node_args={"num_cpus": 4, "resources": {"head": 4}, "_system_config": FAST_HEALTH})
-        self.second = self.cluster.add_node(num_cpus=4, resources={"second": 4})
+        self.second = self.cluster.add_node(num_cpus=4, resources={"second": 4, "generator_node": 4})
+        self.spare = self.cluster.add_node(num_cpus=4, resources={"generator_node": 4}) if spare else None
         self.cluster.wait_for_nodes()
         self.address = self.cluster.address
 
     def ray_pids(self) -> list[int]:
-        """Ray's own processes on both nodes (GCS, raylets, log monitors, ...)."""
-        return [info.process.pid for node in (self.cluster.head_node, self.second)
+        """Ray's own processes on every node (GCS, raylets, log monitors, ...)."""
+        nodes = [self.cluster.head_node, self.second] + ([self.spare] if self.spare else [])
+        return [info.process.pid for node in nodes
                 for infos in node.all_processes.values() for info in infos if info.process is not None]
 
     def shutdown(self) -> None:
         self.cluster.shutdown()
 
 
-@pytest.fixture
-def two_nodes():
-    nodes = TwoNodes()
+def cluster_fixture(spare: bool):
+    nodes = TwoNodes(spare)
     pids = nodes.ray_pids()
     assert pids and all(pid_alive(p) for p in pids)
     yield nodes
@@ -59,6 +63,16 @@ def two_nodes():
     while time.monotonic() < deadline and any(pid_alive(p) for p in pids):
         time.sleep(0.2)
     assert [p for p in pids if pid_alive(p)] == [], "Ray processes left behind"
+
+
+@pytest.fixture
+def two_nodes():
+    yield from cluster_fixture(spare=False)
+
+
+@pytest.fixture
+def three_nodes():
+    yield from cluster_fixture(spare=True)
 
 
 def on_ray(nodes: TwoNodes, tmp_path: Path, *, generator_on: str = "second", trainer_on: str = "head") -> list[str]:
@@ -126,19 +140,51 @@ def test_a_sigkilled_role_on_the_second_node_is_restarted_there(launch, two_node
     assert_nothing_left(run)
 
 
-def test_a_lost_node_fails_the_run_naming_it(launch, two_nodes, tmp_path, random_actor_dir):
+def kill_raylet(node) -> None:
+    """SIGKILL the node's raylet (the workers it started, our role hosts among them, go with it),
+    then let the cluster forget the node's other processes."""
+    raylet = node.all_processes["raylet"][0].process
+    raylet.kill()
+    raylet.wait(timeout=30)
+
+
+def test_a_lost_node_whose_role_no_other_node_can_hold_fails_the_run_naming_it(launch, two_nodes, tmp_path,
+                                                                               random_actor_dir):
     toml = rl_config(random_actor_dir, steps=200).replace("ping_timeout_s = 20.0", "ping_timeout_s = 6.0")
-    run = launch(toml, *on_ray(two_nodes, tmp_path))
+    run = launch(toml, *on_ray(two_nodes, tmp_path), "ray.placement_timeout_s=8.0")
     run.wait_event(lambda e: e.get("event") == "train.step" and e.get("step") == 2, timeout=180)
     lost_at = time.monotonic()
-    two_nodes.cluster.remove_node(two_nodes.second, allow_graceful=False)  # its raylet and all it ran
+    kill_raylet(two_nodes.second)
     code = run.proc.wait(timeout=90)
     took = time.monotonic() - lost_at
-    output = run.output()
-    assert code == 1, output
+    assert code == 1, run.output()
     failed = next(e for e in run.events() if e.get("event") == "run.failed")
-    assert "generator-0" in failed["reason"] and two_nodes.second.node_id in failed["reason"], failed
-    assert took < 6.0 + 30.0, took  # the ping timeout, then a bounded wait on the node: never a hang
+    reason = failed["reason"]
+    assert "generator-0" in reason and two_nodes.second.node_id in reason and "no other node took it" in reason
+    assert "second: 1" in reason  # what it asked for, which no live node has
+    assert took < 6.0 + 8.0 + 20.0, took  # the ping timeout, the placement timeout: never a hang
+    assert_nothing_left(run)
+
+
+def test_a_generator_whose_node_is_lost_starts_on_another_and_the_run_completes(launch, three_nodes, tmp_path,
+                                                                                random_actor_dir):
+    # Enough steps that the loss is noticed mid-run: the role hosts outlive their raylet by seconds.
+    toml = rl_config(random_actor_dir, steps=40).replace("ping_timeout_s = 20.0", "ping_timeout_s = 6.0")
+    run = launch(toml, *on_ray(three_nodes, tmp_path, generator_on="generator_node"))
+    run.wait_event(lambda e: e.get("event") == "train.step" and e.get("step") == 2, timeout=180)
+    first = placed(run)["generator-0"]["node_id"]
+    lost = three_nodes.second if first == three_nodes.second.node_id else three_nodes.spare
+    other = three_nodes.spare if lost is three_nodes.second else three_nodes.second
+    kill_raylet(lost)
+    assert run.proc.wait(timeout=240) == 0, run.output()
+    moved = [e for e in run.events() if e.get("event") == "role.placed" and e.get("moved")]
+    assert [(e["role"], e["node_id"]) for e in moved] == [("generator-0", other.node_id)], "\n".join(str(x) for x in [
+        (e.get("event"), e.get("role"), e.get("why"), e.get("reason")) for e in run.events() if e.get("event") != "train.step"])
+    assert any(e.get("event") == "peer.moved" and e.get("role") == "generator-0" for e in run.events("trainer-0"))
+    records = read_metrics(run.run_dir / "metrics.jsonl")
+    assert sorted(g for r in records for g in r.group_ids) == list(range(40 * 3))  # none lost, none twice
+    ledger = audit_run(run.run_dir)
+    assert ledger.balanced and ledger.num_lost == 0 and ledger.num_reissues >= 1, ledger.summary()
     assert_nothing_left(run)
 
 
