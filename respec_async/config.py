@@ -459,9 +459,14 @@ def check_config(config: Config, source: str) -> None:
                               f"pip install 'respec-async[ray]'")
         for kind in config.ray.__struct_fields__:
             wants = getattr(config.ray, kind)
-            if isinstance(wants, RayRoleResources) and not (wants.num_cpus or wants.num_gpus or wants.resources):
+            if not isinstance(wants, RayRoleResources):
+                continue
+            if not (wants.num_cpus or wants.num_gpus or wants.resources):
                 raise ConfigError(f"{source}: ray.{kind}: asks for no resource at all; Ray needs at least one "
                                   f"(num_cpus, num_gpus or resources) to place a role")
+            for name in {"CPU", "GPU"} & set(wants.resources):
+                raise ConfigError(f"{source}: ray.{kind}.resources: {name} is set by "
+                                  f"ray.{kind}.num_{name.lower()}s, not as a custom resource")
     if s.ping_timeout_s <= s.ping_interval_s:
         raise ConfigError(
             f"{source}: supervisor.ping_timeout_s: must be greater than supervisor.ping_interval_s "
@@ -523,15 +528,20 @@ def config_to_toml(config: Config) -> str:
         if prefix and scalars:
             lines.append(f"[{prefix}]")
         for k, v in scalars.items():
-            lines.append(f"{k} = {_toml_value(v)}")
+            lines.append(f"{_toml_key(k)} = {_toml_value(v)}")
         if scalars:
             lines.append("")
         for k, v in table.items():
             if isinstance(v, dict):
-                emit(f"{prefix}.{k}" if prefix else k, v)
+                emit(f"{prefix}.{_toml_key(k)}" if prefix else _toml_key(k), v)
 
     emit("", config_to_dict(config))
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _toml_key(key: str) -> str:
+    """A bare key where TOML allows one, else quoted (Ray's resource names hold ':' and '.')."""
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else msgspec.json.encode(key).decode()
 
 
 def _toml_value(value: Any) -> str:

@@ -5,7 +5,8 @@ process (`python -m roles NAME`, here or on a Ray cluster's nodes: respec_async/
 waits for each role's Ready, pings every role, restarts a role that dies or stops answering (at most `max_restarts` within `restart_window_s`, with
 doubling backoff; past that the run fails and says why), and on SIGINT/SIGTERM stops all roles:
 a Shutdown message, then SIGTERM, then SIGKILL after the grace period. Children also get
-PDEATHSIG, so even a SIGKILLed supervisor leaves no orphans.
+PDEATHSIG, so even a SIGKILLed supervisor leaves no orphans (on Ray: the role hosts are the
+supervisor's actors, which Ray ends with it, and their roles die with them).
 
 The run is complete when its driver role (the trainer; echo-0 in a diagnostic run) exits 0.
 """
@@ -517,6 +518,7 @@ def launch(config: Config, run_dir: Path | None = None, verbose: bool = False) -
         from respec_async.models import resolve_models
 
         config = resolve_models(config)
+    resuming = run_dir is not None
     if run_dir is None:
         run_dir = create_run_dir(config)
     elif not (run_dir / "config.toml").exists():
@@ -533,6 +535,12 @@ def launch(config: Config, run_dir: Path | None = None, verbose: bool = False) -
 
         try:
             launcher = RayLauncher(config, run_dir)
+            if resuming:
+                try:
+                    launcher.check_resume()
+                except PlacementFailed:
+                    launcher.close(copy=False)
+                    raise
         except PlacementFailed as exc:
             log.error("run.failed", reason=str(exc))
             print(f"run failed: {exc}", file=sys.stderr)

@@ -18,14 +18,16 @@ from pathlib import Path
 from typing import Protocol
 
 _PR_SET_PDEATHSIG = 1
+try:  # loaded here: a preexec_fn runs between fork and exec, no place to load a library in
+    _LIBC = ctypes.CDLL("libc.so.6", use_errno=True)
+except OSError:
+    _LIBC = None
 
 
 def die_with_parent() -> None:
     """preexec_fn: the kernel sends SIGKILL to the role if the process that started it dies."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:
-        pass
+    if _LIBC is not None:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def role_argv(name: str, run_dir: Path, restart_count: int) -> list[str]:

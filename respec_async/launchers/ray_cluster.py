@@ -29,6 +29,7 @@ role no live node can hold within `ray.placement_timeout_s`.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import socket
@@ -40,7 +41,7 @@ from pathlib import Path
 
 import ray
 import structlog
-from ray.exceptions import RayError
+from ray.exceptions import GetTimeoutError, RayError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -65,24 +66,29 @@ MOVABLE = ("generator", "reward", "echo")
 class RoleHost:
     """One role instance's foothold on its node: starts, signals and waits for its process."""
 
-    def __init__(self, name: str, run_name: str, local_root: str) -> None:
+    def __init__(self, name: str, run_key: str, local_root: str) -> None:
         self.name = name
         self.node_id = ray.get_runtime_context().get_node_id()
         self.ip = ray.util.get_node_ip_address()
-        root = Path(local_root or Path(tempfile.gettempdir()) / "respec-ray") / run_name
-        self.run_dir = root / self.node_id[:12]
+        self.hostname = socket.gethostname()
+        root = Path(local_root or Path(tempfile.gettempdir()) / "respec-ray") / run_key
+        # By host name, not Ray's node id (new at every `ray start`): a resumed run finds its
+        # checkpoints again when the trainer lands on the same machine.
+        self.run_dir = root / self.hostname
         self.run_dir.mkdir(parents=True, exist_ok=True)
         for directory in (root, self.run_dir):
             os.chmod(directory, 0o700)
         (self.run_dir / "logs").mkdir(exist_ok=True)
         self.processes: dict[int, subprocess.Popen] = {}
-        self.copied: dict[str, tuple[int, int]] = {}  # path -> (bytes copied, mtime_ns when copied)
-        self.copying = threading.Lock()
         self.store = None
 
     def info(self) -> dict[str, object]:
-        return {"node": self.ip, "node_id": self.node_id, "hostname": socket.gethostname(),
+        return {"node": self.ip, "node_id": self.node_id, "hostname": self.hostname,
                 "dir": str(self.run_dir), "host_pid": os.getpid()}
+
+    def has_checkpoint(self) -> bool:
+        checkpoints = self.run_dir / "checkpoints"
+        return checkpoints.is_dir() and any(p.is_dir() for p in checkpoints.iterdir())
 
     def free_port(self) -> int:
         return free_tcp_port(self.ip)
@@ -115,36 +121,88 @@ class RoleHost:
         if process.poll() is None:
             process.send_signal(sig)
 
-    def changes(self) -> list[tuple[str, int, bytes]]:
-        with self.copying:
-            return changed_files(self.run_dir, self.copied)
+    def changes(self, copied: dict[str, tuple[int, int]]) -> list[tuple[str, int, bytes, int]]:
+        return changed_files(self.run_dir, copied)
 
 
-def changed_files(run_dir: Path, copied: dict[str, tuple[int, int]]) -> list[tuple[str, int, bytes]]:
-    """What grew or changed in a node's run directory since `copied` was last updated (by this
-    call): (path, offset, bytes); offset 0 replaces the file, any other appends at that offset."""
+def changed_files(run_dir: Path, copied: dict[str, tuple[int, int]]) -> list[tuple[str, int, bytes, int]]:
+    """What grew or changed in a node's run directory beyond `copied` (path -> (bytes the
+    supervisor holds, mtime_ns of its copy)): (path, offset, bytes, mtime_ns); a file the
+    supervisor has not seen comes whole, a grown log or metrics file by its new tail, any other
+    changed file whole again. Files that vanish meanwhile are skipped."""
     out = []
     for path in sorted(run_dir.rglob("*")):
         rel = path.relative_to(run_dir)
-        if (rel.parts[0] in _NOT_COPIED_DIRS or str(rel) in _NOT_COPIED_FILES or rel.name.startswith(".")
-                or not path.is_file()):
+        if rel.parts[0] in _NOT_COPIED_DIRS or str(rel) in _NOT_COPIED_FILES or rel.name.startswith("."):
             continue
-        stat = path.stat()
-        done, mtime = copied.get(str(rel), (0, 0))
-        if path.name.endswith(_APPENDED) and stat.st_size >= done:
-            if stat.st_size == done:
+        try:
+            if not path.is_file():
                 continue
-            start = done
-        elif mtime == stat.st_mtime_ns or stat.st_size > _MAX_COPY_BYTES:
-            continue
-        else:
-            start = 0
-        with open(path, "rb") as f:
-            f.seek(start)
-            data = f.read(_MAX_COPY_BYTES)
-        copied[str(rel)] = (start + len(data), stat.st_mtime_ns)
-        out.append((str(rel), start, data))
+            stat = path.stat()
+            done, mtime = copied.get(str(rel), (-1, 0))
+            if path.name.endswith(_APPENDED) and 0 <= done <= stat.st_size:
+                if stat.st_size == done:
+                    continue
+                start = done
+            elif mtime == stat.st_mtime_ns or stat.st_size > _MAX_COPY_BYTES:
+                continue
+            else:
+                start = 0
+            with open(path, "rb") as f:
+                f.seek(start)
+                data = f.read(_MAX_COPY_BYTES)
+        except FileNotFoundError:
+            continue  # a temporary file, replaced between listing and reading
+        out.append((str(rel), start, data, stat.st_mtime_ns))
     return out
+
+
+class CopyBack:
+    """The supervisor's side of copying one node directory back: what it holds of each file.
+    Bytes count as copied only once written here, so a lost or failed call loses nothing (the
+    next one sends them again). A log the run directory already holds from an earlier launch
+    is continued, never replaced: by its new tail when the node's file still starts with it,
+    else (another machine's new file) appended after it."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.copied: dict[str, tuple[int, int]] = {}
+        self.base: dict[str, int] = {}  # where the node's file starts in ours
+
+    def apply(self, changes: list[tuple[str, int, bytes, int]]) -> None:
+        for rel, offset, data, mtime in changes:
+            dest = (self.run_dir / rel).resolve()
+            if self.run_dir not in dest.parents:
+                raise ValueError(f"a node sent a file outside the run directory: {rel!r}")
+            appended = rel.endswith(_APPENDED)
+            if appended and offset == 0 and self.copied.get(rel, (0, 0))[0] > 0:
+                self.copied.pop(rel)  # the node's file started over (a new, shorter one): appended too
+            if appended and rel not in self.copied and dest.exists() and dest.stat().st_size:
+                held = dest.read_bytes()
+                if data.startswith(held):  # the same file, grown since
+                    self.base[rel], data, offset = 0, data[len(held):], len(held)
+                else:
+                    self.base[rel] = len(held)
+            write_at(dest, self.base.get(rel, 0) + offset if appended else offset, data, whole=not appended)
+            self.copied[rel] = (offset + len(data), mtime)
+
+
+def write_at(dest: Path, offset: int, data: bytes, whole: bool) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if whole:
+        part = dest.with_name(f".{dest.name}.part")
+        part.write_bytes(data)
+        os.replace(part, dest)
+        return
+    with open(dest, "r+b" if dest.exists() else "wb") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def _first_line(exc: object) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
 
 def _bundle(wants: RayRoleResources) -> dict[str, float]:
     bundle = {"CPU": wants.num_cpus, "GPU": wants.num_gpus, **wants.resources}
@@ -158,7 +216,8 @@ def _describe(resources: dict[str, float]) -> str:
 
 class RayRoleProcess:
     """A role process on a Ray node, behind the slice of Popen's interface the supervisor uses;
-    started by its node's RoleHost (a host that cannot be reached makes it lost at once)."""
+    started by its node's RoleHost. Lost (`lost` says why) when that host cannot be reached;
+    an error raised inside the host is the role's failure, exit status 1."""
 
     def __init__(self, host, where: dict[str, str], restart_count: int) -> None:
         self.host = host
@@ -169,7 +228,7 @@ class RayRoleProcess:
         try:
             self.pid = ray.get(host.start.remote(restart_count), timeout=CALL_TIMEOUT_S)
         except RayError as exc:
-            self._lose(exc)
+            self._fail(exc)
             return
         self._exit = host.wait.remote(self.pid)
 
@@ -179,7 +238,7 @@ class RayRoleProcess:
             try:
                 self.returncode = ray.get(self._exit)
             except RayError as exc:
-                self._lose(exc)
+                self._fail(exc)
         return self.returncode
 
     def poll(self) -> int | None:
@@ -189,26 +248,27 @@ class RayRoleProcess:
         if self.returncode is None and self._settle(CALL_TIMEOUT_S if timeout is None else timeout) is None:
             if timeout is not None:
                 raise subprocess.TimeoutExpired("ray role", timeout)
-            self._lose(f"no exit status from its node within {CALL_TIMEOUT_S:g}s")
+            self._fail(GetTimeoutError(f"no exit status from its node within {CALL_TIMEOUT_S:g}s"))
         return self.returncode  # type: ignore[return-value]
 
     def send_signal(self, sig: int) -> None:
-        if self.returncode is not None:
-            return
-        try:
-            ray.get(self.host.signal.remote(self.pid, int(sig)), timeout=CALL_TIMEOUT_S)
-        except RayError as exc:
-            self._lose(exc)
+        """Sent, not awaited: the exit (or the host's loss) shows in poll(), and a signal to a
+        silent node must not hold the supervisor's loop."""
+        if self.returncode is None:
+            self.host.signal.remote(self.pid, int(sig))
 
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
 
-    def _lose(self, why: object) -> None:
+    def _fail(self, exc: Exception) -> None:
+        if isinstance(exc, RayTaskError):  # the host raised: the role failed, its node is fine
+            log.error("role.host_error", pid=self.pid, error=_first_line(exc), **self.where)
+            self.returncode = 1
+            return
         node_id = self.where["node_id"]
         alive = next((n["Alive"] for n in ray.nodes() if n["NodeID"] == node_id), False)
-        first_line = str(why).strip().splitlines()[0] if str(why).strip() else type(why).__name__
         state = "unreachable; Ray does not list it dead yet" if alive else "dead"
-        self.lost = f"lost its node {self.where['node']} (Ray node {node_id}, {state}): {first_line[:300]}"
+        self.lost = f"lost its node {self.where['node']} (Ray node {node_id}, {state}): {_first_line(exc)}"
         self.returncode = -signal.SIGKILL
 
 
@@ -225,8 +285,11 @@ class RayLauncher:
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise PlacementFailed(f"no Ray cluster at supervisor.ray_address = {address!r} ({exc}); start one with "
                                   f"`ray start --head` or name its address") from None
+        # Node directories are per run: its name and a hash of where its run directory is.
+        self.run_key = f"{run_dir.name}-{hashlib.sha1(str(run_dir).encode()).hexdigest()[:8]}"
         self.pg = None
         self.hosts: dict[str, object] = {}
+        self.copy_back: dict[str, CopyBack] = {}
         self.copying = threading.Lock()  # the periodic copy (a thread) and the last one at close
         try:
             self._place()
@@ -257,7 +320,11 @@ class RayLauncher:
                 f"{_describe(ray.cluster_resources())}, {_describe(ray.available_resources())} of it free") from None
         for name in self.names:
             self.hosts[name] = self._new_host(name)
-        infos = ray.get([self.hosts[n].info.remote() for n in self.names], timeout=max(timeout, CALL_TIMEOUT_S))
+        try:
+            infos = ray.get([self.hosts[n].info.remote() for n in self.names], timeout=max(timeout, CALL_TIMEOUT_S))
+        except RayError as exc:
+            raise PlacementFailed(f"a role host did not start on its node (ray.local_dir = "
+                                  f"{self.config.ray.local_dir or '<temp dir>'!r}): {_first_line(exc)}") from None
         self.info = dict(zip(self.names, infos))
         for name in self.names:
             log.info("role.placed", role=name, **self.info[name])
@@ -269,7 +336,7 @@ class RayLauncher:
             scheduling_strategy=PlacementGroupSchedulingStrategy(
                 self.pg, placement_group_bundle_index=self.names.index(name)),
             num_cpus=wants.num_cpus, num_gpus=wants.num_gpus, resources=dict(wants.resources),
-        ).remote(name, self.run_dir.name, self.config.ray.local_dir)
+        ).remote(name, self.run_key, self.config.ray.local_dir)
 
     def _place_again(self, name: str, deadline: float):
         """(host, info, port) of a new host for `name` started before `deadline`, or None. Until
@@ -286,8 +353,22 @@ class RayLauncher:
         return None
 
     def _pick_copiers(self) -> None:
-        # One host per node copies that node's directory back (roles on a node share it).
-        self.copiers = {info["node_id"]: self.hosts[name] for name, info in reversed(self.info.items())}
+        # One host per node directory copies it back (the roles of a machine share it).
+        self.copiers = {info["dir"]: self.hosts[name] for name, info in reversed(self.info.items())}
+        for directory in self.copiers:
+            self.copy_back.setdefault(directory, CopyBack(self.run_dir))
+
+    def check_resume(self) -> None:
+        """A resumed run's trainer must land where its checkpoints are (its node directory),
+        else it would start over from step 0 under the earlier steps' records."""
+        steps = self.run_dir / "metrics.jsonl"
+        if TRAINER not in self.hosts or not steps.exists() or not steps.stat().st_size:
+            return
+        if not ray.get(self.hosts[TRAINER].has_checkpoint.remote(), timeout=CALL_TIMEOUT_S):
+            where = self.info[TRAINER]
+            raise PlacementFailed(f"--resume: the trainer was placed on {where['hostname']} ({where['node']}), whose "
+                                  f"{where['dir']} holds no checkpoint of this run; pin the trainer to the machine "
+                                  f"that ran it (a custom resource in ray.trainer.resources)")
 
     def endpoints(self) -> Endpoints:
         """Every inbox on its role's node; the control socket here; the rendezvous on the trainer's node."""
@@ -357,42 +438,33 @@ class RayLauncher:
     def where(self, name: str) -> dict[str, str]:
         return {"node": self.info[name]["node"], "node_id": self.info[name]["node_id"][:12]}
 
-    def sync(self) -> None:
-        """Copy what each live node's roles wrote since the last call into the supervisor's run dir."""
+    def sync(self) -> int:
+        """Copy what each live node's roles wrote since the last call into the supervisor's run
+        dir; the number of changes copied."""
+        copied = 0
         with self.copying:
-            pending = [host.changes.remote() for host in self.copiers.values()]
-            for ref in pending:
+            pending = {d: host.changes.remote(self.copy_back[d].copied) for d, host in self.copiers.items()}
+            for directory, ref in pending.items():
                 try:
                     changes = ray.get(ref, timeout=CALL_TIMEOUT_S)
                 except RayError:
                     continue  # a lost node: the role handles say so; what it copied before stays
-                for rel, offset, data in changes:
-                    apply_change(self.run_dir, rel, offset, data)
+                self.copy_back[directory].apply(changes)
+                copied += len(changes)
+        return copied
 
     def close(self, copy: bool = True) -> None:
-        if copy and self.hosts:
-            self.sync()
-        for host in self.hosts.values():
-            try:
-                ray.kill(host)
-            except RayError:
-                pass
-        if self.pg is not None:
-            remove_placement_group(self.pg)
-        ray.shutdown()
-
-
-def apply_change(run_dir: Path, rel: str, offset: int, data: bytes) -> None:
-    dest = (run_dir / rel).resolve()
-    if run_dir not in dest.parents:
-        raise ValueError(f"a node sent a file outside the run directory: {rel!r}")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    if offset == 0:
-        part = dest.with_name(f".{dest.name}.part")
-        part.write_bytes(data)
-        os.replace(part, dest)
-        return
-    with open(dest, "r+b" if dest.exists() else "wb") as f:
-        f.seek(offset)
-        f.write(data)
-
+        try:
+            # The last copy: again until nothing is left (a big file comes in 16 MiB pieces).
+            for _ in range(64 if copy and self.hosts else 0):
+                if not self.sync():
+                    break
+        finally:
+            for host in self.hosts.values():
+                try:
+                    ray.kill(host)
+                except RayError:
+                    pass
+            if self.pg is not None:
+                remove_placement_group(self.pg)
+            ray.shutdown()

@@ -79,7 +79,8 @@ def on_ray(nodes: TwoNodes, tmp_path: Path, *, generator_on: str = "second", tra
     """--set overrides that run a config on the two nodes, the generator and the trainer apart."""
     return ["supervisor.launcher=ray", f'supervisor.ray_address="{nodes.address}"', "transport.scheme=tcp",
             f'ray.local_dir="{tmp_path / "nodes"}"', "ray.placement_timeout_s=20.0",
-            f"ray.generator.resources={{{generator_on} = 1}}", f"ray.trainer.resources={{{trainer_on} = 1}}"]
+            f"ray.generator.resources={{{generator_on} = 1}}", f"ray.trainer.resources={{{trainer_on} = 1}}",
+            "ray.reward.resources={head = 1}"]  # only the generator is on the node a test loses
 
 
 def placed(run) -> dict[str, dict]:
@@ -109,7 +110,9 @@ num_steps = 30
     where = placed(run)
     assert where["generator-0"]["node_id"] == two_nodes.second.node_id
     assert where["trainer-0"]["node_id"] == two_nodes.cluster.head_node.node_id
-    assert where["generator-0"]["dir"] != where["trainer-0"]["dir"]  # node-local run directories
+    # Each machine's roles work in its own node-local directory (one machine here: one directory).
+    dirs = {Path(e["dir"]) for e in where.values()}
+    assert len(dirs) == 1 and dirs.pop().parent.parent == tmp_path / "nodes"  # <local_dir>/<run>/<host>
     # Copied back into the supervisor's run directory: the trainer's metrics, every role's logs.
     records = read_metrics(run.run_dir / "metrics.jsonl")
     assert len(records) == 30
