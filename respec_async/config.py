@@ -284,6 +284,9 @@ class RayRoleResources(Section):
     # Custom resources, the way Ray pins work to nodes: start a node with
     # `ray start --resources '{"trainer_node": 1}'` and ask for {trainer_node = 1} here.
     resources: dict[str, PosFloat] = {}
+    # Node labels the role's node must carry, each matched exactly (`ray start --labels
+    # '{"zone": "a"}'`; Ray also labels nodes itself, e.g. ray.io/node-id).
+    labels: dict[str, str] = {}
 
 
 class RaySection(Section):

@@ -199,6 +199,12 @@ def write_at(dest: Path, offset: int, data: bytes, whole: bool) -> None:
         f.write(data)
 
 
+def _labels(labels: dict[str, str] | None) -> str:
+    """", labels a=b" for what a user set (Ray's own ray.io/* labels left out), else ""."""
+    shown = {k: v for k, v in (labels or {}).items() if not k.startswith("ray.io/")}
+    return ", labels " + ", ".join(f"{k}={v}" for k, v in sorted(shown.items())) if shown else ""
+
+
 def _first_line(exc: object) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:300] if text else type(exc).__name__
@@ -302,14 +308,18 @@ class RayLauncher:
 
     def _place(self) -> None:
         bundles = [_bundle(self._wants(name)) for name in self.names]
+        labels = [dict(self._wants(name).labels) for name in self.names]
         nodes = [n for n in ray.nodes() if n["Alive"]]
-        for name, bundle in zip(self.names, bundles):
-            if not any(all(n["Resources"].get(k, 0) >= v for k, v in bundle.items()) for n in nodes):
-                have = "; ".join(f"{n['NodeManagerAddress']} ({_describe(n['Resources'])})" for n in nodes)
-                raise PlacementFailed(f"no node of the Ray cluster has what {name} asks for ({_describe(bundle)}; "
-                                      f"ray.{RoleId.parse(name).kind}); its nodes: {have}")
+        for name, bundle, wanted in zip(self.names, bundles, labels):
+            if not any(all(n["Resources"].get(k, 0) >= v for k, v in bundle.items())
+                       and all(n.get("Labels", {}).get(k) == v for k, v in wanted.items()) for n in nodes):
+                have = "; ".join(f"{n['NodeManagerAddress']} ({_describe(n['Resources'])}{_labels(n.get('Labels'))})"
+                                 for n in nodes)
+                raise PlacementFailed(f"no node of the Ray cluster has what {name} asks for ({_describe(bundle)}"
+                                      f"{_labels(wanted)}; ray.{RoleId.parse(name).kind}); its nodes: {have}")
         timeout = self.config.ray.placement_timeout_s
-        self.pg = placement_group(bundles, strategy=self.config.ray.strategy, name=f"respec-{self.run_dir.name}")
+        self.pg = placement_group(bundles, strategy=self.config.ray.strategy, name=f"respec-{self.run_dir.name}",
+                                  bundle_label_selector=labels if any(labels) else None)
         try:
             ray.get(self.pg.ready(), timeout=timeout)
         except RayError:

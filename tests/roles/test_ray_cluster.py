@@ -38,7 +38,8 @@ class TwoNodes:
         self.cluster = ray_cluster_utils.Cluster(
             initialize_head=True, connect=False,
             head_node_args={"num_cpus": 4, "resources": {"head": 4}, "_system_config": FAST_HEALTH})
-        self.second = self.cluster.add_node(num_cpus=4, resources={"second": 4, "generator_node": 4})
+        self.second = self.cluster.add_node(num_cpus=4, resources={"second": 4, "generator_node": 4},
+                                            labels={"tier": "second"})
         self.spare = self.cluster.add_node(num_cpus=4, resources={"generator_node": 4}) if spare else None
         self.cluster.wait_for_nodes()
         self.address = self.cluster.address
@@ -75,12 +76,13 @@ def three_nodes():
     yield from cluster_fixture(spare=True)
 
 
-def on_ray(nodes: TwoNodes, tmp_path: Path, *, generator_on: str = "second", trainer_on: str = "head") -> list[str]:
-    """--set overrides that run a config on the two nodes, the generator and the trainer apart."""
+def on_ray(nodes: TwoNodes, tmp_path: Path, *, generator_on: str | None = "second") -> list[str]:
+    """--set overrides that run a config on the nodes: the trainer and the reward role on the head,
+    the generator on a node with the `generator_on` resource (None: as the test says)."""
     return ["supervisor.launcher=ray", f'supervisor.ray_address="{nodes.address}"', "transport.scheme=tcp",
             f'ray.local_dir="{tmp_path / "nodes"}"', "ray.placement_timeout_s=20.0",
-            f"ray.generator.resources={{{generator_on} = 1}}", f"ray.trainer.resources={{{trainer_on} = 1}}",
-            "ray.reward.resources={head = 1}"]  # only the generator is on the node a test loses
+            "ray.trainer.resources={head = 1}", "ray.reward.resources={head = 1}",
+            *([f"ray.generator.resources={{{generator_on} = 1}}"] if generator_on else [])]
 
 
 def placed(run) -> dict[str, dict]:
@@ -127,8 +129,11 @@ num_steps = 30
 
 
 def test_a_sigkilled_role_on_the_second_node_is_restarted_there(launch, two_nodes, tmp_path, random_actor_dir):
-    run = launch(rl_config(random_actor_dir, steps=10), *on_ray(two_nodes, tmp_path))
+    # The generator pinned by a node label this time (any node's CPU would do as a resource).
+    run = launch(rl_config(random_actor_dir, steps=10), *on_ray(two_nodes, tmp_path, generator_on=None),
+                 'ray.generator.labels={tier = "second"}')
     run.wait_event(lambda e: e.get("event") == "train.step" and e.get("step") == 2, timeout=180)
+    assert placed(run)["generator-0"]["node_id"] == two_nodes.second.node_id
     os.kill(run.role_pids()["generator-0"][0], signal.SIGKILL)
     code = run.proc.wait(timeout=240)
     assert code == 0, run.output()
@@ -191,13 +196,16 @@ def test_a_generator_whose_node_is_lost_starts_on_another_and_the_run_completes(
     assert_nothing_left(run)
 
 
-def test_resources_no_node_has_fail_the_start_at_once_naming_them(launch, two_nodes, tmp_path, random_actor_dir):
-    run = launch(rl_config(random_actor_dir), *on_ray(two_nodes, tmp_path, trainer_on="big_memory_node"))
+@pytest.mark.parametrize("ask", ['ray.trainer.resources={big_memory_node = 1}', 'ray.trainer.labels={zone = "b"}'])
+def test_resources_or_labels_no_node_has_fail_the_start_at_once_naming_them(launch, two_nodes, tmp_path,
+                                                                           random_actor_dir, ask):
+    run = launch(rl_config(random_actor_dir), *on_ray(two_nodes, tmp_path), ask)
     started = time.monotonic()
     assert run.proc.wait(timeout=60) == 1
     output = run.output()
     assert time.monotonic() - started < 30
-    assert "trainer-0" in output and "big_memory_node: 1" in output and "ray.trainer" in output, output
+    named = "big_memory_node: 1" if "resources" in ask else "labels zone=b"
+    assert "trainer-0" in output and named in output and "ray.trainer" in output and "tier=second" in output, output
 
 
 def test_sigint_stops_a_ray_run_cleanly_and_resume_goes_on_from_the_trainers_node(launch, two_nodes, tmp_path,
