@@ -295,9 +295,10 @@ class RaySection(Section):
     strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     # Ray gets every role's bundle within this long, or the run fails naming what is missing.
     placement_timeout_s: PosFloat = 60.0
-    # Each node's own run directory for the roles it runs: <local_dir>/<run>/<node id>. Logs and
-    # metrics are copied back to the supervisor's run directory as they grow; checkpoints stay
-    # here, so a trainer restarted on its node resumes. "" = <system temp dir>/respec-ray.
+    # Each machine's own run directory for the roles it runs: <local_dir>/<run>-<hash>/<host>.
+    # Logs and metrics are copied back to the supervisor's run directory as they grow;
+    # checkpoints stay here, so a trainer restarted on its machine resumes. "" = <system temp
+    # dir>/respec-ray.
     local_dir: str = ""
     echo: RayRoleResources = msgspec.field(default_factory=RayRoleResources)
     reward: RayRoleResources = msgspec.field(default_factory=RayRoleResources)

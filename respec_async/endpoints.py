@@ -52,7 +52,9 @@ class Endpoints(msgspec.Struct, kw_only=True):
     torch_dist: str  # file:///path or tcp://host:port: the weight groups' rendezvous store
 
     def save(self, path: Path) -> None:
-        path.write_bytes(msgspec.json.encode(self))
+        part = path.with_name(f".{path.name}.part")  # replaced whole: a reader never sees half a file
+        part.write_bytes(msgspec.json.encode(self))
+        os.replace(part, path)
 
     @classmethod
     def load(cls, path: Path) -> Endpoints:

@@ -132,6 +132,7 @@ class Supervisor:
                                  num_steps=config.trainer.num_steps if config.roles.trainer else 0)
         self._ping_seq = 0
         self._moves: set[asyncio.Task] = set()  # roles being started on another node
+        self.moved: dict[str, str] = {}  # role -> the inbox it moved to (told to every role at Ready)
 
     def _driver_name(self) -> str | None:
         if self.config.roles.trainer:
@@ -194,25 +195,32 @@ class Supervisor:
         asyncio.get_running_loop().call_later(delay, self._respawn, role)
 
     async def _move(self, role: RoleProcess, lost: str) -> None:
-        """Start a role whose node was lost on another node, and tell every other role its new inbox."""
+        """Start a role whose node was lost on another node, and tell every other role its new
+        inbox (a role that is starting meanwhile hears it with its Ready)."""
         try:
             try:
                 endpoint = await asyncio.to_thread(self.launcher.relocate, role.name, self.endpoints)
-            except PlacementFailed as exc:
+            except Exception as exc:  # PlacementFailed, or whatever else kept it from its new node
                 role.state = "failed"
+                if self.stopping.is_set():
+                    return  # the run ends anyway (and stopped the search)
                 self.fail(f"{role.name} {lost}; not restarted elsewhere: {exc}")
                 return
-            if self.stopping.is_set():
-                return
+            self.moved[role.name] = endpoint
             for other in self.roles.values():
-                if other is not role and other.alive():
-                    try:
-                        await self.control.send(InboxMoved(role=role.name, endpoint=endpoint), other.name.encode())
-                    except zmq.ZMQError:
-                        pass
-            self._spawn(role)
+                if other is not role and other.alive() and not self.stopping.is_set():
+                    await self._tell_moved(other.name, {role.name: endpoint})
+            if not self.stopping.is_set():
+                self._spawn(role)
         finally:
             self._moves.discard(asyncio.current_task())  # type: ignore[arg-type]
+
+    async def _tell_moved(self, name: str, moved: dict[str, str]) -> None:
+        for role, endpoint in moved.items():
+            try:
+                await self.control.send(InboxMoved(role=role, endpoint=endpoint), name.encode())
+            except zmq.ZMQError:
+                pass  # not connected (yet): its Ready brings it the news
 
     def _respawn(self, role: RoleProcess) -> None:
         if self.stopping.is_set():
@@ -255,6 +263,9 @@ class Supervisor:
                 if self.last_progress_at is not None:
                     self.last_progress_at = role.last_pong_at  # a role back from a restart: a full timeout
                 self.ready[role.name].set()
+                moved = {name: endpoint for name, endpoint in self.moved.items() if name != role.name}
+                if moved:  # it may have read the endpoints before a move
+                    await self._tell_moved(role.name, moved)
                 log.info("role.ready", role=role.name, pid=message.pid,
                          seconds=round(time.monotonic() - role.started_at, 2))
             elif isinstance(message, Pong):
@@ -279,8 +290,15 @@ class Supervisor:
 
     async def _sync_loop(self) -> None:
         """Remote roles' logs and metrics into this run directory (a no-op for local roles)."""
+        failing = False
         while True:
-            await asyncio.to_thread(self.launcher.sync)
+            try:
+                await asyncio.to_thread(self.launcher.sync)
+                failing = False
+            except Exception as exc:  # noqa: BLE001 (a copy that failed is tried again next time)
+                if not failing:
+                    log.error("run.copy_back_failed", error=repr(exc))
+                failing = True
             await asyncio.sleep(1.0)
 
     async def _ping_loop(self) -> None:
@@ -420,6 +438,9 @@ class Supervisor:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            if self._moves:  # a role being placed on another node: stop trying, then stop all
+                self.launcher.stop_moving()
+                await asyncio.wait(self._moves, timeout=30.0)
             await self._stop_all()
             self.launcher.close()  # on Ray: the last copy of remote logs and metrics first
             self.status.close()

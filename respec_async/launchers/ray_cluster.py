@@ -8,7 +8,7 @@ takes the supervisor's signals. Heartbeats, restarts, the ledger and shutdown ar
 supervisor's, as on one machine.
 
 What each node needs and what it keeps:
-- A node-local run directory, `<ray.local_dir>/<run>/<node id>` (mode 0700): the actor writes
+- A node-local run directory, `<ray.local_dir>/<run>-<hash>/<host name>` (mode 0700): the actor writes
   the config, the endpoints and the CURVE keys there (nothing goes through a shared disk); the
   roles on that node write their logs, metrics, ledger and checkpoints there. The supervisor
   copies logs and metrics back into its own run directory while they grow (every second, and
@@ -99,11 +99,10 @@ class RoleHost:
         self.store = host_rendezvous_store(rendezvous)
 
     def deliver(self, files: dict[str, bytes]) -> None:
-        """The run's start files, each 0600 (the keys among them), replaced atomically (the
-        other hosts on this node write the same files at the same time: a part file each)."""
+        """The run's start files, each 0600 (the keys among them), replaced atomically (other
+        hosts on this machine, and other calls, write the same files at once: a part file each)."""
         for name, data in files.items():
-            part = self.run_dir / f".{name}.{os.getpid()}.part"
-            fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            fd, part = tempfile.mkstemp(dir=self.run_dir, prefix=f".{name}.")  # mode 0600
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             os.replace(part, self.run_dir / name)
@@ -121,29 +120,55 @@ class RoleHost:
         if process.poll() is None:
             process.send_signal(sig)
 
-    def changes(self, copied: dict[str, tuple[int, int]]) -> list[tuple[str, int, bytes, int]]:
-        return changed_files(self.run_dir, copied)
+    def changes(self, copied: dict[str, tuple[int, int]],
+                held: dict[str, tuple[int, str]]) -> list[tuple[str, int, bytes, int, bool]]:
+        return changed_files(self.run_dir, copied, held)
 
 
-def changed_files(run_dir: Path, copied: dict[str, tuple[int, int]]) -> list[tuple[str, int, bytes, int]]:
+def _prefix_digest(path: Path, size: int) -> str:
+    digest = hashlib.sha1()
+    with open(path, "rb") as f:
+        while size > 0:
+            chunk = f.read(min(size, 1 << 20))
+            if not chunk:
+                break
+            digest.update(chunk)
+            size -= len(chunk)
+    return digest.hexdigest()
+
+
+def changed_files(run_dir: Path, copied: dict[str, tuple[int, int]], held: dict[str, tuple[int, str]] | None = None
+                  ) -> list[tuple[str, int, bytes, int, bool]]:
     """What grew or changed in a node's run directory beyond `copied` (path -> (bytes the
-    supervisor holds, mtime_ns of its copy)): (path, offset, bytes, mtime_ns); a file the
-    supervisor has not seen comes whole, a grown log or metrics file by its new tail, any other
-    changed file whole again. Files that vanish meanwhile are skipped."""
+    supervisor holds, mtime_ns of its copy)): (path, offset, bytes, mtime_ns, continues). A log
+    or metrics file comes by its new bytes from `offset`, 16 MiB at most a call (the rest
+    next time); any other changed file whole (up to 16 MiB). `held` names logs the supervisor
+    already holds from an earlier launch but has not copied from this node (path -> (size,
+    sha1)): when this node's file starts with those bytes it `continues` them and comes from
+    there; else it comes whole, to be appended after them. Files that vanish are skipped."""
+    held = held or {}
     out = []
     for path in sorted(run_dir.rglob("*")):
         rel = path.relative_to(run_dir)
-        if rel.parts[0] in _NOT_COPIED_DIRS or str(rel) in _NOT_COPIED_FILES or rel.name.startswith("."):
+        name = str(rel)
+        if rel.parts[0] in _NOT_COPIED_DIRS or name in _NOT_COPIED_FILES or rel.name.startswith("."):
             continue
         try:
             if not path.is_file():
                 continue
             stat = path.stat()
-            done, mtime = copied.get(str(rel), (-1, 0))
-            if path.name.endswith(_APPENDED) and 0 <= done <= stat.st_size:
-                if stat.st_size == done:
+            done, mtime = copied.get(name, (-1, 0))
+            continues = False
+            if path.name.endswith(_APPENDED):
+                if done < 0 and name in held:
+                    size, digest = held[name]
+                    continues = stat.st_size >= size and _prefix_digest(path, size) == digest
+                    done = size if continues else 0
+                if done > stat.st_size:
+                    done = 0  # the file started over (a new one): it comes whole
+                if stat.st_size == max(done, 0):
                     continue
-                start = done
+                start = max(done, 0)
             elif mtime == stat.st_mtime_ns or stat.st_size > _MAX_COPY_BYTES:
                 continue
             else:
@@ -153,7 +178,7 @@ def changed_files(run_dir: Path, copied: dict[str, tuple[int, int]]) -> list[tup
                 data = f.read(_MAX_COPY_BYTES)
         except FileNotFoundError:
             continue  # a temporary file, replaced between listing and reading
-        out.append((str(rel), start, data, stat.st_mtime_ns))
+        out.append((name, start, data, stat.st_mtime_ns, continues))
     return out
 
 
@@ -161,28 +186,35 @@ class CopyBack:
     """The supervisor's side of copying one node directory back: what it holds of each file.
     Bytes count as copied only once written here, so a lost or failed call loses nothing (the
     next one sends them again). A log the run directory already holds from an earlier launch
-    is continued, never replaced: by its new tail when the node's file still starts with it,
-    else (another machine's new file) appended after it."""
+    is continued, never replaced: by its new tail when the node's file still starts with it
+    (the node compares), else (another machine's new file) appended after it."""
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
         self.copied: dict[str, tuple[int, int]] = {}
         self.base: dict[str, int] = {}  # where the node's file starts in ours
+        # The logs already here when this node's copying began (an earlier launch's, or those of
+        # a lost node this one replaces): (size, sha1), for the node to compare its own with.
+        self.before: dict[str, tuple[int, str]] = {}
+        for path in run_dir.rglob("*"):
+            if path.name.endswith(_APPENDED) and not path.name.startswith(".") and path.is_file():
+                size = path.stat().st_size
+                if size:
+                    self.before[str(path.relative_to(run_dir))] = (size, _prefix_digest(path, size))
 
-    def apply(self, changes: list[tuple[str, int, bytes, int]]) -> None:
-        for rel, offset, data, mtime in changes:
+    def held(self) -> dict[str, tuple[int, str]]:
+        return {name: held for name, held in self.before.items() if name not in self.copied}
+
+    def apply(self, changes: list[tuple[str, int, bytes, int, bool]]) -> None:
+        for rel, offset, data, mtime, continues in changes:
             dest = (self.run_dir / rel).resolve()
             if self.run_dir not in dest.parents:
                 raise ValueError(f"a node sent a file outside the run directory: {rel!r}")
             appended = rel.endswith(_APPENDED)
             if appended and offset == 0 and self.copied.get(rel, (0, 0))[0] > 0:
                 self.copied.pop(rel)  # the node's file started over (a new, shorter one): appended too
-            if appended and rel not in self.copied and dest.exists() and dest.stat().st_size:
-                held = dest.read_bytes()
-                if data.startswith(held):  # the same file, grown since
-                    self.base[rel], data, offset = 0, data[len(held):], len(held)
-                else:
-                    self.base[rel] = len(held)
+            if appended and rel not in self.copied:
+                self.base[rel] = 0 if continues or not dest.exists() else dest.stat().st_size
             write_at(dest, self.base.get(rel, 0) + offset if appended else offset, data, whole=not appended)
             self.copied[rel] = (offset + len(data), mtime)
 
@@ -292,10 +324,12 @@ class RayLauncher:
             raise PlacementFailed(f"no Ray cluster at supervisor.ray_address = {address!r} ({exc}); start one with "
                                   f"`ray start --head` or name its address") from None
         # Node directories are per run: its name and a hash of where its run directory is.
-        self.run_key = f"{run_dir.name}-{hashlib.sha1(str(run_dir).encode()).hexdigest()[:8]}"
+        self.run_key = f"{run_dir.name}-{hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:8]}"
         self.pg = None
         self.hosts: dict[str, object] = {}
         self.copy_back: dict[str, CopyBack] = {}
+        self.moving = threading.Lock()  # one relocation at a time rewrites the endpoints
+        self.stopped = threading.Event()  # the run is ending: stop trying to place a lost role
         self.copying = threading.Lock()  # the periodic copy (a thread) and the last one at close
         try:
             self._place()
@@ -352,7 +386,7 @@ class RayLauncher:
         """(host, info, port) of a new host for `name` started before `deadline`, or None. Until
         Ray marks the lost node dead its bundle still points there and a new host dies at once;
         then Ray re-places the bundle, if some node can hold it, and the host starts."""
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not self.stopped.is_set():
             host = self._new_host(name)
             try:
                 info = ray.get(host.info.remote(), timeout=max(deadline - time.monotonic(), 0.1))
@@ -364,9 +398,11 @@ class RayLauncher:
 
     def _pick_copiers(self) -> None:
         # One host per node directory copies it back (the roles of a machine share it).
-        self.copiers = {info["dir"]: self.hosts[name] for name, info in reversed(self.info.items())}
-        for directory in self.copiers:
-            self.copy_back.setdefault(directory, CopyBack(self.run_dir))
+        with self.copying:
+            copiers = {f"{info['node']}:{info['dir']}": self.hosts[name] for name, info in reversed(self.info.items())}
+            for key in copiers:
+                self.copy_back.setdefault(key, CopyBack(self.run_dir))
+            self.copiers = copiers
 
     def check_resume(self) -> None:
         """A resumed run's trainer must land where its checkpoints are (its node directory),
@@ -374,7 +410,12 @@ class RayLauncher:
         steps = self.run_dir / "metrics.jsonl"
         if TRAINER not in self.hosts or not steps.exists() or not steps.stat().st_size:
             return
-        if not ray.get(self.hosts[TRAINER].has_checkpoint.remote(), timeout=CALL_TIMEOUT_S):
+        try:
+            found = ray.get(self.hosts[TRAINER].has_checkpoint.remote(), timeout=CALL_TIMEOUT_S)
+        except RayError as exc:
+            raise PlacementFailed(f"--resume: the trainer's node did not say whether it holds a checkpoint: "
+                                  f"{_first_line(exc)}") from None
+        if not found:
             where = self.info[TRAINER]
             raise PlacementFailed(f"--resume: the trainer was placed on {where['hostname']} ({where['node']}), whose "
                                   f"{where['dir']} holds no checkpoint of this run; pin the trainer to the machine "
@@ -425,13 +466,14 @@ class RayLauncher:
             raise PlacementFailed(f"no other node took it within {timeout:g}s (ray.placement_timeout_s); it asks "
                                   f"for {_describe(_bundle(self._wants(name)))}; live nodes: {alive}")
         host, info, port = placed
-        self.hosts[name], self.info[name] = host, info
-        self._pick_copiers()
-        log.info("role.placed", role=name, moved=True, **info)
-        endpoints.inboxes[name] = f"tcp://{info['node']}:{port}"
-        endpoints.save(self.run_dir / "endpoints.json")
-        self.deliver(self.run_dir, strict=False)
-        return endpoints.inboxes[name]
+        with self.moving:
+            self.hosts[name], self.info[name] = host, info
+            self._pick_copiers()
+            log.info("role.placed", role=name, moved=True, **info)
+            endpoints.inboxes[name] = f"tcp://{info['node']}:{port}"
+            endpoints.save(self.run_dir / "endpoints.json")
+            self.deliver(self.run_dir, strict=False)
+            return endpoints.inboxes[name]
 
     def host_rendezvous(self, rendezvous: str):
         if TRAINER in self.hosts:
@@ -453,7 +495,8 @@ class RayLauncher:
         dir; the number of changes copied."""
         copied = 0
         with self.copying:
-            pending = {d: host.changes.remote(self.copy_back[d].copied) for d, host in self.copiers.items()}
+            pending = {d: host.changes.remote(self.copy_back[d].copied, self.copy_back[d].held())
+                       for d, host in self.copiers.items()}
             for directory, ref in pending.items():
                 try:
                     changes = ray.get(ref, timeout=CALL_TIMEOUT_S)
@@ -463,7 +506,11 @@ class RayLauncher:
                 copied += len(changes)
         return copied
 
+    def stop_moving(self) -> None:
+        self.stopped.set()
+
     def close(self, copy: bool = True) -> None:
+        self.stopped.set()
         try:
             # The last copy: again until nothing is left (a big file comes in 16 MiB pieces).
             for _ in range(64 if copy and self.hosts else 0):

@@ -11,6 +11,7 @@ import pytest
 
 pytest.importorskip("ray", reason="Ray is not installed (pip install 'respec-async[ray]')")
 
+from respec_async.launchers import ray_cluster  # noqa: E402
 from respec_async.launchers.ray_cluster import CopyBack, changed_files  # noqa: E402
 
 
@@ -19,7 +20,7 @@ def tree(root: Path) -> dict[str, bytes]:
 
 
 def copy(node: Path, back: CopyBack) -> list:
-    changes = changed_files(node, back.copied)
+    changes = changed_files(node, back.copied, back.held())
     back.apply(changes)
     return changes
 
@@ -47,7 +48,7 @@ def test_a_node_directory_is_mirrored_incrementally(dirs):
     with open(node / "logs" / "trainer-0.jsonl", "a") as f:
         f.write('{"event": "b", "half": ')  # a line still being written
     changes = copy(node, back)
-    assert [(rel, offset) for rel, offset, _, _ in changes] == [("logs/trainer-0.jsonl", 15)]  # the tail only
+    assert [(rel, offset) for rel, offset, *_ in changes] == [("logs/trainer-0.jsonl", 15)]  # the tail only
     with open(node / "logs" / "trainer-0.jsonl", "a") as f:
         f.write("true}\n")
     (node / "profile.json").write_text('{"v": 22}')
@@ -66,7 +67,7 @@ def test_bytes_a_lost_call_carried_are_sent_again(dirs):
     copy(node, back)
     with open(node / "ledger.jsonl", "a") as f:
         f.write("issued 1\n")
-    changed_files(node, back.copied)  # computed on the node, never applied here (a timed-out call)
+    changed_files(node, back.copied, back.held())  # computed on the node, never applied (a timed-out call)
     with open(node / "ledger.jsonl", "a") as f:
         f.write("issued 2\n")
     copy(node, back)
@@ -94,4 +95,19 @@ def test_logs_of_an_earlier_launch_are_continued_not_replaced(dirs):
 
 def test_a_file_naming_a_place_outside_the_run_directory_is_refused(tmp_path):
     with pytest.raises(ValueError, match="outside the run directory"):
-        CopyBack(tmp_path.resolve()).apply([("../elsewhere.txt", 0, b"x", 1)])
+        CopyBack(tmp_path.resolve()).apply([("../elsewhere.txt", 0, b"x", 1, False)])
+
+
+def test_logs_bigger_than_one_piece_come_in_pieces_even_when_first_seen_on_a_resume(dirs, monkeypatch):
+    monkeypatch.setattr(ray_cluster, "_MAX_COPY_BYTES", 64)
+    node, here = dirs
+    lines = "".join(f"step {i:04d}\n" for i in range(40))  # 400 bytes: seven pieces
+    (here / "metrics.jsonl").write_text(lines[:200])  # an earlier launch's copy, beyond one piece
+    (node / "metrics.jsonl").write_text(lines)  # the same machine's file, grown since
+    (node / "logs" / "reward-0.jsonl").write_text(lines)  # never seen before, beyond one piece
+    back = CopyBack(here)
+    for _ in range(10):
+        copy(node, back)
+    assert (here / "metrics.jsonl").read_text() == lines  # continued from 200 bytes, nothing doubled
+    assert (here / "logs" / "reward-0.jsonl").read_text() == lines
+    assert copy(node, back) == []
