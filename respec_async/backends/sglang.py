@@ -30,7 +30,7 @@ Facts of SGLang 0.5.23 behind the choices (read from its source):
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -61,6 +61,8 @@ SGLANG_SURFACE: dict[str, dict[str, Any]] = {
         "fields InitWeightsUpdateGroupReqInput": ["master_address", "master_port", "rank_offset", "world_size",
                                                   "group_name", "backend"],
         "fields GenerateReqInput": ["input_ids", "sampling_params", "return_logprob", "rid"],
+        "fields AddExternalCorpusReqInput": ["corpus_id", "documents"],
+        "fields RemoveExternalCorpusReqInput": ["corpus_id"],
         "class EndWeightUpdateReqInput": [],
         "strings": ["target", "draft"],  # the selector's values
     },
@@ -68,6 +70,8 @@ SGLANG_SURFACE: dict[str, dict[str, Any]] = {
         "def TokenizerControlMixin.begin_weight_update": ["obj"],
         "def TokenizerControlMixin.end_weight_update": ["obj"],
         "def TokenizerControlMixin.update_weights_from_distributed": ["obj"],
+        "def TokenizerControlMixin.add_external_corpus": ["obj"],
+        "def TokenizerControlMixin.remove_external_corpus": ["corpus_id"],
     },
     "sglang/srt/managers/tokenizer_manager.py": {
         "strings": ["finish_reason", "completion_tokens", "output_token_logprobs", "spec_verify_ct",
@@ -137,9 +141,14 @@ def engine_kwargs(config: Config, model_path: str, drafter_path: str = "",
     if g.sd == "static" and g.sd_source == "history":
         # Rollout history as SGLang's n-gram trie over every request's tokens (siblings included).
         sd = SDConfig(g.sd_num_steps, g.sd_top_k, g.sd_num_draft_tokens, source="history")
+        # Earlier epochs' rollouts go in as external corpora (external_corpus_request): SGLang
+        # tokenizes a corpus itself, so the engine keeps its tokenizer here, and half the draft
+        # nodes are the corpora's (its limit: at most its draft tokens - 1), half the live trie's.
         kwargs.update(speculative_algorithm="NGRAM", speculative_num_draft_tokens=sd.num_draft_tokens + 1,
                       speculative_ngram_max_bfs_breadth=sd.top_k,
-                      speculative_ngram_max_trie_depth=g.history_match_depth + sd.num_steps)
+                      speculative_ngram_max_trie_depth=g.history_match_depth + sd.num_steps,
+                      speculative_ngram_external_sam_budget=max(1, sd.num_draft_tokens // 2),
+                      skip_tokenizer_init=False)
         return kwargs
     if not drafter_path:
         raise ConfigError("model.drafter_path: SGLang's EAGLE-3 speculation loads the drafter from a directory")
@@ -214,6 +223,27 @@ def completion_from_output(output: Mapping[str, Any], request_id: str, prompt_id
         num_accepted=accepted, num_verify_steps=verify,
         num_decode_steps=verify if verify else max(len(output_ids) - 1, 0),
         acceptance_length=len(output_ids) / verify if verify else 0.0)
+
+
+CORPUS_PREFIX = "respec-rollouts-epoch-"
+
+
+def external_corpus_request(epoch: int, rollouts: Iterable[Sequence[int]],
+                            decode: Callable[[list[int]], str]) -> dict[str, Any]:
+    """AddExternalCorpusReqInput's fields for one epoch's finished rollouts: the earlier-epoch
+    half of our history drafter on SGLang (its live n-gram trie already holds the running
+    requests, siblings included). 0.5.23's tokenizer manager takes `documents` (text it
+    tokenizes) or a file, and refuses bare token chunks, so the rollouts go as their text."""
+    documents = [decode(list(ids)) for ids in rollouts if len(ids)]
+    return {"corpus_id": f"{CORPUS_PREFIX}{epoch}", "documents": [d for d in documents if d]}
+
+
+def stale_corpora(loaded: Iterable[str], epoch: int, keep_epochs: int) -> list[str]:
+    """Our corpora to remove once `epoch`'s is loaded: all but the newest `keep_epochs` (a bound
+    on SGLang's memory, as generator.history_max_bytes bounds our own index)."""
+    ours = [c for c in loaded if c.startswith(CORPUS_PREFIX) and c[len(CORPUS_PREFIX):].isdigit()]
+    return sorted((c for c in ours if int(c[len(CORPUS_PREFIX):]) <= epoch - keep_epochs),
+                  key=lambda c: int(c[len(CORPUS_PREFIX):]))
 
 
 def update_request(manifest: list[TensorSpec], group_name: str, selector: str, version: int) -> dict[str, Any]:

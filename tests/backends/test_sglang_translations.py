@@ -12,9 +12,11 @@ from respec_async.backends.sglang import (
     completion_from_output,
     draft_update_tensors,
     engine_kwargs,
+    external_corpus_request,
     refuse_unsupported,
     sampling_params,
     sglang_draft_parameter,
+    stale_corpora,
     update_request,
 )
 from respec_async.config import ConfigError, config_from_dict
@@ -162,6 +164,10 @@ def test_launch_arguments_for_each_sd_mode():
     history = engine_kwargs(cuda_config(sd="static", sd_source="history", sd_num_steps=4, sd_top_k=2,
                                         sd_num_draft_tokens=6), "/m")
     assert history["speculative_algorithm"] == "NGRAM" and history["speculative_num_draft_tokens"] == 7
+    # Room for earlier epochs' corpora (SGLang refuses a budget over its draft tokens - 1), and
+    # the tokenizer SGLang needs to take a corpus.
+    assert 1 <= history["speculative_ngram_external_sam_budget"] <= 7 - 1
+    assert history["skip_tokenizer_init"] is False
     adaptive = engine_kwargs(cuda_config(sd="adaptive", sd_grid=["1,1,1", "5,1,5"]), "/m", "/d", "/plan.json")
     assert adaptive["speculative_adaptive"] is True and adaptive["speculative_adaptive_config"] == "/plan.json"
     assert (adaptive["speculative_num_steps"], adaptive["speculative_num_draft_tokens"]) == (5, 6)
@@ -187,3 +193,18 @@ def test_sampling_parameters():
         "max_new_tokens": 9, "temperature": 0.7, "stop_token_ids": [2], "sampling_seed": 11}
     with pytest.raises(ValueError, match="top-p / top-k"):
         sampling_params(SamplingParams(top_p=0.9))
+
+
+def test_an_epochs_rollouts_become_an_external_corpus_sglang_tokenizes_back_to_them(models):
+    from respec_async.engine.tokenizer import build_char_tokenizer
+    from respec_async.tasks.arithmetic import ALPHABET
+
+    tokenizer = build_char_tokenizer(ALPHABET)
+    rollouts = [tokenizer.encode("8+5+0=13;7+9+1=17; ans 573"), [], tokenizer.encode("3+4+0=7; ans 7")]
+    request = external_corpus_request(2, rollouts, tokenizer.decode)
+    assert request["corpus_id"] == "respec-rollouts-epoch-2"
+    # What SGLang's tokenizer manager does with documents: encode each (no special tokens).
+    assert [tokenizer.encode(d) for d in request["documents"]] == [rollouts[0], rollouts[2]]  # the empty one left out
+    loaded = ["respec-rollouts-epoch-0", "respec-rollouts-epoch-1", "respec-rollouts-epoch-2", "someone-elses"]
+    assert stale_corpora(loaded, epoch=2, keep_epochs=2) == ["respec-rollouts-epoch-0"]
+    assert stale_corpora(loaded, epoch=2, keep_epochs=1) == ["respec-rollouts-epoch-0", "respec-rollouts-epoch-1"]
