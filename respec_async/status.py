@@ -105,7 +105,10 @@ class StatusView:
 
     def table(self) -> Table:
         table = Table(title=f"run {self.supervisor.run_dir.name}", expand=False)
-        for column in ("role", "pid", "state", "restarts", "last heartbeat", "busy", "mailbox", "handled", "dropped"):
+        # On a cluster, which machine each role runs on (and its pid there).
+        nodes = any(getattr(role, "node", "") for role in self.supervisor.roles.values())
+        for column in ("role", *(["node"] if nodes else []), "pid", "state", "restarts", "last heartbeat", "busy",
+                       "mailbox", "handled", "dropped"):
             table.add_column(column)
         now = time.monotonic()
         for role in self.supervisor.roles.values():
@@ -113,7 +116,8 @@ class StatusView:
             beat = f"{now - role.last_pong_at:.1f}s ago" if running else "-"
             busy = f"{role.busy_share:.0%}" if running and role.busy_share is not None else "-"
             restarts = Text(str(role.num_restarts), style="bold red" if role.num_restarts else "")
-            table.add_row(role.name, str(role.pid or "-"), role.state, restarts, beat, busy,
+            node = [getattr(role, "node", "") or "-"] if nodes else []
+            table.add_row(role.name, *node, str(role.pid or "-"), role.state, restarts, beat, busy,
                           str(role.mailbox_size), str(role.num_handled), str(role.num_dropped))
         return table
 

@@ -54,6 +54,7 @@ class RoleProcess:
     started_at: float = 0.0
     last_pong_at: float = 0.0
     last_failure: str = ""
+    node: str = ""  # the machine it runs on, on a cluster ("" for a local role)
     mailbox_size: int = 0
     num_handled: int = 0
     num_dropped: int = 0
@@ -145,13 +146,14 @@ class Supervisor:
 
     def _spawn(self, role: RoleProcess) -> None:
         role.popen = self.launcher.spawn(role.name, role.num_restarts)
+        where = self.launcher.where(role.name)
+        role.node = where.get("node", "")
         role.state = "starting"
         role.started_at = role.last_pong_at = time.monotonic()
         role.num_handled = role.handled_at_progress = 0  # a new process counts from zero
         role.busy_samples.clear()
         self.ready[role.name].clear()
-        log.info("role.started", role=role.name, pid=role.popen.pid, restarts=role.num_restarts,
-                 **self.launcher.where(role.name))
+        log.info("role.started", role=role.name, pid=role.popen.pid, restarts=role.num_restarts, **where)
 
     async def _wait_ready(self, names: list[str]) -> None:
         timeout = self.config.supervisor.ready_timeout_s

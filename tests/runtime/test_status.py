@@ -46,6 +46,16 @@ def test_the_view_shows_progress_metrics_and_roles():
     view.on_step({**FIELDS, "step": 12, "sd": 0.45, "accept_len": 3.2})
     text = render(view)
     assert "SD 45% of steps  accept 3.20" in text and "step 13/60" in text
+    assert "node" not in text  # one machine: no node column
+
+
+def test_on_a_cluster_the_role_table_says_which_node_each_role_is_on():
+    roles = {name: SimpleNamespace(name=name, pid=pid, state="running", num_restarts=0, last_pong_at=0.0,
+                                   mailbox_size=0, num_handled=0, num_dropped=0, busy_share=None, node=node)
+             for name, pid, node in (("generator-0", 7, "10.0.0.2"), ("trainer-0", 8, "10.0.0.1"))}
+    text = render(StatusView(SimpleNamespace(run_dir=Path("runs/tiny-1"), roles=roles), live=False, num_steps=60))
+    rows = {line.split()[1]: line for line in text.splitlines() if "-0 " in line}
+    assert "node" in text and "10.0.0.2" in rows["generator-0"] and "10.0.0.1" in rows["trainer-0"]
 
 
 def test_under_the_live_view_the_console_keeps_warnings_and_milestones_only():
