@@ -176,8 +176,9 @@ def test_a_lost_node_whose_role_no_other_node_can_hold_fails_the_run_naming_it(l
 
 def test_a_generator_whose_node_is_lost_starts_on_another_and_the_run_completes(launch, three_nodes, tmp_path,
                                                                                 random_actor_dir):
-    # Enough steps that the loss is noticed mid-run: the role hosts outlive their raylet by seconds.
-    toml = rl_config(random_actor_dir, steps=40).replace("ping_timeout_s = 20.0", "ping_timeout_s = 6.0")
+    # Enough steps that the loss is noticed mid-run (a step takes ~0.1 s here; the role hosts
+    # outlive their raylet by a few seconds, generating meanwhile).
+    toml = rl_config(random_actor_dir, steps=120).replace("ping_timeout_s = 20.0", "ping_timeout_s = 6.0")
     run = launch(toml, *on_ray(three_nodes, tmp_path, generator_on="generator_node"))
     run.wait_event(lambda e: e.get("event") == "train.step" and e.get("step") == 2, timeout=180)
     first = placed(run)["generator-0"]["node_id"]
@@ -190,7 +191,7 @@ def test_a_generator_whose_node_is_lost_starts_on_another_and_the_run_completes(
         (e.get("event"), e.get("role"), e.get("why"), e.get("reason")) for e in run.events() if e.get("event") != "train.step"])
     assert any(e.get("event") == "peer.moved" and e.get("role") == "generator-0" for e in run.events("trainer-0"))
     records = read_metrics(run.run_dir / "metrics.jsonl")
-    assert sorted(g for r in records for g in r.group_ids) == list(range(40 * 3))  # none lost, none twice
+    assert sorted(g for r in records for g in r.group_ids) == list(range(120 * 3))  # none lost, none twice
     ledger = audit_run(run.run_dir)
     assert ledger.balanced and ledger.num_lost == 0 and ledger.num_reissues >= 1, ledger.summary()
     assert_nothing_left(run)
