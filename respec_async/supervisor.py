@@ -291,7 +291,7 @@ class Supervisor:
                     self._progressed()
 
     async def _sync_loop(self) -> None:
-        """Remote roles' logs and metrics into this run directory (a no-op for local roles)."""
+        """Remote roles' logs and metrics into this run directory, every second."""
         failing = False
         while True:
             try:
@@ -421,8 +421,9 @@ class Supervisor:
         # restarts, so groups re-form after them.
         self.store = self.launcher.host_rendezvous(self.endpoints.torch_dist)
         log.info("run.started", run_dir=str(self.run_dir), roles=list(self.roles), driver=self.driver)
-        tasks = [asyncio.create_task(self._control_loop(), name="control"),
-                 asyncio.create_task(self._sync_loop(), name="sync")]
+        tasks = [asyncio.create_task(self._control_loop(), name="control")]
+        if self.launcher.copies_back:
+            tasks.append(asyncio.create_task(self._sync_loop(), name="sync"))
         try:
             for role in self.roles.values():
                 self._spawn(role)
@@ -557,13 +558,7 @@ def launch(config: Config, run_dir: Path | None = None, verbose: bool = False) -
         from respec_async.launchers.ray_cluster import RayLauncher
 
         try:
-            launcher = RayLauncher(config, run_dir)
-            if resuming:
-                try:
-                    launcher.check_resume()
-                except PlacementFailed:
-                    launcher.close(copy=False)
-                    raise
+            launcher = RayLauncher(config, run_dir, resuming=resuming)
         except PlacementFailed as exc:
             log.error("run.failed", reason=str(exc))
             print(f"run failed: {exc}", file=sys.stderr)

@@ -61,6 +61,8 @@ class RoleHandle(Protocol):
 
 
 class Launcher(Protocol):
+    copies_back: bool  # roles write elsewhere: sync() copies their files into the run directory
+
     def spawn(self, name: str, restart_count: int) -> RoleHandle: ...
     def host_rendezvous(self, rendezvous: str) -> object | None: ...
     def relocate(self, name: str, endpoints: object) -> str: ...
@@ -78,6 +80,8 @@ class LocalProcess(subprocess.Popen):
 
 class LocalLauncher:
     """Every role a child process of the supervisor, in the supervisor's run directory."""
+
+    copies_back = False
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
@@ -98,9 +102,6 @@ class LocalLauncher:
 
     def where(self, name: str) -> dict[str, str]:
         return {}
-
-    def sync(self) -> None:
-        """Roles write the supervisor's run directory itself: nothing to copy."""
 
     def close(self) -> None:
         pass

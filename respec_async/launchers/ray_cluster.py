@@ -52,7 +52,6 @@ from respec_async.launchers import PlacementFailed, start_role
 log = structlog.get_logger("supervisor")
 
 CALL_TIMEOUT_S = 10.0  # a live actor answers within this long; past it the node counts as gone
-SYNC_INTERVAL_S = 1.0
 # Written by the supervisor, or not worth copying back (checkpoints stay on their node).
 _NOT_COPIED_FILES = {"config.json", "config.toml", "endpoints.json", "keys.json"}
 _NOT_COPIED_DIRS = {"checkpoints", "drafter_checkpoints", "tracking", "sock"}
@@ -87,8 +86,9 @@ class RoleHost:
                 "dir": str(self.run_dir), "host_pid": os.getpid()}
 
     def has_checkpoint(self) -> bool:
-        checkpoints = self.run_dir / "checkpoints"
-        return checkpoints.is_dir() and any(p.is_dir() for p in checkpoints.iterdir())
+        from respec_async.training import checkpoints_newest_first  # what a resuming trainer looks for
+
+        return bool(checkpoints_newest_first(self.run_dir))
 
     def free_port(self) -> int:
         return free_tcp_port(self.ip)
@@ -252,6 +252,12 @@ def _describe(resources: dict[str, float]) -> str:
                                                                                                  "object_store")))
 
 
+def _live_nodes() -> str:
+    """Every live node's address, resources and labels, for a placement error."""
+    return "; ".join(f"{n['NodeManagerAddress']} ({_describe(n['Resources'])}{_labels(n.get('Labels'))})"
+                     for n in ray.nodes() if n["Alive"])
+
+
 class RayRoleProcess:
     """A role process on a Ray node, behind the slice of Popen's interface the supervisor uses;
     started by its node's RoleHost. Lost (`lost` says why) when that host cannot be reached;
@@ -313,7 +319,9 @@ class RayRoleProcess:
 class RayLauncher:
     """Joins the cluster, places every role of the run, and starts each on its bundle."""
 
-    def __init__(self, config: Config, run_dir: Path) -> None:
+    copies_back = True  # roles write node-local directories: sync() brings their files here
+
+    def __init__(self, config: Config, run_dir: Path, resuming: bool = False) -> None:
         self.config = config
         self.run_dir = run_dir
         self.names = role_names(config)
@@ -333,6 +341,8 @@ class RayLauncher:
         self.copying = threading.Lock()  # the periodic copy (a thread) and the last one at close
         try:
             self._place()
+            if resuming:
+                self._check_resume()
         except BaseException:
             self.close(copy=False)
             raise
@@ -347,10 +357,8 @@ class RayLauncher:
         for name, bundle, wanted in zip(self.names, bundles, labels):
             if not any(all(n["Resources"].get(k, 0) >= v for k, v in bundle.items())
                        and all(n.get("Labels", {}).get(k) == v for k, v in wanted.items()) for n in nodes):
-                have = "; ".join(f"{n['NodeManagerAddress']} ({_describe(n['Resources'])}{_labels(n.get('Labels'))})"
-                                 for n in nodes)
                 raise PlacementFailed(f"no node of the Ray cluster has what {name} asks for ({_describe(bundle)}"
-                                      f"{_labels(wanted)}; ray.{RoleId.parse(name).kind}); its nodes: {have}")
+                                      f"{_labels(wanted)}; ray.{RoleId.parse(name).kind}); its nodes: {_live_nodes()}")
         timeout = self.config.ray.placement_timeout_s
         self.pg = placement_group(bundles, strategy=self.config.ray.strategy, name=f"respec-{self.run_dir.name}",
                                   bundle_label_selector=labels if any(labels) else None)
@@ -404,7 +412,7 @@ class RayLauncher:
                 self.copy_back.setdefault(key, CopyBack(self.run_dir))
             self.copiers = copiers
 
-    def check_resume(self) -> None:
+    def _check_resume(self) -> None:
         """A resumed run's trainer must land where its checkpoints are (its node directory),
         else it would start over from step 0 under the earlier steps' records."""
         steps = self.run_dir / "metrics.jsonl"
@@ -432,8 +440,8 @@ class RayLauncher:
             port = ray.get(self.hosts[TRAINER].free_port.remote(), timeout=CALL_TIMEOUT_S)
         else:
             store_host, port = here, free_tcp_port(here)
-        self.torch_dist = f"tcp://{store_host}:{port}"
-        return Endpoints(supervisor=f"tcp://{here}:{free_tcp_port(here)}", inboxes=inboxes, torch_dist=self.torch_dist)
+        return Endpoints(supervisor=f"tcp://{here}:{free_tcp_port(here)}", inboxes=inboxes,
+                         torch_dist=f"tcp://{store_host}:{port}")
 
     def deliver(self, run_dir: Path, strict: bool = True) -> None:
         """The start files to every node (`strict`: every host must take them; else a lost one is skipped)."""
@@ -461,10 +469,8 @@ class RayLauncher:
         timeout = self.config.ray.placement_timeout_s
         placed = self._place_again(name, time.monotonic() + timeout)
         if placed is None:
-            alive = "; ".join(f"{n['NodeManagerAddress']} ({_describe(n['Resources'])})"
-                              for n in ray.nodes() if n["Alive"])
             raise PlacementFailed(f"no other node took it within {timeout:g}s (ray.placement_timeout_s); it asks "
-                                  f"for {_describe(_bundle(self._wants(name)))}; live nodes: {alive}")
+                                  f"for {_describe(_bundle(self._wants(name)))}; live nodes: {_live_nodes()}")
         host, info, port = placed
         with self.moving:
             self.hosts[name], self.info[name] = host, info
