@@ -123,7 +123,12 @@ class WandbTracker:
         self.run.log(scalars, step=step)
 
     def close(self) -> None:
+        import wandb
+
         self.run.finish()
+        # finish() can return before wandb-core has written the run's file to its end; teardown
+        # waits for the service to exit (this process holds no other run).
+        wandb.teardown()
 
 
 class MLflowTracker:

@@ -138,11 +138,13 @@ def wandb_history(run_dir) -> list[dict]:
             pending = (pending if kind == 3 else b"") + chunk
         elif kind == 4:
             chunks.append(pending + chunk)
-    rows = []
+    rows, kinds = [], []
     for chunk in chunks:
         item = wandb_internal_pb2.Record.FromString(chunk)
-        if item.WhichOneof("record_type") == "history":
+        kinds.append(item.WhichOneof("record_type"))
+        if kinds[-1] == "history":
             rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in item.history.item})
+    assert "exit" in kinds, f"the run's file is not complete ({len(data)} bytes, records {kinds})"
     return rows
 
 
