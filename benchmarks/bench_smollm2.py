@@ -82,20 +82,25 @@ def main() -> None:
     parser.add_argument("--sd-new-tokens", type=int, default=48)
     parser.add_argument("--temperatures", default="1.0,0.6")
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="weights of both the engine and transformers")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     torch.set_num_threads(1)
     path = pretrained.fetch("smollm2-135m", progress=print)
-    target = load_pretrained(path).eval()
+    dtype = getattr(torch, args.dtype)
+    target = load_pretrained(path, dtype=dtype).eval()
     tokenizer = Tokenizer.from_dir(path)
     result: dict = {"benchmark": "bench_smollm2", "command": " ".join(sys.argv), "torch": torch.__version__,
-                    "model": str(path), "threads": 1, "clock": "cpu"}
+                    "model": str(path), "threads": 1, "clock": "cpu",
+                    "dtype": args.dtype, "cpu_bf16": torch.cpu._is_avx512_bf16_supported(),
+                    "cpu_amx": torch.cpu._is_amx_tile_supported()}
 
     # 1. transformers vs the engine, no SD.
     hf = None
     if not args.skip_hf:
         import transformers
-        hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     rows = []
     print(f"\ndecode throughput, no SD: B prompts, {args.new_tokens} new tokens each, temperature 1, CPU clock")
     print(f"{'B':>3} | {'transformers tok/s':>18} | {'engine tok/s':>12} | {'engine / hf':>11}")
