@@ -48,15 +48,20 @@ def test_adaptive_generator_profiles_at_start_and_records_mode_shares(launch, mi
 
 def test_adaptive_generator_switches_mode_with_the_batch_size_from_a_given_profile(launch, micro_zoo, tmp_path):
     # A profile where SD (2,1,2) wins only at batch sizes 1-2 and plain wins above: every group
-    # of the run starts at batch 6 and ends in a long tail, so both modes must show up.
+    # of the run starts at batch 6 and must end in a tail, so both modes show up. The micro
+    # target barely emits EOS at T = 1; at T = 10 its sampling is near uniform (mean length ~24),
+    # so row lengths spread out below the cap of 48 and a batch of 6 drains through 2 and 1.
+    # A step misses it only if 3 of its 6 rows reach the cap (p ~ 0.15 each): ~5e-2 a step,
+    # ~1e-4 for all three steps (the run is seeded, so a given build passes or fails alike).
     sizes = [1, 2, 4, 8]
     plain = [0.004 + 0.0005 * b for b in sizes]
     profile = Profile(batch_sizes=sizes, plain_s=plain, sd_s={"2,1,2": [0.005 + 0.003 * b for b in sizes]},
                       acceptance={"2,1,2": 2.5})
     path = profile.save(tmp_path / "profile.json")
-    run = launch(rl_config(micro_zoo.target_dir, steps=2), f"model.drafter_path={micro_zoo.drafter_dir}",
+    run = launch(rl_config(micro_zoo.target_dir, steps=3), f"model.drafter_path={micro_zoo.drafter_dir}",
                  "generator.sd=adaptive", f"generator.sd_profile={path}", "generator.sd_probe_interval=0",
-                 "data.group_size=3", "data.groups_per_step=2", "generator.max_batch_size=6")
+                 "data.group_size=3", "data.groups_per_step=2", "generator.max_batch_size=6",
+                 "sampling.temperature=10.0", "sampling.max_new_tokens=48")
     code = run.proc.wait(timeout=120)
     assert code == 0, run.output()
     assert not (run.run_dir / "sd_profile.json").exists()  # the given profile was used, not re-measured
