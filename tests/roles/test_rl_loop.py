@@ -166,7 +166,9 @@ def test_a_start_up_error_a_restart_would_repeat_fails_the_run_at_once(launch, r
     assert broken == "empty_model_dir" or "not a readable safetensors file" in reason, reason
     assert all(len(pids) == 1 for pids in run.role_pids().values())  # nothing restarted
     print(f"start-up error ({broken}) failed the run in {elapsed:.1f} s")
-    assert elapsed < 10, elapsed  # the bound; 4 s on 2 cores (CLI start included)
+    # Noticed from the role's exit, not by waiting out the ping timeout (20 s in rl_config):
+    # ~4 s on an idle 2-core machine, 10 s seen under CI load, so no tighter wall-clock bound.
+    assert elapsed < 20, elapsed
 
 
 def test_a_tcp_run_with_curve_completes_and_keeps_the_rendezvous_private(launch, random_actor_dir):
