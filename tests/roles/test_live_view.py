@@ -19,11 +19,18 @@ from tests.roles.conftest import rl_config
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Z0-9]|\r")
 
 
+def terminal_env() -> dict[str, str]:
+    """The environment of a program on a 150-column terminal: COLUMNS / LINES removed (pytest-xdist
+    sets them to 80 x 24 in its workers, and rich reads them before the terminal's own size)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    return {**env, "TERM": "xterm-256color"}
+
+
 def run_on_a_terminal(args: list[str], timeout_s: float = 240.0) -> tuple[int, str]:
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 150, 0, 0))  # rows, columns
     proc = subprocess.Popen(args, stdin=slave, stdout=slave, stderr=slave, close_fds=True,
-                            env={**os.environ, "TERM": "xterm-256color"})
+                            env=terminal_env())
     os.close(slave)
     chunks, deadline = [], time.monotonic() + timeout_s
     while time.monotonic() < deadline:
