@@ -192,6 +192,21 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + torch.cat([-second, first], dim=-1) * sin
 
 
+class Linear(nn.Linear):
+    """nn.Linear; one bfloat16 row on CPU goes through torch.mv. torch's bf16 GEMM runs a single
+    row at a fraction of memory bandwidth (a decode step at B = 1 is its weight reads), torch.mv
+    ~1.4x faster with the same float32 accumulation."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if (x.dtype == torch.bfloat16 and self.weight.dtype == torch.bfloat16 and x.device.type == "cpu"
+                and x.numel() == x.shape[-1] and not torch.is_grad_enabled()):
+            out = torch.mv(self.weight, x.reshape(-1))
+            if self.bias is not None:
+                out = out + self.bias
+            return out.view(*x.shape[:-1], -1)
+        return super().forward(x)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float):
         super().__init__()
@@ -212,18 +227,18 @@ class Attention(nn.Module):
         self.config = config
         self.layer_index = layer_index
         heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        self.q_proj = nn.Linear(config.hidden_size, heads * head_dim, bias=config.attention_bias)
-        self.k_proj = nn.Linear(config.hidden_size, kv_heads * head_dim, bias=config.attention_bias)
-        self.v_proj = nn.Linear(config.hidden_size, kv_heads * head_dim, bias=config.attention_bias)
+        self.q_proj = Linear(config.hidden_size, heads * head_dim, bias=config.attention_bias)
+        self.k_proj = Linear(config.hidden_size, kv_heads * head_dim, bias=config.attention_bias)
+        self.v_proj = Linear(config.hidden_size, kv_heads * head_dim, bias=config.attention_bias)
         # Llama's attention_bias covers o_proj too; Qwen2's and Qwen3's q/k/v bias do not.
-        self.o_proj = nn.Linear(heads * head_dim, config.hidden_size,
+        self.o_proj = Linear(heads * head_dim, config.hidden_size,
                                 bias=config.attention_bias and config.model_type == "llama")
         self.enable_gqa = kv_heads != heads
         if config.qk_norm:
             self.q_norm = RMSNorm(head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(head_dim, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, cache, slots, cache_positions, attn_mask, empty_rows=None):
+    def forward(self, x, cos, sin, cache, slots, cache_positions, attn_mask, empty_rows=None, rows=None):
         batch_size, seq_len, _ = x.shape
         head_dim = self.config.head_dim
         q = self.q_proj(x).view(batch_size, seq_len, -1, head_dim)
@@ -235,12 +250,15 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             layer = self.layer_index
-            rows = slots[:, None].expand(-1, seq_len)
-            cache.k[layer, rows, :, cache_positions] = k.transpose(1, 2).to(cache.k.dtype)
-            cache.v[layer, rows, :, cache_positions] = v.transpose(1, 2).to(cache.v.dtype)
+            index = slots[:, None].expand(-1, seq_len)
+            cache.k[layer, index, :, cache_positions] = k.transpose(1, 2).to(cache.k.dtype)
+            cache.v[layer, index, :, cache_positions] = v.transpose(1, 2).to(cache.v.dtype)
             num_keys = attn_mask.shape[-1]
-            k = fused.cache_rows(cache.k, layer, slots, num_keys).to(q.dtype)
-            v = fused.cache_rows(cache.v, layer, slots, num_keys).to(q.dtype)
+            if rows is not None:  # consecutive slots: a view of the cache, no copy
+                k, v = cache.k[layer, rows[0]:rows[1], :, :num_keys], cache.v[layer, rows[0]:rows[1], :, :num_keys]
+            else:
+                k, v = fused.cache_rows(cache.k, layer, slots, num_keys), fused.cache_rows(cache.v, layer, slots, num_keys)
+            k, v = k.to(q.dtype), v.to(q.dtype)
         mask = None if attn_mask is None else attn_mask[:, None]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=attn_mask is None,
                                              enable_gqa=self.enable_gqa)
@@ -255,9 +273,9 @@ class MLP(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -271,9 +289,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, cache, slots, cache_positions, attn_mask, empty_rows=None):
+    def forward(self, x, cos, sin, cache, slots, cache_positions, attn_mask, empty_rows=None, rows=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, slots, cache_positions, attn_mask,
-                               empty_rows)
+                               empty_rows, rows)
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def fused_sources(self) -> tuple[Tensor, ...]:
@@ -314,7 +332,7 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.apply(self._init_weights)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
@@ -424,8 +442,9 @@ class Transformer(nn.Module):
                 return ModelOutput(logits, [hidden[i] for i in hidden_layers])
             x = x.view(batch_size, seq_len, -1)
         else:
+            rows = fused.slot_range(slots, batch_size) if cache is not None else None
             for i, layer in enumerate(self.layers):
-                x = layer(x, cos, sin, cache, slots, cache_positions, attn_mask, empty_rows)
+                x = layer(x, cos, sin, cache, slots, cache_positions, attn_mask, empty_rows, rows)
                 if i in wanted:
                     hidden[i] = x
         if logits_positions is not None:

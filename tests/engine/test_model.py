@@ -9,7 +9,7 @@ import torch
 import transformers
 
 from respec_async.engine.checkpoint import from_state_dict_hf
-from respec_async.engine.model import KVCache, ModelConfig, Transformer, eagle3_feature_layers
+from respec_async.engine.model import KVCache, Linear, ModelConfig, Transformer, eagle3_feature_layers
 
 TOL = 1e-4
 
@@ -114,14 +114,16 @@ def test_cached_prefill_steps_and_chunk_match_full_forward(pair):
     _, ours = pair
     ids = random_ids(ours.config.vocab_size, 2, 12)
     full = ours(ids).logits
-    cache = KVCache(ours.config, num_slots=2, max_seq_len=16)
-    slots = torch.tensor([1, 0])  # rows need not sit in slots of the same index
-    got = [ours(ids[:, :5], cache=cache, slots=slots).logits]
-    for t in range(5, 8):  # single decode steps
-        got.append(ours(ids[:, t:t + 1], torch.full((2, 1), t), cache, slots).logits)
-    chunk_positions = torch.arange(8, 12).expand(2, 4)  # a k+1 verification chunk
-    got.append(ours(ids[:, 8:], chunk_positions, cache, slots).logits)
-    assert (torch.cat(got, 1) - full).abs().max() < TOL
+    # Rows need not sit in slots of the same index (a gather of cache rows); consecutive slots
+    # are read as a slice of the cache.
+    for slots in (torch.tensor([1, 0]), torch.tensor([1, 2])):
+        cache = KVCache(ours.config, num_slots=3, max_seq_len=16)
+        got = [ours(ids[:, :5], cache=cache, slots=slots).logits]
+        for t in range(5, 8):  # single decode steps
+            got.append(ours(ids[:, t:t + 1], torch.full((2, 1), t), cache, slots).logits)
+        chunk_positions = torch.arange(8, 12).expand(2, 4)  # a k+1 verification chunk
+        got.append(ours(ids[:, 8:], chunk_positions, cache, slots).logits)
+        assert (torch.cat(got, 1) - full).abs().max() < TOL, slots
 
 
 @torch.no_grad()
@@ -196,6 +198,20 @@ def test_bfloat16_runs_close_to_float32(pair):
     cache = KVCache(ours.config, 2, 8, dtype=torch.bfloat16)
     cached = bf16(ids, cache=cache, logits_positions=torch.tensor([[5], [5]])).logits
     assert (cached[:, 0] - reference[:, -1]).abs().max() < 0.1
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("bias", [False, True])
+def test_one_bfloat16_row_goes_through_mv_with_the_gemms_result(bias):
+    torch.manual_seed(0)
+    layer = Linear(64, 96, bias=bias).to(torch.bfloat16)
+    for shape in ((1, 1, 64), (1, 64), (3, 1, 64)):  # one row (torch.mv), and several (the GEMM)
+        x = torch.randn(shape, dtype=torch.bfloat16)
+        got, expected = layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias)
+        assert got.shape == expected.shape and got.dtype == torch.bfloat16
+        # The same float32 sums; with a bias, one more bf16 rounding (mv, then + bias).
+        ulp = 2 ** -7 * expected.float().abs().max()
+        assert (got.float() - expected.float()).abs().max() <= (ulp if bias else 0)
 
 
 def test_tied_embeddings_share_one_parameter():
