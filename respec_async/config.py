@@ -200,8 +200,9 @@ class TrainerSection(Section):
     # The forward/backward's autocast dtype ("model" = model.dtype; the master weights stay
     # float32 either way). "bfloat16" with float32 generators: on a CPU that multiplies bf16
     # natively (AVX512-BF16, AMX) training gains while bf16 decode may not; on an AVX2-only CPU
-    # bf16 matmuls are several times slower than float32.
-    compute_dtype: Literal["model", "float32", "bfloat16"] = "model"
+    # bf16 matmuls are several times slower than float32. "auto": bfloat16 where the trainer's
+    # device multiplies it natively (such a CPU, a CUDA GPU with bf16), float32 elsewhere.
+    compute_dtype: Literal["model", "float32", "bfloat16", "auto"] = "model"
     checkpoint_every: NonNegInt = 20  # steps between checkpoints (0 = only at the end)
     # DAPO dynamic sampling: a group whose rewards are all equal carries no GRPO signal; drop it
     # and draw another prompt for its step (same staleness bound), until the step has

@@ -67,6 +67,14 @@ class TrainStats(LossStats):
     grad_norm: float = 0.0
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls on `device` run natively (trainer.compute_dtype = "auto"): a CPU with
+    AVX512-BF16 or AMX tiles, a CUDA GPU that supports bf16."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
 class ActorTrainer:
     def __init__(self, config: Config, run_dir: Path) -> None:
         self.config = config
@@ -77,6 +85,8 @@ class ActorTrainer:
         self.model = load_pretrained(config.model.path, dtype=torch.float32, device=config.model.device)
         self.weights_dtype = dtype
         compute = config.trainer.compute_dtype
+        if compute == "auto":
+            compute = "bfloat16" if native_bf16(self.model.embed_tokens.weight.device) else "float32"
         self.compute_dtype = dtype if compute == "model" else getattr(torch, compute)
         self.model.train()
         self.reference = None

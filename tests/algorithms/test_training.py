@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from respec_async.config import config_from_dict
-from respec_async.training import ActorTrainer
+from respec_async.training import ActorTrainer, native_bf16
 from tests.roles.conftest import random_actor_dir  # noqa: F401  (fixture)
 from transport.schema import PromptGroup, Rollout, ScoredGroup
 
@@ -39,6 +39,13 @@ def test_the_forward_runs_in_compute_dtype_and_weights_ship_in_model_dtype(
     assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters()) and stats.num_tokens == 6
     version, state = trainer.snapshot()
     assert version == 1 and {t.dtype for t in state.values() if t.is_floating_point()} == {expected_weights}
+
+
+def test_auto_compute_dtype_is_bfloat16_where_this_cpu_multiplies_it_natively(random_actor_dir, tmp_path):  # noqa: F811
+    config = config_from_dict({"model": {"path": str(random_actor_dir)}, "trainer": {"compute_dtype": "auto"}})
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert native_bf16(torch.device("cpu")) == native
+    assert ActorTrainer(config, tmp_path).compute_dtype == (torch.bfloat16 if native else torch.float32)
 
 
 def test_a_truncated_latest_checkpoint_falls_back_to_the_newest_intact_one(random_actor_dir, tmp_path):  # noqa: F811
