@@ -1,7 +1,7 @@
 """A real pretrained model on CPU: SmolLM2-135M-Instruct through transformers and the engine, and
 rollout-history SD on it.
 
-    .venv/bin/python benchmarks/bench_smollm2.py      # ~10 min; --batch-sizes, --sd-batch-sizes, --temperatures
+    .venv/bin/python benchmarks/bench_smollm2.py --dtype bfloat16   # ~18 min; --skip-rl: table 1 only (~2 min)
 
 The model comes from `respec models fetch smollm2-135m` (fetched here if it is not cached).
 Prompts: two-operand additions in the chat template ("What is 47 + 38? Think step by step, then
@@ -82,6 +82,7 @@ def main() -> None:
     parser.add_argument("--sd-new-tokens", type=int, default=48)
     parser.add_argument("--temperatures", default="1.0,0.6")
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--skip-rl", action="store_true", help="table 1 only (no RL generation phases)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                         help="weights of both the engine and transformers")
     parser.add_argument("--out", default=str(RESULTS))
@@ -124,7 +125,7 @@ def main() -> None:
     print(f"\nRL generation phase, epoch 2 (epoch 1's rollouts stored): prompts x {GROUP} samples through B slots, "
           f"until EOS or {args.sd_new_tokens} tokens, CPU clock")
     print(f"{'T':>4} | {'B':>3} | {'rollouts':>8} | " + " | ".join(f"{name:>22}" for name in SD_MODES))
-    for temperature in [float(t) for t in args.temperatures.split(",")]:
+    for temperature in [] if args.skip_rl else [float(t) for t in args.temperatures.split(",")]:
         params = SamplingParams(temperature=temperature, max_new_tokens=args.sd_new_tokens,
                                 stop_token_ids=(tokenizer.eos_token_id,))
         for slots in [int(b) for b in args.sd_batch_sizes.split(",")]:
