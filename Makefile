@@ -8,6 +8,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # `make test` runs test files on this many pytest-xdist workers: most process tests wait on
 # pings, timeouts and other processes, so two workers on two cores take ~0.6x the serial time.
+# Files are dealt in collection order (tests/conftest.py puts the longest first), not xdist's
+# default of most tests first, which left the Ray file running alone at the end.
 TEST_WORKERS ?= 2
 
 .PHONY: demo test check install clean-venv
@@ -28,7 +30,7 @@ demo: $(STAMP)
 	$(BIN)/respec launch configs/tiny.toml
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # The quick tier for the inner loop: every test that starts no process and is not slow (~1 min).
 check: $(STAMP)

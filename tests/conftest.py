@@ -21,12 +21,23 @@ def pytest_configure(config):
     import matplotlib.font_manager  # noqa: F401
 
 
+# Files that take minutes, run first: `make test` hands whole files to two xdist workers in
+# collection order, and a long file dealt last leaves one worker idle while it runs.
+LONGEST_FIRST = ("roles/test_ray_cluster.py", "roles/test_drafter_learner.py", "roles/test_rl_loop.py")
+
+
 def pytest_collection_modifyitems(config, items):
     root = Path(__file__).resolve().parent
     for item in items:
         parts = Path(item.path).resolve().relative_to(root).parts
         if parts and parts[0] in PROCESS_DIRS:
             item.add_marker(pytest.mark.process)
+
+    def rank(item) -> int:  # a stable sort: a file's tests stay together and in order
+        path = Path(item.path).resolve().relative_to(root).as_posix()
+        return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)
 
 
 @pytest.fixture(autouse=True)
