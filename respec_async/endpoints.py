@@ -9,6 +9,7 @@ tcp:// endpoints get free ports on the configured host.
 from __future__ import annotations
 
 import os
+import random
 import socket
 import tempfile
 from pathlib import Path
@@ -73,7 +74,30 @@ def role_names(config: Config) -> list[str]:
     return [str(RoleId(kind, i)) for kind in order for i in range(counts.get(kind, 0))]
 
 
-def free_tcp_port(host: str) -> int:
+def ephemeral_port_range() -> tuple[int, int]:
+    """The kernel's range for ports it picks itself (outgoing connections, bind to port 0)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+def free_tcp_port(host: str, rng: random.Random | None = None) -> int:
+    """A port free on host now, below the kernel's ephemeral range where it can: a role binds
+    its port only once it starts, and a port from that range can meanwhile become the source
+    port of any process's outgoing connection (Ray's many among them), which a restart of the
+    role would then hit every time."""
+    rng = rng or random.SystemRandom()
+    low = ephemeral_port_range()[0]
+    for _ in range(50 if low > 10000 else 0):
+        port = rng.randrange(10000, low)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]

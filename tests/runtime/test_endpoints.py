@@ -4,10 +4,13 @@ run listens."""
 
 from __future__ import annotations
 
+import random
+import socket
+
 import pytest
 
 from respec_async.config import config_from_dict
-from respec_async.endpoints import Endpoints, RoleId, assign_endpoints
+from respec_async.endpoints import Endpoints, RoleId, assign_endpoints, ephemeral_port_range, free_tcp_port
 
 
 def test_role_names_round_trip_and_kinds_may_contain_underscores():
@@ -39,3 +42,21 @@ def test_the_rendezvous_store_is_a_file_in_the_run_directory_whatever_the_transp
         assert endpoints.supervisor.startswith("tcp://127.0.0.2:")
         assert all(e.startswith("tcp://127.0.0.2:") for e in endpoints.inboxes.values())
     assert endpoints.torch_dist == f"file://{tmp_path.resolve()}/rendezvous.store"
+
+
+def test_tcp_ports_are_free_and_below_the_kernels_ephemeral_range():
+    low, high = ephemeral_port_range()
+    ports = [free_tcp_port("127.0.0.1") for _ in range(20)]
+    assert all(10000 <= p < low for p in ports) if low > 10000 else all(p > 0 for p in ports)
+    for port in ports:  # each one free: it binds
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", port))
+
+
+def test_a_taken_port_is_not_handed_out():
+    rng = random.Random(0)
+    first = free_tcp_port("127.0.0.1", random.Random(0))
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as holder:
+        holder.bind(("127.0.0.1", first))
+        holder.listen()
+        assert free_tcp_port("127.0.0.1", rng) != first  # the same draw, now taken: the next one
