@@ -232,7 +232,7 @@ class Attention(nn.Module):
         self.v_proj = Linear(config.hidden_size, kv_heads * head_dim, bias=config.attention_bias)
         # Llama's attention_bias covers o_proj too; Qwen2's and Qwen3's q/k/v bias do not.
         self.o_proj = Linear(heads * head_dim, config.hidden_size,
-                                bias=config.attention_bias and config.model_type == "llama")
+                             bias=config.attention_bias and config.model_type == "llama")
         self.enable_gqa = kv_heads != heads
         if config.qk_norm:
             self.q_norm = RMSNorm(head_dim, config.rms_norm_eps)
@@ -257,7 +257,8 @@ class Attention(nn.Module):
             if rows is not None:  # consecutive slots: a view of the cache, no copy
                 k, v = cache.k[layer, rows[0]:rows[1], :, :num_keys], cache.v[layer, rows[0]:rows[1], :, :num_keys]
             else:
-                k, v = fused.cache_rows(cache.k, layer, slots, num_keys), fused.cache_rows(cache.v, layer, slots, num_keys)
+                k = fused.cache_rows(cache.k, layer, slots, num_keys)
+                v = fused.cache_rows(cache.v, layer, slots, num_keys)
             k, v = k.to(q.dtype), v.to(q.dtype)
         mask = None if attn_mask is None else attn_mask[:, None]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=attn_mask is None,
