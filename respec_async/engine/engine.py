@@ -53,7 +53,7 @@ import torch
 from respec_async.engine import fused
 from respec_async.engine.drafter import Eagle3Drafter
 from respec_async.engine.history import HistoryIndex, chain_tensors, draft_tensors
-from respec_async.engine.model import KVCache, ModelOutput, Transformer
+from respec_async.engine.model import KVCache, Linear, ModelOutput, Transformer, can_prepack
 from respec_async.engine.requests import Completion, Request, SDConfig, SDPolicy, StepStats
 from respec_async.engine.sampling import sample, sampling_logprobs, token_logprobs
 from respec_async.engine.slots import Sequence, SlotScheduler
@@ -67,6 +67,9 @@ MAX_PENDING_FEATURES = 32
 LAZY_PENDING_BYTES = 256 * 2**20
 # The largest target the engine runs through engine/fused.py by default (fused_inference=None).
 FUSED_MAX_PARAMETERS = 50_000_000
+# The largest bf16 CPU target whose linear weights the engine prepacks for oneDNN by default
+# (prepack_weights=None): the packed copy doubles the weight memory.
+PREPACK_MAX_BYTES = 4 * 2**30
 
 
 class Engine:
@@ -75,7 +78,7 @@ class Engine:
                  max_draft_tokens: int = 64, fused_inference: bool | None = None,
                  lazy_drafter: bool | None = None, history: HistoryIndex | None = None,
                  shadow_length: int = 0, shadow_rows: int = 4, min_packed_saving: int = 32,
-                 spread_siblings: bool = False):
+                 spread_siblings: bool = False, prepack_weights: bool | None = None):
         self.target = target.eval()
         self.drafter = None if drafter is None else drafter.eval()
         # engine/fused.py: the same math in fewer ops, for about twice the weight memory. On by
@@ -88,6 +91,15 @@ class Engine:
         for model in (self.target, self.drafter):
             if model is not None:
                 model.fused_inference = fused_inference
+        # model.Linear.prepack: bf16 CPU matmuls of more than one row on a oneDNN-packed weight
+        # copy (1.3-1.6x faster, bit-identical), for a second copy of the weights.
+        if prepack_weights is None:
+            param = next(target.parameters())
+            prepack_weights = (can_prepack(param) and sum(
+                p.numel() * p.element_size() for p in target.parameters()) <= PREPACK_MAX_BYTES)
+        for module in self.target.modules():
+            if isinstance(module, Linear):
+                module.prepack = prepack_weights
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len
         self.max_draft_tokens = max_draft_tokens
@@ -423,8 +435,10 @@ class Engine:
             self.pending_features[slots[:, None], num_pending[:, None] + offsets] = features
             self.num_pending[slots] = num_pending + num_accepted + 1
         self.lengths[slots] = lengths + num_accepted + 1
-        logprobs = token_logprobs(target_logprobs.gather(
-            1, path.clamp(min=0)[:, :, None].expand(-1, -1, target_logprobs.shape[-1])), emitted)
+        # log p(emitted token) at each path node, indexed directly (gathering the path's rows of
+        # [B, k+1, V] first copied all of them: ~8% of a history step at B = 8, V = 49k).
+        rows = torch.arange(len(slots), device=self.device)[:, None]
+        logprobs = target_logprobs[rows, path.clamp(min=0), emitted]
         return emitted, logprobs, num_accepted + 1
 
     def _history_step(self, slots, lengths, sd: SDConfig, sampling_args: tuple):

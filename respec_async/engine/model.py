@@ -192,18 +192,51 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + torch.cat([-second, first], dim=-1) * sin
 
 
+def _onednn_prepack_ops():
+    """torch's oneDNN linear on a prepacked weight (the ops inductor's CPU fusion uses), or None
+    where this torch build has no oneDNN."""
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight, torch.ops.mkldnn._linear_pointwise
+    except (AttributeError, RuntimeError):
+        return None
+
+
+_PREPACK_OPS = _onednn_prepack_ops() if torch.backends.mkldnn.is_available() else None
+# The batch size oneDNN lays the packed weight out for; its output does not depend on it.
+_PREPACK_BATCH_HINT = 16
+
+
+def can_prepack(weight: Tensor) -> bool:
+    """Whether Linear.prepack applies to a weight like this one (bfloat16 on a CPU with oneDNN)."""
+    return _PREPACK_OPS is not None and weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
+
+
 class Linear(nn.Linear):
-    """nn.Linear; one bfloat16 row on CPU goes through torch.mv. torch's bf16 GEMM runs a single
-    row at a fraction of memory bandwidth (a decode step at B = 1 is its weight reads), torch.mv
-    ~1.4x faster with the same float32 accumulation."""
+    """nn.Linear, with two bfloat16 CPU inference paths (under no-grad):
+    - one row goes through torch.mv: torch's bf16 GEMM runs a single row at a fraction of
+      memory bandwidth (a decode step at B = 1 is its weight reads), torch.mv ~1.4x faster with
+      the same float32 accumulation;
+    - with `prepack` (the Engine sets it), more rows go through a copy of the weight in oneDNN's
+      blocked layout: F.linear hands oneDNN the weight as it is, and oneDNN reorders all of it
+      on every call (1.3-1.6x the cost of a decode step's matmuls at 2-64 rows, bit-identical
+      outputs). The copy is cached on the module and rebuilt when the weight changes
+      (fused.cached), so it doubles the weight memory."""
+
+    prepack: bool = False
 
     def forward(self, x: Tensor) -> Tensor:
         if (x.dtype == torch.bfloat16 and self.weight.dtype == torch.bfloat16 and x.device.type == "cpu"
-                and x.numel() == x.shape[-1] and not torch.is_grad_enabled()):
-            out = torch.mv(self.weight, x.reshape(-1))
-            if self.bias is not None:
-                out = out + self.bias
-            return out.view(*x.shape[:-1], -1)
+                and not torch.is_grad_enabled()):
+            if x.numel() == x.shape[-1]:
+                out = torch.mv(self.weight, x.reshape(-1))
+                if self.bias is not None:
+                    out = out + self.bias
+                return out.view(*x.shape[:-1], -1)
+            if self.prepack and _PREPACK_OPS is not None:
+                reorder, linear = _PREPACK_OPS
+                packed = fused.cached(self, lambda: (self.weight,),
+                                      lambda: reorder(self.weight, _PREPACK_BATCH_HINT))
+                return linear(x, packed, self.bias, "none", [], "")
         return super().forward(x)
 
 

@@ -99,13 +99,13 @@ def point_chain_accept(draft_tokens: torch.Tensor, num_drafts: torch.Tensor, tar
     """
     batch_size, k = draft_tokens.shape
     device = draft_tokens.device
-    probs = target_logprobs.exp()
-    p_draft = probs[:, :k].gather(-1, draft_tokens[:, :, None])[:, :, 0]
+    # exp of the entries used only (p at each draft, then one row per sequence), not of [B, k+1, V].
+    p_draft = target_logprobs[:, :k].gather(-1, draft_tokens[:, :, None])[:, :, 0].exp()
     coins = torch.rand(p_draft.shape, generator=generator, device=device)
     accepted = (coins < p_draft) & (torch.arange(k, device=device) < num_drafts[:, None])
     num_accepted = accepted.long().cumprod(-1).sum(-1)
     rows = torch.arange(batch_size, device=device)
-    p_next = probs[rows, num_accepted]
+    p_next = target_logprobs[rows, num_accepted].exp()
     rejected = draft_tokens[rows, num_accepted.clamp(max=k - 1)]
     residual = p_next.scatter(-1, rejected[:, None], torch.where(
         num_accepted < num_drafts, 0.0, p_next.gather(-1, rejected[:, None])[:, 0])[:, None])

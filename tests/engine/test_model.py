@@ -9,7 +9,7 @@ import torch
 import transformers
 
 from respec_async.engine.checkpoint import from_state_dict_hf
-from respec_async.engine.model import KVCache, Linear, ModelConfig, Transformer, eagle3_feature_layers
+from respec_async.engine.model import KVCache, Linear, ModelConfig, Transformer, can_prepack, eagle3_feature_layers
 
 TOL = 1e-4
 
@@ -212,6 +212,40 @@ def test_one_bfloat16_row_goes_through_mv_with_the_gemms_result(bias):
         # The same float32 sums; with a bias, one more bf16 rounding (mv, then + bias).
         ulp = 2 ** -7 * expected.float().abs().max()
         assert (got.float() - expected.float()).abs().max() <= (ulp if bias else 0)
+
+
+@pytest.mark.skipif(not can_prepack(torch.empty(1, dtype=torch.bfloat16)), reason="this torch has no oneDNN")
+@pytest.mark.parametrize("bias", [False, True])
+def test_prepacked_bfloat16_linear_equals_the_gemm_and_follows_weight_updates(bias):
+    torch.manual_seed(0)
+    layer = Linear(64, 96, bias=bias).to(torch.bfloat16)
+    layer.prepack = True
+    x = torch.randn(3, 5, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for step in range(2):
+            got = layer(x)
+            assert "_fused_cache" in layer.__dict__  # the packed copy, not F.linear
+            expected = torch.nn.functional.linear(x, layer.weight, layer.bias)
+            assert got.dtype == torch.bfloat16 and torch.equal(got, expected)
+            assert torch.equal(layer(x[:, 1:3]), expected[:, 1:3])  # a strided input
+            # A weight update in place (as load_state_dict does): the packed copy is rebuilt.
+            layer.weight.mul_(-0.5)
+    # Training is not affected: gradients flow through the module's own weight.
+    layer.weight.requires_grad_(True)
+    layer(x).float().sum().backward()
+    assert layer.weight.grad is not None
+
+
+def test_engine_prepacks_bfloat16_cpu_targets_only():
+    from respec_async.engine.engine import Engine
+    config = ModelConfig(**FAMILIES["llama"])
+    for dtype, expected in ((torch.float32, False), (torch.bfloat16, can_prepack(torch.empty(1, dtype=torch.bfloat16)))):
+        target = Transformer(config).to(dtype)
+        Engine(target, max_batch_size=2, max_seq_len=16)
+        linears = [m for m in target.modules() if isinstance(m, Linear)]
+        assert linears and all(m.prepack is expected for m in linears)
+        Engine(target, max_batch_size=2, max_seq_len=16, prepack_weights=False)
+        assert not any(m.prepack for m in linears)
 
 
 def test_tied_embeddings_share_one_parameter():
