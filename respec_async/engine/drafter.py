@@ -109,13 +109,11 @@ class DraftAttention(nn.Module):
         else:
             # Write this step's K/V into the slots, then attend over the slots' cache rows
             # (only the first attn_mask.shape[-1] of them when a narrower mask is given).
-            rows = slots[:, None].expand(-1, seq_len)
-            cache.k[0, rows, :, cache_positions] = k.transpose(1, 2).to(cache.k.dtype)
-            cache.v[0, rows, :, cache_positions] = v.transpose(1, 2).to(cache.v.dtype)
             if attn_mask is None:
                 attn_mask, _ = fused.causal_cache_mask(cache_positions)
-            k = fused.cache_rows(cache.k, 0, slots, attn_mask.shape[-1]).to(q.dtype)
-            v = fused.cache_rows(cache.v, 0, slots, attn_mask.shape[-1]).to(q.dtype)
+            k, v = fused.write_and_read_cache(cache, 0, k.transpose(1, 2), v.transpose(1, 2), slots, None,
+                                              cache_positions, attn_mask.shape[-1])
+            k, v = k.to(q.dtype), v.to(q.dtype)
             is_causal, mask = False, attn_mask[:, None]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                              enable_gqa=config.num_key_value_heads != config.num_attention_heads)

@@ -189,10 +189,23 @@ def causal_cache_mask(cache_positions: Tensor, allow_none: bool = False) -> tupl
     return torch.arange(num_keys, device=cache_positions.device) <= cache_positions[:, :, None], num_keys
 
 
-def cache_rows(buffer: Tensor, layer: int, slots: Tensor, num_keys: int) -> Tensor:
-    """buffer[layer, slots, :, :num_keys] ([B, kv_heads, num_keys, head_dim]) as an index_select,
-    which on CPU copies several times faster than the advanced-indexing gather it equals."""
+def cache_rows(buffer: Tensor, layer: int, slots: Tensor, rows: tuple[int, int] | None, num_keys: int) -> Tensor:
+    """buffer[layer, slots, :, :num_keys] ([B, kv_heads, num_keys, head_dim]): a view where the
+    slots are consecutive (rows, from slot_range), else an index_select, which on CPU copies
+    several times faster than the advanced-indexing gather it equals."""
+    if rows is not None:
+        return buffer[layer, rows[0]:rows[1], :, :num_keys]
     return buffer[layer, :, :, :num_keys].index_select(0, slots)
+
+
+def write_and_read_cache(cache, layer: int, k: Tensor, v: Tensor, slots: Tensor, rows: tuple[int, int] | None,
+                         cache_positions: Tensor, num_keys: int) -> tuple[Tensor, Tensor]:
+    """Write k, v [B, T, kv_heads, d] of this layer at cache_positions of the slots, and read
+    back the slots' first num_keys entries ([B, kv_heads, num_keys, d] each)."""
+    index = slots[:, None].expand(-1, k.shape[1])
+    cache.k[layer, index, :, cache_positions] = k.to(cache.k.dtype)
+    cache.v[layer, index, :, cache_positions] = v.to(cache.v.dtype)
+    return cache_rows(cache.k, layer, slots, rows, num_keys), cache_rows(cache.v, layer, slots, rows, num_keys)
 
 
 def additive_mask(attn_mask: Tensor | None) -> Tensor | None:
@@ -230,13 +243,7 @@ def attention(w: AttentionWeights, x: Tensor, batch_size: int, seq_len: int, cos
         k, v = k.transpose(1, 2), v.transpose(1, 2)
         is_causal = attn_mask is None
     else:
-        index = slots[:, None].expand(-1, seq_len)
-        cache.k[layer, index, :, cache_positions] = k
-        cache.v[layer, index, :, cache_positions] = v
-        if rows is not None:
-            k, v = cache.k[layer, rows[0]:rows[1], :, :num_keys], cache.v[layer, rows[0]:rows[1], :, :num_keys]
-        else:
-            k, v = cache_rows(cache.k, layer, slots, num_keys), cache_rows(cache.v, layer, slots, num_keys)
+        k, v = write_and_read_cache(cache, layer, k, v, slots, rows, cache_positions, num_keys)
         is_causal = False
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=kv != h)
     if empty_rows is not None:

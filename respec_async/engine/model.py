@@ -282,16 +282,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(batch_size, seq_len, -1, head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            layer = self.layer_index
-            index = slots[:, None].expand(-1, seq_len)
-            cache.k[layer, index, :, cache_positions] = k.transpose(1, 2).to(cache.k.dtype)
-            cache.v[layer, index, :, cache_positions] = v.transpose(1, 2).to(cache.v.dtype)
-            num_keys = attn_mask.shape[-1]
-            if rows is not None:  # consecutive slots: a view of the cache, no copy
-                k, v = cache.k[layer, rows[0]:rows[1], :, :num_keys], cache.v[layer, rows[0]:rows[1], :, :num_keys]
-            else:
-                k = fused.cache_rows(cache.k, layer, slots, num_keys)
-                v = fused.cache_rows(cache.v, layer, slots, num_keys)
+            k, v = fused.write_and_read_cache(cache, self.layer_index, k.transpose(1, 2), v.transpose(1, 2), slots,
+                                              rows, cache_positions, attn_mask.shape[-1])
             k, v = k.to(q.dtype), v.to(q.dtype)
         mask = None if attn_mask is None else attn_mask[:, None]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=attn_mask is None,
@@ -451,10 +443,10 @@ class Transformer(nn.Module):
         if any(not 0 <= i < len(self.layers) for i in wanted):
             raise ValueError(f"hidden_layers {tuple(hidden_layers)} must be in [0, {len(self.layers)})")
         hidden = {}
+        rows = fused.slot_range(slots, batch_size) if cache is not None else None  # consecutive slots
         if use_fused:
             # fused.py works on [B*T, H] with cos/sin laid out [B, T, 1, d].
             cos, sin = cos.transpose(1, 2), sin.transpose(1, 2)
-            rows = fused.slot_range(slots, batch_size) if cache is not None else None
             attn_mask = fused.additive_mask(attn_mask)
             layer_weights, lm_head = self.fused_weights()
             x = x.view(batch_size * seq_len, -1)
@@ -476,7 +468,6 @@ class Transformer(nn.Module):
                 return ModelOutput(logits, [hidden[i] for i in hidden_layers])
             x = x.view(batch_size, seq_len, -1)
         else:
-            rows = fused.slot_range(slots, batch_size) if cache is not None else None
             for i, layer in enumerate(self.layers):
                 x = layer(x, cos, sin, cache, slots, cache_positions, attn_mask, empty_rows, rows)
                 if i in wanted:
