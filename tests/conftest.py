@@ -28,13 +28,15 @@ LONGEST_FIRST = ("roles/test_ray_cluster.py", "roles/test_drafter_learner.py", "
 
 def pytest_collection_modifyitems(config, items):
     root = Path(__file__).resolve().parent
+    paths = {}
     for item in items:
         parts = Path(item.path).resolve().relative_to(root).parts
+        paths[item.nodeid] = "/".join(parts)
         if parts and parts[0] in PROCESS_DIRS:
             item.add_marker(pytest.mark.process)
 
     def rank(item) -> int:  # a stable sort: a file's tests stay together and in order
-        path = Path(item.path).resolve().relative_to(root).as_posix()
+        path = paths[item.nodeid]
         return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
 
     items.sort(key=rank)
