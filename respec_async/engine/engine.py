@@ -81,11 +81,12 @@ class Engine:
                  spread_siblings: bool = False, prepack_weights: bool | None = None):
         self.target = target.eval()
         self.drafter = None if drafter is None else drafter.eval()
+        param = next(target.parameters())
+        self.device, self.dtype = param.device, param.dtype
         # engine/fused.py: the same math in fewer ops, for about twice the weight memory. On by
         # default for small float32 models on CPU, whose decode steps cost their op count; a
         # large model's cost is its matmuls, which fusing does not shrink.
         if fused_inference is None:
-            param = next(target.parameters())
             fused_inference = (param.device.type == "cpu" and param.dtype == torch.float32
                                and sum(p.numel() for p in target.parameters()) <= FUSED_MAX_PARAMETERS)
         for model in (self.target, self.drafter):
@@ -94,7 +95,6 @@ class Engine:
         # model.Linear.prepack: bf16 CPU matmuls of more than one row on a oneDNN-packed weight
         # copy (1.3-1.6x faster, bit-identical), for a second copy of the weights.
         if prepack_weights is None:
-            param = next(target.parameters())
             prepack_weights = (can_prepack(param) and sum(
                 p.numel() * p.element_size() for p in target.parameters()) <= PREPACK_MAX_BYTES)
         for module in self.target.modules():
@@ -117,8 +117,6 @@ class Engine:
         # and shadow_hits then tell how many drafts the rows' own tokens matched. 0 = off.
         self.shadow_length, self.shadow_rows = (shadow_length, shadow_rows) if history is not None else (0, 0)
         self._shadow_turn = 0
-        param = next(target.parameters())
-        self.device, self.dtype = param.device, param.dtype
         self.generator = torch.Generator(self.device).manual_seed(seed)
         # Room past max_seq_len for a verified tree, drafter tree entries and catch-up padding.
         self.cache_len = max_seq_len + max_draft_tokens + MAX_PENDING_FEATURES + 2

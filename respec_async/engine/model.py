@@ -218,8 +218,8 @@ class Linear(nn.Linear):
       the same float32 accumulation;
     - with `prepack` (the Engine sets it), more rows go through a copy of the weight in oneDNN's
       blocked layout: F.linear hands oneDNN the weight as it is, and oneDNN reorders all of it
-      on every call (1.3-1.6x the cost of a decode step's matmuls at 2-64 rows, bit-identical
-      outputs). The copy is cached on the module and rebuilt when the weight changes
+      on every call (a decode step's matmuls cost 1.3-1.6x more that way at 2-64 rows; the
+      outputs are bit-identical). The copy is cached on the module and rebuilt when the weight changes
       (fused.cached), so it doubles the weight memory."""
 
     prepack: bool = False

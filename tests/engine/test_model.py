@@ -222,7 +222,7 @@ def test_prepacked_bfloat16_linear_equals_the_gemm_and_follows_weight_updates(bi
     layer.prepack = True
     x = torch.randn(3, 5, 64, dtype=torch.bfloat16)
     with torch.no_grad():
-        for step in range(2):
+        for _ in range(2):
             got = layer(x)
             assert "_fused_cache" in layer.__dict__  # the packed copy, not F.linear
             expected = torch.nn.functional.linear(x, layer.weight, layer.bias)
