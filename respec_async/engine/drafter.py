@@ -243,8 +243,11 @@ class Eagle3Drafter(nn.Module):
             if attn_mask is None:
                 attn_mask, num_keys = fused.causal_cache_mask(cache_positions, allow_none=True)
             rows = fused.slot_range(slots, batch_size)
+        attn_mask = fused.additive_mask(attn_mask)
+        if cache is not None:
+            attn_mask = fused.fold_mask(attn_mask, self.config.num_attention_heads // self.config.num_key_value_heads)
         out = fused.attention(attn_weights, x, batch_size, seq_len, cos, sin, cache, 0, slots, rows, cache_positions,
-                              fused.additive_mask(attn_mask), num_keys, None)
+                              attn_mask, num_keys, None)
         h = fused.mlp(mlp_weights, fused.residual_linear(hidden, out, attn_weights.o), eps)
         h = h.view(batch_size, seq_len, -1)
         if logits_positions is not None:

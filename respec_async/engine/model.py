@@ -448,6 +448,8 @@ class Transformer(nn.Module):
             # fused.py works on [B*T, H] with cos/sin laid out [B, T, 1, d].
             cos, sin = cos.transpose(1, 2), sin.transpose(1, 2)
             attn_mask = fused.additive_mask(attn_mask)
+            if cache is not None:
+                attn_mask = fused.fold_mask(attn_mask, self.config.num_attention_heads // self.config.num_key_value_heads)
             layer_weights, lm_head = self.fused_weights()
             x = x.view(batch_size * seq_len, -1)
             packed = None
