@@ -4,7 +4,9 @@
     completions = engine.generate(requests, sd_policy=lambda batch: SDConfig(4, 1, 4) if batch <= 4 else None)
 
 Every sequence owns a slot of a static, preallocated KV cache (target and drafter). Each
-`step(sd)` admits waiting requests into free slots with one batched prefill, then runs one
+`step(sd)` admits waiting requests into free slots with one batched prefill (a request whose
+prompt a running or just-admitted sequence has takes that one's prompt K/V and drafter state and
+runs only its last prompt token: a GRPO group's samples pay one prefill), then runs one
 decode step for every active sequence: plain (one token) or speculative with the given
 SDConfig, chosen per step by the caller (ReSpec's adaptive scheduler reads `num_active` and
 `refilling` first). Nothing is reallocated when the mode or the SD config changes between steps.
@@ -78,7 +80,7 @@ class Engine:
                  max_draft_tokens: int = 64, fused_inference: bool | None = None,
                  lazy_drafter: bool | None = None, history: HistoryIndex | None = None,
                  shadow_length: int = 0, shadow_rows: int = 4, min_packed_saving: int = 32,
-                 spread_siblings: bool = False, prepack_weights: bool | None = None):
+                 spread_siblings: bool = False, prepack_weights: bool | None = None, share_prompts: bool = True):
         self.target = target.eval()
         self.drafter = None if drafter is None else drafter.eval()
         param = next(target.parameters())
@@ -102,6 +104,8 @@ class Engine:
                 module.prepack = prepack_weights
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len
+        # A sample admitted beside one with the same prompt is not prefilled (_share_prompt).
+        self.share_prompts = share_prompts
         self.max_draft_tokens = max_draft_tokens
         self.relaxed = relaxed
         # A ragged chain verification (history rows draft 0..k tokens) is packed, skipping the
@@ -294,6 +298,32 @@ class Engine:
                 sequence.cursor = self.history.open(request.prompt_ids)
         if not admitted:
             return 0
+        prefill, copies = admitted, []
+        if self.share_prompts:
+            # A GRPO group's samples share their prompt: the first one admitted is prefilled, the
+            # others take its prompt's K/V and drafter state and run only its last token.
+            new = {sequence.slot for sequence in admitted}
+            sources = {tuple(sequence.request.prompt_ids): slot for slot, sequence in self.slots.running.items()
+                       if slot not in new}
+            prefill = []
+            for sequence in admitted:
+                key = tuple(sequence.request.prompt_ids)
+                if len(key) < 2:
+                    prefill.append(sequence)
+                elif key in sources:
+                    copies.append((sequence, sources[key]))
+                else:
+                    sources[key] = sequence.slot
+                    prefill.append(sequence)
+        if prefill:
+            self._prefill(prefill, finished, sd)
+        if copies:
+            self._share_prompt(copies, finished)
+        return len(admitted)
+
+    def _prefill(self, admitted: list[Sequence], finished: list[Completion], sd: SDConfig | None) -> None:
+        """The target over the sequences' prompts (their K/V into the cache), their first tokens
+        sampled and emitted, the drafter's prompt entries written or queued."""
         slots = torch.tensor([sequence.slot for sequence in admitted], device=self.device)
         prompt_lens = torch.tensor([len(sequence.request.prompt_ids) for sequence in admitted], device=self.device)
         max_len = int(prompt_lens.max())
@@ -325,7 +355,45 @@ class Engine:
             self.num_pending[slots] = 1
         self._emit([sequence.slot for sequence in admitted], first[:, None], token_logprobs(logprobs, first)[:, None],
                    torch.ones_like(first), None, finished, prefill=True)
-        return len(admitted)
+
+    def _share_prompt(self, copies: list[tuple[Sequence, int]], finished: list[Completion]) -> None:
+        """Each (sequence, source slot): a running sequence with the same prompt P tokens long.
+        The new one takes the K/V of prompt positions 0..P-2 from the source, and the drafter
+        state of those positions (the drafter entries the source has written below P - 1, the
+        pending features of the rest); a one-token forward of its last prompt token then gives
+        its first token as a prefill would (same distribution, same state after)."""
+        destination = torch.tensor([sequence.slot for sequence, _ in copies], device=self.device)
+        source = torch.tensor([slot for _, slot in copies], device=self.device)
+        prompt_lens = torch.tensor([len(sequence.request.prompt_ids) for sequence, _ in copies], device=self.device)
+        num_shared = int(prompt_lens.max()) - 1
+        # Entries past a shorter prompt's P - 1 are the source's own; the new row overwrites them
+        # before any query of its own sees them.
+        for buffer in (self.cache.k, self.cache.v):
+            buffer[:, destination, :, :num_shared] = buffer[:, source, :, :num_shared]
+        self.tokens[destination, :num_shared + 1] = self.tokens[source, :num_shared + 1]
+        last = prompt_lens - 1
+        out = self._target(self.tokens[destination, last][:, None], last[:, None], destination)
+        sampling_args = self._sampling_args([sequence.slot for sequence, _ in copies], destination)
+        logprobs = sampling_logprobs(out.logits[:, 0], *sampling_args)
+        first = sample(logprobs, self.generator)
+        self.tokens[destination, prompt_lens] = first
+        self.lengths[destination] = prompt_lens
+        if self.drafter is not None:
+            written = torch.minimum(self.lengths[source] - self.num_pending[source], last)
+            if int(written.max()) > 0:
+                num_written = int(written.max())
+                for buffer in (self.drafter_cache.k, self.drafter_cache.v):
+                    buffer[:, destination, :, :num_written] = buffer[:, source, :, :num_written]
+            # The source's pending features start at its first unwritten entry: below P - 1 they
+            # are the prompt's, the same for every sample; f_{P-1} comes from the forward above.
+            num_pending = last - written
+            width = int(num_pending.max())
+            if width > 0:
+                self.pending_features[destination, :width] = self.pending_features[source, :width]
+            self.pending_features[destination, num_pending] = self._features(out.hidden)[:, 0]
+            self.num_pending[destination] = num_pending + 1
+        self._emit([sequence.slot for sequence, _ in copies], first[:, None], token_logprobs(logprobs, first)[:, None],
+                   torch.ones_like(first), None, finished, prefill=True)
 
     def _compact(self) -> None:
         """Keep the running sequences in slots 0..n-1: move the highest-numbered ones into the

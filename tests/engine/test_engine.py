@@ -400,3 +400,64 @@ def test_a_long_lazy_catch_up_beside_a_short_one_stays_inside_the_cache(models):
     engine.step(CHAIN)  # catch-up entries: 1-4 for slot 0, 85 for slot 1
     assert int(engine.lengths[0]) - 1 + 85 > engine.cache_len - 2  # the padding did reach past the cache
     assert min(assert_drafter_cache_is_a_fresh_pass(engine, target, drafter, (0, 1))) >= 80
+
+
+def count_prefills(engine, monkeypatch) -> list[int]:
+    """Sequences each _prefill call of the engine ran the target over."""
+    counts = []
+    prefill = engine._prefill
+
+    def counted(admitted, *args):
+        counts.append(len(admitted))
+        return prefill(admitted, *args)
+
+    monkeypatch.setattr(engine, "_prefill", counted)
+    return counts
+
+
+@pytest.mark.parametrize("sd", [None, CHAIN, TREE, SDConfig(4, 1, 4, "history")], ids=str)
+def test_samples_of_one_prompt_share_its_prefill_and_decode_as_if_prefilled(models, sd, monkeypatch):
+    """Three samples each of two prompts through 4 slots: a sample admitted beside a sibling (in
+    its admission or while one runs) takes the sibling's prompt K/V and drafter state instead of
+    a prefill; greedy tokens and log-probs equal those of prefilling every sample (its drafter
+    state: the test below)."""
+    from respec_async.engine.history import HistoryIndex
+    target, drafter = models
+    prompts = [PROMPTS[1]] * 3 + [PROMPTS[3]] * 3
+    results = {}
+    for share in (False, True):
+        engine = Engine(target, drafter, max_batch_size=4, max_seq_len=64, seed=0, share_prompts=share,
+                        history=HistoryIndex())
+        counts = count_prefills(engine, monkeypatch)
+        results[share] = engine.generate(requests(GREEDY, prompts), sd), counts
+    (alone, alone_counts), (shared, shared_counts) = results[False], results[True]
+    assert sum(alone_counts) == 6
+    # the first admission: three of prompt 1 and one of prompt 3, 2 prefills; the last two of
+    # prompt 3 share one prefill, or none if the first one still runs when they are admitted
+    assert shared_counts[0] == 2 and sum(shared_counts) <= 3
+    for a, b in zip(alone, shared):
+        assert a.output_ids == b.output_ids and len(b.output_ids) == 20
+        torch.testing.assert_close(torch.tensor(b.logprobs), torch.tensor(a.logprobs), atol=1e-5, rtol=1e-5)
+
+
+@UPKEEP
+def test_a_sample_admitted_beside_a_running_sibling_gets_a_consistent_drafter_state(models, lazy, monkeypatch):
+    """Siblings admitted while one runs, after plain steps (lazy: its prompt's features still
+    pending; eager: its drafter entries written) and after SD steps: every drafter cache equals a
+    fresh pass once SD has caught them up, and the shared ones were never prefilled."""
+    target, drafter = models
+    engine = Engine(target, drafter, max_batch_size=4, max_seq_len=96, seed=3, lazy_drafter=lazy)
+    counts = count_prefills(engine, monkeypatch)
+    params = SamplingParams(temperature=1.0, max_new_tokens=60)
+    prompt = PROMPTS[1]
+    engine.add_request(Request("first", prompt, params))
+    for step in range(12):
+        if step in (3, 8):
+            engine.add_request(Request(f"sibling-{step}", prompt, params))
+        engine.step(None if step < 6 else CHAIN)
+    engine.add_request(Request("late", prompt, params))
+    for sd in [None, None, TREE, CHAIN, CHAIN]:
+        engine.step(sd)
+    slots = sorted(engine.slots.running)
+    assert len(slots) == 4 and counts == [1]
+    assert min(assert_drafter_cache_is_a_fresh_pass(engine, target, drafter, slots)) >= len(prompt) - 1
