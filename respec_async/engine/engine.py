@@ -99,6 +99,10 @@ class Engine:
         if prepack_weights is None:
             prepack_weights = (can_prepack(param) and sum(
                 p.numel() * p.element_size() for p in target.parameters()) <= PREPACK_MAX_BYTES)
+        elif prepack_weights and not can_prepack(param):
+            raise ValueError(f"prepack_weights=True: the packed copy is for bfloat16 weights on a CPU with oneDNN "
+                             f"(torch.backends.mkldnn.is_available() = {torch.backends.mkldnn.is_available()}); "
+                             f"this target's are {param.dtype} on {param.device}")
         for module in self.target.modules():
             if isinstance(module, Linear):
                 module.prepack = prepack_weights

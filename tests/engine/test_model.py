@@ -236,7 +236,7 @@ def test_prepacked_bfloat16_linear_equals_the_gemm_and_follows_weight_updates(bi
     assert layer.weight.grad is not None
 
 
-def test_engine_prepacks_bfloat16_cpu_targets_only():
+def test_engine_prepacks_bfloat16_cpu_targets_only_and_refuses_an_explicit_prepack_elsewhere():
     from respec_async.engine.engine import Engine
     config = ModelConfig(**FAMILIES["llama"])
     for dtype, expected in ((torch.float32, False), (torch.bfloat16, can_prepack(torch.empty(1, dtype=torch.bfloat16)))):
@@ -246,6 +246,8 @@ def test_engine_prepacks_bfloat16_cpu_targets_only():
         assert linears and all(m.prepack is expected for m in linears)
         Engine(target, max_batch_size=2, max_seq_len=16, prepack_weights=False)
         assert not any(m.prepack for m in linears)
+    with pytest.raises(ValueError, match="bfloat16 weights on a CPU with oneDNN.*float32 on cpu"):
+        Engine(target.float(), max_batch_size=2, max_seq_len=16, prepack_weights=True)
 
 
 def test_tied_embeddings_share_one_parameter():
