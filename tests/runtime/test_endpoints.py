@@ -53,10 +53,24 @@ def test_tcp_ports_are_free_and_below_the_kernels_ephemeral_range():
             s.bind(("127.0.0.1", port))
 
 
+class Draws(random.Random):
+    """A Random whose randrange hands out the given ports in turn."""
+
+    def __init__(self, ports):
+        super().__init__(0)
+        self.ports = iter(ports)
+
+    def randrange(self, *args):
+        return next(self.ports)
+
+
+@pytest.mark.skipif(ephemeral_port_range()[0] <= 10001, reason="no ports below the ephemeral range to draw from")
 def test_a_taken_port_is_not_handed_out():
-    rng = random.Random(0)
     first = free_tcp_port("127.0.0.1", random.Random(0))
+    second = free_tcp_port("127.0.0.1", random.Random(1))
+    assert first != second
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as holder:
         holder.bind(("127.0.0.1", first))
         holder.listen()
-        assert free_tcp_port("127.0.0.1", rng) != first  # the same draw, now taken: the next one
+        # the taken port drawn twice, then a free one: that one
+        assert free_tcp_port("127.0.0.1", Draws([first, first, second])) == second
