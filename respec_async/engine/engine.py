@@ -110,6 +110,7 @@ class Engine:
         self.max_seq_len = max_seq_len
         # A sample admitted beside one with the same prompt is not prefilled (_share_prompt).
         self.share_prompts = share_prompts
+        self._target_weights = 0  # load_target_state calls so far
         self.max_draft_tokens = max_draft_tokens
         self.relaxed = relaxed
         # A ragged chain verification (history rows draft 0..k tokens) is packed, skipping the
@@ -188,6 +189,7 @@ class Engine:
         with torch.no_grad():
             self.target.load_state_dict(state_dict, strict=True)
         fused.drop_cache(self.target)  # load_state_dict bumps the version counters; be explicit anyway
+        self._target_weights += 1  # prompts prefilled before now are no source for sharing
 
     def load_drafter_state(self, state_dict: dict[str, torch.Tensor]) -> None:
         if self.drafter is None:
@@ -217,7 +219,7 @@ class Engine:
         running sequence. Returns the sequences that finished in this step."""
         start_s = time.perf_counter()
         finished: list[Completion] = []
-        num_admitted = self._admit(finished, sd)
+        num_admitted, num_prefilled = self._admit(finished, sd)
         self._compact()  # holes that admission left (fewer requests waited than slots were free)
         slots = sorted(self.slots.running)
         num_emitted = num_accepted = 0
@@ -248,7 +250,7 @@ class Engine:
         shadow_tests, shadow_hits = self.history.take_shadow_counts() if self.shadow_length else ([], [])
         self.step_stats.append(StepStats(mode, sd if mode == "sd" else None, len(slots), num_admitted, num_emitted,
                                          time.perf_counter() - start_s, num_accepted, num_drafted, draft_s,
-                                         shadow_tests, shadow_hits))
+                                         shadow_tests, shadow_hits, num_prefilled))
         return finished
 
     def _start_shadows(self, slots: list[int]) -> None:
@@ -290,7 +292,8 @@ class Engine:
 
     # ---- prefill ----------------------------------------------------------------------------
 
-    def _admit(self, finished: list[Completion], sd: SDConfig | None = None) -> int:
+    def _admit(self, finished: list[Completion], sd: SDConfig | None = None) -> tuple[int, int]:
+        """Waiting requests into free slots: (admitted, prefilled)."""
         admitted = self.slots.admit()
         for sequence in admitted:
             request = sequence.request
@@ -300,18 +303,22 @@ class Engine:
             self.top_k[sequence.slot] = params.top_k
             if self.history is not None:
                 sequence.cursor = self.history.open(request.prompt_ids)
+            sequence.prompt_key = tuple(request.prompt_ids)
         if not admitted:
-            return 0
+            return 0, 0
         prefill, copies = admitted, []
         if self.share_prompts:
             # A GRPO group's samples share their prompt: the first one admitted is prefilled, the
             # others take its prompt's K/V and drafter state and run only its last token.
+            # Sources: prompts whose K/V the current target weights computed (a sequence admitted
+            # before a weight update keeps its old K/V; a new sample must not inherit it).
             new = {sequence.slot for sequence in admitted}
-            sources = {tuple(sequence.request.prompt_ids): slot for slot, sequence in self.slots.running.items()
-                       if slot not in new}
+            sources = {sequence.prompt_key: slot for slot, sequence in self.slots.running.items()
+                       if slot not in new and sequence.prompt_weights == self._target_weights}
             prefill = []
             for sequence in admitted:
-                key = tuple(sequence.request.prompt_ids)
+                sequence.prompt_weights = self._target_weights
+                key = sequence.prompt_key
                 if len(key) < 2:
                     prefill.append(sequence)
                 elif key in sources:
@@ -323,7 +330,7 @@ class Engine:
             self._prefill(prefill, finished, sd)
         if copies:
             self._share_prompt(copies, finished)
-        return len(admitted)
+        return len(admitted), len(prefill)
 
     def _prefill(self, admitted: list[Sequence], finished: list[Completion], sd: SDConfig | None) -> None:
         """The target over the sequences' prompts (their K/V into the cache), their first tokens

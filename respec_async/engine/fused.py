@@ -260,7 +260,7 @@ def attention(w: AttentionWeights, x: Tensor, batch_size: int, seq_len: int, cos
         q = qk[:, :, :h].reshape(batch_size, seq_len, kv, groups, d).permute(0, 2, 3, 1, 4)
         q = q.reshape(batch_size, kv, groups * seq_len, d)
         k, v = write_and_read_cache(cache, layer, k, v, slots, rows, cache_positions, num_keys)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask).view(batch_size, h, seq_len, d)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask).reshape(batch_size, h, seq_len, d)
     if empty_rows is not None:
         out = out.masked_fill(empty_rows[:, None, :, None], 0.0)
     out = out.transpose(1, 2).reshape(batch_size * seq_len, h * d)

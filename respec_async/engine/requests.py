@@ -97,6 +97,9 @@ class StepStats:
     # with the row's own token, shadow_hits[j] of them matched.
     shadow_tests: list[int] = field(default_factory=list)
     shadow_hits: list[int] = field(default_factory=list)
+    # Of num_admitted, those prefilled; the rest took a sibling's prompt (Engine.share_prompts)
+    # and cost one one-token forward between them. None: all of them.
+    num_prefilled: int | None = None
 
 
 # What Engine.generate consults before every step: a fixed config, none (plain), or a function

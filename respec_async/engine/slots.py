@@ -34,6 +34,8 @@ class Sequence:
     num_history_accepted: int = 0
     num_history_verify_steps: int = 0
     cursor: Cursor | None = None  # its place in the history index, if the engine keeps one
+    prompt_key: tuple[int, ...] = ()  # the prompt ids, for the engine's prompt sharing
+    prompt_weights: int = -1  # which target weights computed its prompt's K/V (the engine's count)
 
     def count_step(self, sd: SDConfig | None, num_drafted: int, num_tokens: int) -> None:
         """One decode step that produced num_tokens (accepted drafts + 1) for this sequence."""

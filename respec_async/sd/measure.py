@@ -136,7 +136,8 @@ def measure_admission(target, drafter, configs: Sequence[SDConfig], prompts: Seq
     for rep in range(repeats + 1):
         for k in ks:
             engine = Engine(target, drafter, max_batch_size=max_batch_size, max_seq_len=max_seq_len, seed=seed,
-                            max_draft_tokens=engine_draft_budget(configs), history=history_index_for(configs))
+                            max_draft_tokens=engine_draft_budget(configs), history=history_index_for(configs),
+                            share_prompts=False)  # the cost of a prefill per request
             for i in range(k):
                 engine.add_request(Request(i, list(prompts[(rep * k + i) % len(prompts)]), params))
             start = now()

@@ -12,6 +12,14 @@ from respec_async.sd.profile import make_clock
 from respec_async.sd.solver import SpeedupModel, plan_runs
 
 
+
+def prefill_equivalents(stats: StepStats) -> int:
+    """Admissions a step paid as full prefills: the prefilled ones, and one for the one-token
+    forward of the samples that took a sibling's prompt (the profile prefills every request)."""
+    if stats.num_prefilled is None:
+        return stats.num_admitted
+    return stats.num_prefilled + (stats.num_admitted > stats.num_prefilled)
+
 class AdaptiveScheduler:
     """Per-step SD choice from the fitted model, with acceptance re-estimated online.
 
@@ -221,7 +229,7 @@ class AdaptiveScheduler:
         if seconds is not None and (stats.sd is None or (is_history(key) and key in self.model.cost)):
             # A step that admitted counts net of the profiled admission cost: while a phase
             # refills its slots (most of its steps at full batch) nearly every step admits.
-            admission_s = self.model.admission_cost(stats.num_admitted)
+            admission_s = self.model.admission_cost(prefill_equivalents(stats))
             fitted = self.model.step_seconds(key, batch_size)
             if admission_s is not None and seconds - admission_s > 0.25 * fitted:
                 self._add_cost(key, bucket, seconds - admission_s, fitted)

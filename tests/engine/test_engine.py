@@ -415,29 +415,56 @@ def count_prefills(engine, monkeypatch) -> list[int]:
     return counts
 
 
+@UPKEEP
 @pytest.mark.parametrize("sd", [None, CHAIN, TREE, SDConfig(4, 1, 4, "history")], ids=str)
-def test_samples_of_one_prompt_share_its_prefill_and_decode_as_if_prefilled(models, sd, monkeypatch):
-    """Three samples each of two prompts through 4 slots: a sample admitted beside a sibling (in
-    its admission or while one runs) takes the sibling's prompt K/V and drafter state instead of
-    a prefill; greedy tokens and log-probs equal those of prefilling every sample (its drafter
-    state: the test below)."""
+def test_samples_of_one_prompt_share_its_prefill_and_decode_as_if_prefilled(models, sd, lazy, monkeypatch):
+    """Three samples each of two prompts (7 and 5 tokens, interleaved) through 4 slots: a sample
+    admitted beside a sibling (in its admission or while one runs) takes the sibling's prompt
+    K/V and drafter state instead of a prefill; greedy tokens and log-probs equal those of
+    prefilling every sample (its drafter state: the test below)."""
     from respec_async.engine.history import HistoryIndex
     target, drafter = models
-    prompts = [PROMPTS[1]] * 3 + [PROMPTS[3]] * 3
+    prompts = [PROMPTS[1], PROMPTS[3]] * 3
     results = {}
     for share in (False, True):
         engine = Engine(target, drafter, max_batch_size=4, max_seq_len=64, seed=0, share_prompts=share,
-                        history=HistoryIndex())
+                        history=HistoryIndex(), lazy_drafter=lazy)
         counts = count_prefills(engine, monkeypatch)
-        results[share] = engine.generate(requests(GREEDY, prompts), sd), counts
-    (alone, alone_counts), (shared, shared_counts) = results[False], results[True]
+        results[share] = engine.generate(requests(GREEDY, prompts), sd), counts, engine.step_stats
+    (alone, alone_counts, _), (shared, shared_counts, stats) = results[False], results[True]
     assert sum(alone_counts) == 6
-    # the first admission: three of prompt 1 and one of prompt 3, 2 prefills; the last two of
-    # prompt 3 share one prefill, or none if the first one still runs when they are admitted
-    assert shared_counts[0] == 2 and sum(shared_counts) <= 3
+    # the first admission: two of each prompt, 2 prefills and a copy batch of both lengths; the
+    # last two share one prefill, or none if a sibling still runs when they are admitted
+    assert shared_counts[0] == 2 and sum(shared_counts) <= 4
+    assert (stats[0].num_admitted, stats[0].num_prefilled) == (4, 2)
     for a, b in zip(alone, shared):
         assert a.output_ids == b.output_ids and len(b.output_ids) == 20
         torch.testing.assert_close(torch.tensor(b.logprobs), torch.tensor(a.logprobs), atol=1e-5, rtol=1e-5)
+
+
+def test_a_sibling_that_finishes_in_its_prefill_still_shares_and_new_weights_stop_sharing(models, monkeypatch):
+    """max_new_tokens = 1: the prefilled sample finishes (its slot freed) in the admission its
+    siblings copy it in; and a sample admitted after load_target_state is prefilled afresh
+    (the running sibling's prompt K/V are the old weights')."""
+    target, drafter = models
+    params = SamplingParams(temperature=0.0, max_new_tokens=1)
+    outputs = {}
+    for share in (False, True):
+        engine = Engine(target, drafter, max_batch_size=4, max_seq_len=64, share_prompts=share)
+        outputs[share] = [c.output_ids for c in engine.generate(requests(params, [PROMPTS[1]] * 4))]
+    assert outputs[True] == outputs[False] and all(len(ids) == 1 for ids in outputs[True])
+    engine = Engine(target, drafter, max_batch_size=4, max_seq_len=64)
+    counts = count_prefills(engine, monkeypatch)
+    long = SamplingParams(temperature=1.0, max_new_tokens=30)
+    engine.add_request(Request("a", PROMPTS[1], long))
+    engine.step(None)
+    engine.add_request(Request("b", PROMPTS[1], long))
+    engine.step(None)
+    assert counts == [1]  # b shared a's prompt
+    engine.load_target_state(target.state_dict())
+    engine.add_request(Request("c", PROMPTS[1], long))
+    engine.step(None)
+    assert counts == [1, 1]  # c did not: a's and b's prompt K/V predate the update
 
 
 @UPKEEP

@@ -64,7 +64,7 @@ class Draws(random.Random):
         return next(self.ports)
 
 
-@pytest.mark.skipif(ephemeral_port_range()[0] <= 10001, reason="no ports below the ephemeral range to draw from")
+@pytest.mark.skipif(ephemeral_port_range()[0] <= 10100, reason="no ports below the ephemeral range to draw from")
 def test_a_taken_port_is_not_handed_out():
     first = free_tcp_port("127.0.0.1", random.Random(0))
     second = free_tcp_port("127.0.0.1", random.Random(1))
