@@ -149,6 +149,10 @@ class WeightOwner:
                                            manifest=manifest, checksum=checksum)
                     for member in self.formed_tokens:
                         await self.actor.send(member, update)
+                    # Logged before the broadcast: a sender killed after its members took a
+                    # version but before `weights.published` still leaves a record of what it sent.
+                    self.actor.log.info("weights.sending", group=self.group_name, version=version,
+                                        epoch=self.epoch, checksum=checksum[:12])
                     stats = await self.actor.run_blocking(self.group.broadcast, state, version, thread=self.group_name)
                     break
                 except WeightSyncError as exc:
