@@ -168,7 +168,8 @@ def main() -> None:
     device = torch.device(args.device)
     clock = args.clock or ("wall" if device.type == "cuda" else "cpu")
     if device.type == "cuda":
-        torch.cuda.set_device(device)
+        if device.index is not None:  # torch >= 2.11 refuses a bare "cuda" here
+            torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     target_dir, drafter_dir, tokenizer_path = resolve_paths(args)
     target = load_pretrained(target_dir, device=device).eval()

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One short GPU check (under 8 minutes on one H100/H200: each part has its own time limit, 7.5
 # minutes in all, plus a venv install on a bare machine), run from anywhere in the repo:
-#   bash benchmarks/gpu_check.sh          # OUT=/tmp/gpu_check; ZOO=auto|full|quick (see below)
+#   bash benchmarks/gpu_check.sh          # OUT=/tmp/gpu_check; ZOO=auto|full|quick (see below); PY
 # 1. equivalence: RESPEC_TEST_DEVICE=cuda pytest tests/engine/test_cuda.py tests/engine/test_model.py:
 #    our model vs transformers on CUDA (float32 with TF32 off, bfloat16), KV-cache decoding,
 #    engine greedy on CUDA == CPU (plain, chain and tree SD), the weight broadcast between
@@ -19,8 +19,11 @@ OUT=${OUT:-/tmp/gpu_check}
 ZOO=${ZOO:-auto}
 rm -rf "$OUT/runs" "$OUT/bench_engine.json"
 mkdir -p "$OUT"
-PY=.venv/bin/python
-if [ ! -x "$PY" ]; then
+# PY=python3 uses a Python that already has CUDA torch and the project's dependencies (on a
+# machine without a registry: the repo and any carried packages on PYTHONPATH); the default
+# makes .venv with PyPI's CUDA torch when it is missing.
+PY=${PY:-.venv/bin/python}
+if [ "$PY" = .venv/bin/python ] && [ ! -x "$PY" ]; then
   python3 -m venv .venv && .venv/bin/pip install -q --upgrade pip
   .venv/bin/pip install -q torch && .venv/bin/pip install -q -e '.[test]'
 fi
