@@ -55,7 +55,7 @@ import torch
 from respec_async.engine import fused
 from respec_async.engine.drafter import Eagle3Drafter
 from respec_async.engine.history import HistoryIndex, chain_tensors, draft_tensors
-from respec_async.engine.model import KVCache, Linear, ModelOutput, Transformer, can_prepack
+from respec_async.engine.model import KVCache, Linear, ModelOutput, Transformer, can_prepack, prepack_available
 from respec_async.engine.requests import Completion, Request, SDConfig, SDPolicy, StepStats
 from respec_async.engine.sampling import sample, sampling_logprobs, token_logprobs
 from respec_async.engine.slots import Sequence, SlotScheduler
@@ -81,9 +81,14 @@ class Engine:
                  lazy_drafter: bool | None = None, history: HistoryIndex | None = None,
                  shadow_length: int = 0, shadow_rows: int = 4, min_packed_saving: int = 32,
                  spread_siblings: bool = False, prepack_weights: bool | None = None, share_prompts: bool = True):
+        param = next(target.parameters())
+        if prepack_weights and not can_prepack(param):  # before anything is changed on the models
+            raise ValueError(f"prepack_weights=True: the packed copy is for bfloat16 weights on a CPU that runs "
+                             f"oneDNN's packed bf16 linear (torch.ops.mkldnn._reorder_linear_weight / "
+                             f"_linear_pointwise: {'usable' if prepack_available() else 'not usable'} with this "
+                             f"torch build and CPU); this target's weights are {param.dtype} on {param.device}")
         self.target = target.eval()
         self.drafter = None if drafter is None else drafter.eval()
-        param = next(target.parameters())
         self.device, self.dtype = param.device, param.dtype
         # engine/fused.py: the same math in fewer ops, for about twice the weight memory. On by
         # default for small float32 models on CPU, whose decode steps cost their op count; a
@@ -99,10 +104,6 @@ class Engine:
         if prepack_weights is None:
             prepack_weights = (can_prepack(param) and sum(
                 p.numel() * p.element_size() for p in target.parameters()) <= PREPACK_MAX_BYTES)
-        elif prepack_weights and not can_prepack(param):
-            raise ValueError(f"prepack_weights=True: the packed copy is for bfloat16 weights on a CPU with oneDNN "
-                             f"(torch.backends.mkldnn.is_available() = {torch.backends.mkldnn.is_available()}); "
-                             f"this target's are {param.dtype} on {param.device}")
         for module in self.target.modules():
             if isinstance(module, Linear):
                 module.prepack = prepack_weights

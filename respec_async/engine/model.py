@@ -14,6 +14,8 @@ follow Hugging Face (without the `model.` prefix), so `checkpoint.py` maps names
 
 from __future__ import annotations
 
+import functools
+
 import math
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -192,23 +194,35 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + torch.cat([-second, first], dim=-1) * sin
 
 
-def _onednn_prepack_ops():
-    """torch's oneDNN linear on a prepacked weight (the ops inductor's CPU fusion uses), or None
-    where this torch build has no oneDNN."""
-    try:
-        return torch.ops.mkldnn._reorder_linear_weight, torch.ops.mkldnn._linear_pointwise
-    except (AttributeError, RuntimeError):
-        return None
-
-
-_PREPACK_OPS = _onednn_prepack_ops() if torch.backends.mkldnn.is_available() else None
 # The batch size oneDNN lays the packed weight out for; its output does not depend on it.
 _PREPACK_BATCH_HINT = 16
 
 
+@functools.cache
+def _prepack_ops():
+    """torch's oneDNN linear on a prepacked weight (the ops inductor's CPU fusion uses), or None
+    where this torch build lacks them or this CPU cannot run them in bf16 (oneDNN's bf16 reorder
+    needs AVX512 BW/VL/DQ or AVX-NE-CONVERT): tried once on a small weight."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        reorder, linear = torch.ops.mkldnn._reorder_linear_weight, torch.ops.mkldnn._linear_pointwise
+        weight = torch.zeros(16, 16, dtype=torch.bfloat16)
+        linear(torch.zeros(2, 16, dtype=torch.bfloat16), reorder(weight, _PREPACK_BATCH_HINT), None, "none", [], "")
+    except (AttributeError, RuntimeError):
+        return None
+    return reorder, linear
+
+
+def prepack_available() -> bool:
+    """Whether this torch build and this CPU run the oneDNN ops Linear.prepack uses."""
+    return _prepack_ops() is not None
+
+
 def can_prepack(weight: Tensor) -> bool:
-    """Whether Linear.prepack applies to a weight like this one (bfloat16 on a CPU with oneDNN)."""
-    return _PREPACK_OPS is not None and weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
+    """Whether Linear.prepack applies to a weight like this one (bfloat16, on a CPU that runs oneDNN's
+    packed bf16 linear)."""
+    return weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and prepack_available()
 
 
 class Linear(nn.Linear):
@@ -232,8 +246,8 @@ class Linear(nn.Linear):
                 if self.bias is not None:
                     out = out + self.bias
                 return out.view(*x.shape[:-1], -1)
-            if self.prepack and _PREPACK_OPS is not None:
-                reorder, linear = _PREPACK_OPS
+            if self.prepack and (ops := _prepack_ops()) is not None:
+                reorder, linear = ops
                 packed = fused.cached(self, lambda: (self.weight,),
                                       lambda: reorder(self.weight, _PREPACK_BATCH_HINT))
                 return linear(x, packed, self.bias, "none", [], "")
