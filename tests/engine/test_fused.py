@@ -188,3 +188,29 @@ def test_packed_ragged_forward_equals_the_padded_one_at_real_tokens():
         torch.testing.assert_close(caches[1].v[:, row, :, :end], caches[0].v[:, row, :, :end], atol=TOL, rtol=0)
     assert not torch.equal(outs[1].logits[~real], outs[0].logits[~real])  # the padding really was skipped
     target.fused_inference = False
+
+
+@pytest.mark.parametrize("prompt_len", [fused.FOLD_MAX_QUERIES // 2, fused.FOLD_MAX_QUERIES + 6])
+def test_grouped_heads_fold_for_short_rows_only_and_both_ways_equal_the_module_path(prompt_len):
+    """Short rows run folded query heads, long ones (a prefill past FOLD_MAX_QUERIES) SDPA's
+    grouped-query path on the plain mask; the prefill, the K/V it writes and the next decode
+    step equal the module path's either way."""
+    target, _ = tiny_models()
+    groups = target.config.num_attention_heads // target.config.num_key_value_heads
+    assert groups > 1
+    mask = fused.additive_mask(torch.ones(2, prompt_len, prompt_len + 1, dtype=torch.bool))
+    folded = fused.fold_mask(mask, groups)
+    assert folded.shape[2] == (groups * prompt_len if prompt_len <= fused.FOLD_MAX_QUERIES else prompt_len)
+    torch.manual_seed(2)
+    prompt = torch.randint(0, target.config.vocab_size, (2, prompt_len))
+    step = torch.randint(0, target.config.vocab_size, (2, 1))
+
+    def run():
+        cache = KVCache(target.config, 2, prompt_len + 4)
+        first = target(prompt, None, cache).logits
+        second = target(step, torch.full((2, 1), prompt_len), cache).logits
+        return first, second, cache.k.clone(), cache.v.clone()
+
+    expected, got = both_paths(target, run)
+    for want, have in zip(expected, got):  # float32 rounding of logits up to ~10 in size
+        torch.testing.assert_close(have, want, atol=TOL, rtol=1e-4)
