@@ -133,9 +133,10 @@ def main() -> None:
 
     # 2. History SD in RL generation phases.
     phases = []
-    print(f"\nRL generation phase, epoch 2 (epoch 1's rollouts stored): prompts x {GROUP} samples through B slots, "
-          f"until EOS or {args.sd_new_tokens} tokens, CPU clock")
-    print(f"{'T':>4} | {'B':>3} | {'rollouts':>8} | " + " | ".join(f"{name:>22}" for name in SD_MODES))
+    if not args.skip_rl:
+        print(f"\nRL generation phase, epoch 2 (epoch 1's rollouts stored): prompts x {GROUP} samples through B "
+              f"slots, until EOS or {args.sd_new_tokens} tokens, CPU clock")
+        print(f"{'T':>4} | {'B':>3} | {'rollouts':>8} | " + " | ".join(f"{name:>22}" for name in SD_MODES))
     for temperature in [] if args.skip_rl else [float(t) for t in args.temperatures.split(",")]:
         params = SamplingParams(temperature=temperature, max_new_tokens=args.sd_new_tokens,
                                 stop_token_ids=(tokenizer.eos_token_id,))
