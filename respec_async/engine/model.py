@@ -15,7 +15,6 @@ follow Hugging Face (without the `model.` prefix), so `checkpoint.py` maps names
 from __future__ import annotations
 
 import functools
-
 import math
 from dataclasses import dataclass, field
 from typing import Sequence

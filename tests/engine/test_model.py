@@ -214,7 +214,8 @@ def test_one_bfloat16_row_goes_through_mv_with_the_gemms_result(bias):
         assert (got.float() - expected.float()).abs().max() <= (ulp if bias else 0)
 
 
-@pytest.mark.skipif(not can_prepack(torch.empty(1, dtype=torch.bfloat16)), reason="oneDNN's packed bf16 linear is not usable with this torch build or CPU")
+@pytest.mark.skipif(not can_prepack(torch.empty(1, dtype=torch.bfloat16)),
+                    reason="oneDNN's packed bf16 linear is not usable with this torch build or CPU")
 @pytest.mark.parametrize("bias", [False, True])
 def test_prepacked_bfloat16_linear_equals_the_gemm_and_follows_weight_updates(bias):
     torch.manual_seed(0)
