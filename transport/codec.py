@@ -94,7 +94,8 @@ def _invalid_reason(header: Frame) -> str:
         tag = msgspec.msgpack.decode(header)[0]
     except Exception:
         return "invalid"
-    return "invalid" if tag in _KNOWN_TAGS else "unknown_type"
+    # A mutated header can carry any msgpack value as its tag, a list (unhashable) too.
+    return "invalid" if isinstance(tag, str) and tag in _KNOWN_TAGS else "unknown_type"
 
 
 class Codec:

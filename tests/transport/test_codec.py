@@ -151,3 +151,12 @@ def test_random_frames_decode_or_raise_decode_error_only(frames):
         Codec().decode(frames)
     except DecodeError:
         pass
+
+
+def test_a_header_whose_tag_is_a_list_raises_decode_error():
+    """Found by the mutation fuzzer: a header whose first element is an array (unhashable) raised
+    TypeError out of the error path instead of DecodeError."""
+    header = msgspec.msgpack.encode([[1, 2], "x"])
+    with pytest.raises(DecodeError) as info:
+        Codec().decode([header])
+    assert info.value.reason == "unknown_type"
